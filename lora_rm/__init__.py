@@ -1,0 +1,18 @@
+"""lora_rm: train LoRA reward models for RLHF on a single consumer GPU."""
+
+from lora_rm.config import TrainConfig
+from lora_rm.errors import UserError
+from lora_rm.loss import pairwise_loss
+from lora_rm.model import compute_rewards, load_reward_model
+from lora_rm.train import TrainResult, train
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "UserError",
+    "compute_rewards",
+    "load_reward_model",
+    "pairwise_loss",
+    "train",
+]
+__version__ = "0.1.0"

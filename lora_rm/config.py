@@ -1,0 +1,144 @@
+"""Training configuration: one dataclass, its checks, and loading from YAML/JSON files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_rm.errors import UserError, problems_message
+
+QUANT_CHOICES = ("8bit", "4bit", "none")
+PRECISION_CHOICES = ("auto", "bf16", "fp16", "fp32")
+SCHEDULER_CHOICES = ("cosine", "linear", "constant")
+OPTIMIZER_CHOICES = ("adamw", "paged_adamw_8bit")
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run. Defaults suit a 6-8 GB GPU and GPT-2-to-1B bases.
+
+    Every field is also a CLI flag (`lora_rm` -> `--lora-r`), and can come from a YAML/JSON file.
+    """
+
+    base: str = _opt(None, "base model: hub id or local path (any AutoModelForSequenceClassification arch)")
+    dataset: str = _opt(None, "preference data: hub id or local .jsonl/.json/.csv/.parquet file")
+    output_dir: str = _opt("runs/rm", "where adapter/, merged/, metrics.jsonl and the config go")
+    eval_dataset: str | None = _opt(
+        None, "separate eval data (same formats); else the dataset's own test split"
+    )
+    eval_fraction: float = _opt(
+        0.05, "fraction held out for eval when there is no eval split (0 disables eval)"
+    )
+    split: str = _opt("train", "dataset split to train on")
+    max_length: int | None = _opt(None, "tokens per sequence; default the model's limit, at most 1024")
+    quant: str = _opt("8bit", "base weights: 8bit (LLM.int8), 4bit (NF4) or none", choices=QUANT_CHOICES)
+    lora_r: int = _opt(16, "LoRA rank: higher is more capacity and memory")
+    lora_alpha: int = _opt(32, "LoRA scaling numerator (update is scaled by alpha/r)")
+    lora_dropout: float = _opt(0.05, "dropout on the LoRA input")
+    target_modules: list[str] | None = _opt(
+        None, "modules to adapt; default PEFT's choice for the architecture"
+    )
+    batch_size: int = _opt(4, "pairs per micro-batch (each pair is two sequences)")
+    gradient_accumulation_steps: int = _opt(4, "micro-batches per optimizer step")
+    learning_rate: float = _opt(1e-4, "peak learning rate")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    lr_scheduler: str = _opt("cosine", "decay after warmup", choices=SCHEDULER_CHOICES)
+    warmup_ratio: float = _opt(0.05, "fraction of optimizer steps spent warming up")
+    epochs: int = _opt(1, "passes over the training pairs (ignored when --max-steps is set)")
+    max_steps: int | None = _opt(None, "optimizer steps to run; overrides --epochs")
+    eval_steps: int = _opt(100, "evaluate every N optimizer steps (and at the end)")
+    logging_steps: int = _opt(10, "append training metrics every N optimizer steps")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 disables)")
+    center_rewards_coefficient: float = _opt(
+        0.0, "weight of the (r_c + r_r)^2 penalty keeping rewards centred"
+    )
+    optimizer: str = _opt(
+        "adamw", "adamw, or paged_adamw_8bit (bitsandbytes, CUDA only)", choices=OPTIMIZER_CHOICES
+    )
+    precision: str = _opt(
+        "auto",
+        "auto: bf16 where the device runs it fast, else fp16 on GPU, else fp32",
+        choices=PRECISION_CHOICES,
+    )
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward: less memory, ~30% slower")
+    seed: int = _opt(42, "seed for the score head init, data split, batch order and dropout")
+    merge: bool = _opt(False, "also write merged/: a standalone model with the adapter folded in")
+    num_workers: int = _opt(0, "DataLoader worker processes")
+    trust_remote_code: bool = _opt(
+        False, "allow model code from the hub (off: only transformers' own code runs)"
+    )
+    revision: str | None = _opt(None, "hub revision (branch, tag or commit) of the base model")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.base:
+            problems.append("base: required (a hub id like gpt2 or a local model folder)")
+        if not self.dataset:
+            problems.append("dataset: required (a hub id or a local .jsonl/.json/.csv/.parquet file)")
+        for name in dataclasses.fields(self):
+            choices = name.metadata.get("choices")
+            if choices and getattr(self, name.name) not in choices:
+                problems.append(
+                    f"{name.name}: {getattr(self, name.name)!r} is not one of {', '.join(choices)}"
+                )
+        positive = [
+            "lora_r",
+            "lora_alpha",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "epochs",
+            "eval_steps",
+            "logging_steps",
+        ]
+        problems += [f"{n}: must be > 0, got {getattr(self, n)}" for n in positive if getattr(self, n) <= 0]
+        if self.max_steps is not None and self.max_steps <= 0:
+            problems.append(f"max_steps: must be > 0, got {self.max_steps}")
+        if self.max_length is not None and self.max_length < 4:
+            problems.append(f"max_length: must be at least 4, got {self.max_length}")
+        if self.learning_rate <= 0:
+            problems.append(f"learning_rate: must be > 0, got {self.learning_rate}")
+        for n in ("eval_fraction", "warmup_ratio", "lora_dropout"):
+            if not 0.0 <= getattr(self, n) < 1.0:
+                problems.append(f"{n}: must be in [0, 1), got {getattr(self, n)}")
+        if problems:
+            raise UserError(problems_message("Invalid configuration:", problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(TrainConfig))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON config file into a dict of TrainConfig fields (dashes or underscores)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read config file ({e.strerror or e})") from None
+    import yaml
+
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as e:
+        kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
+        raise UserError(f"{path}: not valid {kind}: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
+    known = {f.name for f in config_fields()}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UserError(f"{path}: unknown option(s): {', '.join(unknown)}")
+    return data

@@ -1,0 +1,146 @@
+"""Turn checked rows into token ids under an explicit length policy.
+
+Every sequence is `special prefix + prompt + response + special suffix (+ EOS for decoders)`. When a
+sequence is too long, the prompt loses tokens from its left so that the end of the response and the
+EOS, where the reward is read, always survive; a response longer than the whole budget keeps its tail.
+Pairs whose two sides become identical are dropped. Every truncation and drop is counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lora_rm.data import Row
+from lora_rm.errors import UserError
+
+MAX_DEFAULT_LENGTH = 1024
+
+
+@dataclass
+class EncodedPair:
+    """Token ids of one preference pair; the reward is read at the last id of each side."""
+
+    chosen: list[int]
+    rejected: list[int]
+    margin: float = 0.0
+
+
+@dataclass
+class LengthReport:
+    """What the length policy did to a set of rows."""
+
+    pairs_in: int = 0
+    prompt_truncated: int = 0
+    response_truncated: int = 0
+    dropped_identical: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        kept = self.pairs_in - len(self.dropped_identical)
+        return (
+            f"{kept}/{self.pairs_in} pairs kept; prompt truncated from the left in {self.prompt_truncated}, "
+            f"response truncated (tail kept) in {self.response_truncated}, "
+            f"dropped {len(self.dropped_identical)} that became identical after truncation"
+        )
+
+
+def default_max_length(model_config: Any, tokenizer: Any) -> int:
+    """The model's position limit (and the tokenizer's, if set), capped at 1024."""
+    limits = [MAX_DEFAULT_LENGTH]
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            limits.append(value)
+            break
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_limit, int) and 0 < tok_limit < 1_000_000:
+        limits.append(tok_limit)
+    return min(limits)
+
+
+def special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer puts before and after a single text (BERT: [CLS] / [SEP]; Llama: <s> / -).
+
+    Found by tokenizing a probe with and without special tokens, which works for every fast tokenizer.
+    A tokenizer that ends a text with nothing (GPT-2, Llama: decoders) gets an EOS appended: the reward
+    is read at the last token, and there it has seen the whole answer and that the answer is over.
+    """
+    probe = "reward"
+    core = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    start = next((i for i in range(len(full) - len(core) + 1) if full[i : i + len(core)] == core), 0)
+    prefix, suffix = list(full[:start]), list(full[start + len(core) :])
+    eos = tokenizer.eos_token_id
+    if not suffix and eos is not None:
+        suffix.append(eos)
+    return prefix, suffix
+
+
+def _fit(prompt: list[int], response: list[int], budget: int) -> tuple[list[int], str | None]:
+    if len(prompt) + len(response) <= budget:
+        return prompt + response, None
+    if len(response) <= budget:
+        return prompt[len(prompt) + len(response) - budget :] + response, "prompt"
+    return response[len(response) - budget :], "response"
+
+
+def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _render_chat(tokenizer: Any, messages: list[dict[str, str]], where: str) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            f"{where}: conversational data needs a tokenizer with a chat template; this one has none"
+        )
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def encode_pairs(
+    rows: list[Row], fmt: str, tokenizer: Any, max_length: int
+) -> tuple[list[EncodedPair], LengthReport]:
+    """Tokenize checked rows of one format into pairs that fit `max_length` tokens, with a report."""
+    prefix, suffix = special_tokens(tokenizer)
+    if fmt == "conversational":
+        # The chat template already renders BOS and end-of-turn tokens: tokenizing its text again with
+        # special tokens would double them, so tokenize once without.
+        prefix, suffix = [], []
+        texts_c, texts_r = [], []
+        for r in rows:
+            head = r.fields.get("prompt") or []
+            texts_c.append(_render_chat(tokenizer, head + r.fields["chosen"], r.where))
+            texts_r.append(_render_chat(tokenizer, head + r.fields["rejected"], r.where))
+    else:
+        texts_c = [r.fields["chosen"] for r in rows]
+        texts_r = [r.fields["rejected"] for r in rows]
+    ids_c = tokenizer(texts_c, add_special_tokens=False)["input_ids"] if rows else []
+    ids_r = tokenizer(texts_r, add_special_tokens=False)["input_ids"] if rows else []
+    if fmt == "explicit":
+        prompts = tokenizer([r.fields["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
+    else:  # the prompt is the longest common token prefix of the two full texts
+        prompts = [c[: _common_prefix_len(c, r)] for c, r in zip(ids_c, ids_r)]
+        ids_c = [c[len(p) :] for c, p in zip(ids_c, prompts)]
+        ids_r = [r[len(p) :] for r, p in zip(ids_r, prompts)]
+
+    budget = max_length - len(prefix) - len(suffix)
+    if budget < 2:
+        raise UserError(f"max_length {max_length} leaves no room for text after the special tokens")
+    report, pairs = LengthReport(pairs_in=len(rows)), []
+    for row, prompt, resp_c, resp_r in zip(rows, prompts, ids_c, ids_r):
+        chosen, cut_c = _fit(prompt, resp_c, budget)
+        rejected, cut_r = _fit(prompt, resp_r, budget)
+        cuts = {cut_c, cut_r}
+        report.response_truncated += "response" in cuts
+        report.prompt_truncated += "prompt" in cuts and "response" not in cuts
+        if chosen == rejected:
+            report.dropped_identical.append(row.where)
+            continue
+        margin = float(row.fields.get("margin") or 0.0)
+        pairs.append(EncodedPair(prefix + chosen + suffix, prefix + rejected + suffix, margin))
+    return pairs, report

@@ -1,0 +1,240 @@
+"""Load a base model as a one-output reward model, add LoRA, and read rewards from it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_rm.errors import UserError
+
+HEAD_NAMES = ("score", "classifier")  # decoders name their head `score`, encoders `classifier`
+# Kept out of int8: a quantized head breaks PEFT's trainable copy of it ("'Parameter' has no attribute 'CB'"),
+# and BERT's pooler / DistilBERT's pre_classifier feed the head directly.
+KEEP_FULL_PRECISION = [*HEAD_NAMES, "pooler", "pre_classifier"]
+
+
+def _hub_error(name: str, e: Exception, what: str) -> UserError:
+    kind, text = type(e).__name__, str(e)
+    if (
+        any(k in kind for k in ("Connection", "Timeout", "Offline"))
+        or "offline" in text.lower()
+        and "not" in text
+    ):
+        return UserError(
+            f"{name}: cannot reach the Hugging Face Hub to fetch the {what} ({kind}). Pass a local folder, "
+            "or set HF_HUB_OFFLINE=1 to use a cached copy."
+        )
+    if (
+        "not a valid model identifier" in text
+        or "not a local folder" in text
+        or "RepositoryNotFound" in kind
+        or "does not appear to have" in text
+    ):
+        return UserError(f"{name}: no {what} found (not a local folder with one, not a hub model id)")
+    return UserError(f"{name}: cannot load the {what} ({kind}: {text.splitlines()[0] if text else ''})")
+
+
+def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """A fast tokenizer with a pad token: many decoders (GPT-2, Llama) ship without one.
+
+    The fallback pad is EOS. That is safe here because padding is on the right and rewards are
+    pooled from the attention mask, never by searching for the pad id (see `compute_rewards`).
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, revision=revision, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise _hub_error(name, e, "tokenizer") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token is None:
+        raise UserError(f"{name}: tokenizer has no pad, EOS or UNK token to pad with")
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def quantization_config(quant: str, compute_dtype: torch.dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if quant == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=KEEP_FULL_PRECISION)
+    if quant == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+            llm_int8_skip_modules=KEEP_FULL_PRECISION,
+        )
+    return None
+
+
+def load_base_model(
+    name: str,
+    pad_token_id: int,
+    quant: str = "none",
+    dtype: torch.dtype = torch.float32,
+    seed: int | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    device_map: Any = None,
+) -> Any:
+    """`AutoModelForSequenceClassification` with one output (the reward), optionally quantized.
+
+    The score head is new and randomly initialised, so `seed` is applied right before loading to make
+    runs repeatable. Raises UserError for an unknown model or an unreachable hub.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name,
+            num_labels=1,
+            pad_token_id=pad_token_id,
+            quantization_config=quantization_config(quant, dtype),
+            dtype=dtype,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            device_map=device_map,
+        )
+    except (OSError, ValueError) as e:
+        raise _hub_error(name, e, "model") from None
+    model.config.pad_token_id = pad_token_id
+    head_name(model)  # fail now, with a clear message, for a model without a known head
+    return model
+
+
+def head_name(model: Any) -> str:
+    """Name of the reward head (`score` or `classifier`) on a transformers or PEFT model."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name in HEAD_NAMES:
+        if isinstance(getattr(inner, name, None), torch.nn.Module):
+            return name
+    raise UserError(
+        f"{type(inner).__name__} has no `score` or `classifier` head: load the base with "
+        "AutoModelForSequenceClassification (num_labels=1), not a causal-LM or base class"
+    )
+
+
+def add_lora(
+    model: Any,
+    r: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.05,
+    target_modules: list[str] | None = None,
+    gradient_checkpointing: bool = False,
+) -> Any:
+    """Wrap `model` with LoRA adapters and a trainable, saved copy of the reward head.
+
+    `task_type=SEQ_CLS` makes PEFT train and save the head (`modules_to_save`); without it the head
+    stays random after training and is lost on save. Trainable weights are kept in fp32 so that
+    fp16/bf16 compute cannot underflow their updates.
+    """
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    checkpointing_kwargs = {
+        "use_reentrant": False
+    }  # reentrant checkpointing loses grads of frozen-input LoRA
+    if getattr(model, "is_quantized", False):
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs=checkpointing_kwargs,
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+        model.enable_input_require_grads()
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        modules_to_save=[head_name(model)],
+    )
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as e:
+        raise UserError(
+            f"cannot add LoRA to {model.config.model_type}: {e}. Name modules with --target-modules"
+        ) from None
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
+
+
+@contextlib.contextmanager
+def _capture_output(module: torch.nn.Module):
+    captured: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def compute_rewards(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One scalar reward per row, read at the row's last attended token. Shape [N].
+
+    Sequence-classification decoders pool the rightmost token that is not `pad_token_id`; when pad ==
+    EOS (GPT-2, Llama) that skips the EOS the reward should be read at, and an all-pad row silently
+    reads position 0. So the head's per-token output is captured and pooled from the attention mask
+    instead. Encoders, whose head already sees one pooled vector, are returned as they are.
+    Raises ValueError for a row with no attended token.
+    """
+    lengths = attention_mask.sum(dim=-1)
+    if bool((lengths == 0).any()):
+        raise ValueError("a row has no attended tokens: empty sequences have no reward")
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with _capture_output(getattr(inner, head_name(model))) as captured:
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask)
+    per_token = captured[-1]
+    if per_token.dim() == 3:  # [N, T, 1]: decoder head on every position
+        width = attention_mask.shape[-1]
+        last = width - 1 - attention_mask.flip(-1).argmax(dim=-1)  # rightmost attended position
+        return per_token[torch.arange(per_token.shape[0], device=per_token.device), last, 0]
+    return outputs.logits[:, 0]
+
+
+def load_reward_model(
+    adapter_dir: str | Path,
+    base: Any = None,
+    quant: str = "none",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+) -> tuple[Any, Any]:
+    """Load a trained adapter (LoRA + reward head) onto a base; return (model, tokenizer) ready to score.
+
+    `base` is a hub id, a local path, an already loaded `AutoModelForSequenceClassification`, or None
+    to use the base recorded in the adapter. The model is returned in eval mode.
+    Raises UserError when the folder holds no adapter or the base cannot be loaded.
+    """
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file():
+        raise UserError(
+            f"{adapter_dir}: no adapter_config.json; expected an adapter folder written by lora_rm"
+        )
+    tokenizer = load_tokenizer(str(adapter_dir))
+    if base is None or isinstance(base, (str, Path)):
+        name = str(base or json.loads(config_path.read_text(encoding="utf-8"))["base_model_name_or_path"])
+        base = load_base_model(name, tokenizer.pad_token_id, quant=quant, dtype=dtype)
+    else:
+        head_name(base)
+        base.config.pad_token_id = tokenizer.pad_token_id
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    if device is not None and not getattr(model, "is_quantized", False):
+        model.to(device)
+    return model.eval(), tokenizer
