@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    import transformers
+
+    # The base's "score.weight newly initialized" report is expected: the reward head is new by design.
+    transformers.logging.set_verbosity_error()
     try:
         return COMMANDS[argv[0]](argv[1:])
     except UserError as e:

@@ -70,7 +70,6 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward: less memory, ~30% slower")
     seed: int = _opt(42, "seed for the score head init, data split, batch order and dropout")
     merge: bool = _opt(False, "also write merged/: a standalone model with the adapter folded in")
-    num_workers: int = _opt(0, "DataLoader worker processes")
     trust_remote_code: bool = _opt(
         False, "allow model code from the hub (off: only transformers' own code runs)"
     )

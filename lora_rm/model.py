@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,8 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
 def quantization_config(quant: str, compute_dtype: torch.dtype) -> Any:
     from transformers import BitsAndBytesConfig
 
+    # LLM.int8 casts every matmul input to fp16 by design; bitsandbytes logs that once per call.
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     if quant == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=KEEP_FULL_PRECISION)
     if quant == "4bit":
@@ -153,8 +157,12 @@ def add_lora(
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
         model.enable_input_require_grads()
+    from transformers.pytorch_utils import Conv1D
+
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS,
+        # GPT-2's Conv1D stores weights transposed; an int8 base has plain Linear layers instead.
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
@@ -234,7 +242,10 @@ def load_reward_model(
     else:
         head_name(base)
         base.config.pad_token_id = tokenizer.pad_token_id
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    with warnings.catch_warnings():
+        # An adapter trained on an int8 GPT-2 (Linear) meets Conv1D here; PEFT flips fan_in_fan_out, as it should.
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
+        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     if device is not None and not getattr(model, "is_quantized", False):
         model.to(device)
     return model.eval(), tokenizer

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lora_rm.batch import PreferenceCollator, plan_batches, shard_batches
+from lora_rm.batch import PreferenceBatch, PreferenceCollator, plan_batches, shard_batches
 from lora_rm.config import TrainConfig
 from lora_rm.data import check_rows, detect_format, load_rows, split_rows
 from lora_rm.encode import EncodedPair, LengthReport, default_max_length, encode_pairs
@@ -33,6 +35,8 @@ class TrainResult:
     steps: int
     seconds: float
     reports: dict[str, LengthReport] = field(default_factory=dict)
+    model: Any = None  # the trained PEFT model, unwrapped, in eval mode
+    tokenizer: Any = None
 
 
 def resolve_precision(precision: str, device_type: str) -> str:
@@ -110,6 +114,38 @@ def build_optimizer(model: Any, cfg: TrainConfig, total_steps: int, device_type:
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def backward_window(
+    model: Any,
+    batches: Iterable[PreferenceBatch],
+    accelerator: Any,
+    center_coefficient: float = 0.0,
+    stats: PairStats | None = None,
+) -> PairStats:
+    """Forward and backward every micro-batch of one accumulation window; grads are left for one step.
+
+    Each .backward() adds to the grads, so every micro-batch's summed loss is divided by the pairs in
+    the whole window (over all processes): k micro-batches of b pairs give exactly the gradient of one
+    batch of k*b pairs, and a short last window is not under-weighted. Returns `stats` updated.
+    """
+    batches = list(batches)
+    stats = stats if stats is not None else PairStats()
+    local_pairs = torch.tensor(sum(b.num_pairs for b in batches), device=accelerator.device)
+    window_pairs = accelerator.reduce(local_pairs, "sum").item()
+    world = accelerator.num_processes
+    for i, batch in enumerate(batches):
+        batch = batch.to(accelerator.device)
+        # Only the last micro-batch syncs grads across processes.
+        sync = accelerator.no_sync(model) if i < len(batches) - 1 else contextlib.nullcontext()
+        with sync:
+            rewards = compute_rewards(model, batch.input_ids, batch.attention_mask)
+            r_c, r_r = rewards[: batch.num_pairs], rewards[batch.num_pairs :]
+            losses = pairwise_loss(r_c, r_r, batch.margin, center_coefficient)
+            # DDP averages grads over processes; scale back so the result is a per-pair mean.
+            accelerator.backward(losses.sum() * world / window_pairs)
+        stats.add(r_c.detach(), r_r.detach(), losses.detach())
+    return stats
 
 
 def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
@@ -198,22 +234,10 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
         )
         for start in range(0, len(batches), k):
             window = batches[start : start + k]
-            # Each .backward() adds to the grads, so every micro-batch's loss is divided by the pairs in
-            # the whole window (all processes): k micro-batches of b pairs == one batch of k*b pairs,
-            # and a short last window is not under-weighted.
-            window_pairs = accelerator.reduce(
-                torch.tensor(sum(map(len, window)), device=accelerator.device), "sum"
-            ).item()
-            for i, idx in enumerate(window):
-                batch = collator([train_pairs[j] for j in idx]).to(accelerator.device)
-                sync = accelerator.no_sync(model) if i < len(window) - 1 else _nullcontext()
-                with sync:
-                    rewards = compute_rewards(model, batch.input_ids, batch.attention_mask)
-                    r_c, r_r = rewards[: batch.num_pairs], rewards[batch.num_pairs :]
-                    losses = pairwise_loss(r_c, r_r, batch.margin, cfg.center_rewards_coefficient)
-                    # DDP averages grads over processes; scale back so the result is a per-pair mean.
-                    accelerator.backward(losses.sum() * world / window_pairs)
-                window_stats.add(r_c.detach(), r_r.detach(), losses.detach())
+            window_batches = (collator([train_pairs[j] for j in idx]) for idx in window)
+            window_stats = backward_window(
+                model, window_batches, accelerator, cfg.center_rewards_coefficient, window_stats
+            )
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
             if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
                 skipped += 1  # a non-finite gradient would poison the weights: drop this step
@@ -273,12 +297,7 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
             )
     accelerator.wait_for_everyone()
     seconds = time.perf_counter() - started
-    return TrainResult(out, adapter_dir, merged_dir, eval_metrics, step, seconds, reports)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+    unwrapped = accelerator.unwrap_model(model).eval()
+    return TrainResult(
+        out, adapter_dir, merged_dir, eval_metrics, step, seconds, reports, unwrapped, tokenizer
+    )

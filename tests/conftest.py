@@ -1,0 +1,129 @@
+"""Tiny local models and data: the tests never touch a model hub or ../shared."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+WORDS = (
+    "question answer how do i make a cake cook rice fix bike learn python sure first you should then "
+    "mix heat stir check the it is easy good great help whatever no idea figure out yourself go away "
+    "bad boring ask someone else thanks for asking here are steps"
+).split()
+
+
+def _word_tokenizer(kind: str):
+    """A word-level tokenizer built with `tokenizers`: GPT-2 style (EOS only) or BERT style ([CLS] x [SEP])."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>"] if kind == "gpt2" else ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(WORDS)) + ["?", ":", ".", ","])}
+    unk = "<|endoftext|>" if kind == "gpt2" else "[UNK]"
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+    tok.pre_tokenizer = (
+        pre_tokenizers.WhitespaceSplit() if kind == "gpt2" else pre_tokenizers.BertPreTokenizer()
+    )
+    if kind == "gpt2":
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token=unk, eos_token=unk, unk_token=unk, model_max_length=64
+        )
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=64,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    """A folder like the hub's `gpt2`: a causal-LM checkpoint (no score head) and a tokenizer without pad."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    tokenizer = _word_tokenizer("gpt2")
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A folder like all-MiniLM: a BertModel checkpoint (no classifier) and a WordPiece-style tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = _word_tokenizer("bert")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+GOOD = [
+    "sure first you should mix then heat",
+    "here are steps first check the it is easy",
+    "great question you should stir then check",
+]
+BAD = ["whatever", "no idea figure it out yourself", "go away ask someone else it is boring"]
+PROMPTS = [
+    "question : how do i make a cake ? answer :",
+    "question : how do i cook rice ? answer :",
+    "question : how do i fix bike ? answer :",
+    "question : how do i learn python ? answer :",
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def preference_rows(n: int) -> list[dict]:
+    """Explicit-prompt rows whose chosen answer is always one of GOOD and rejected one of BAD."""
+    return [
+        {
+            "prompt": PROMPTS[i % len(PROMPTS)],
+            "chosen": " " + GOOD[i % len(GOOD)],
+            "rejected": " " + BAD[(i // 3) % len(BAD)],
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+def prefs_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "prefs.jsonl", preference_rows(48))
