@@ -1,0 +1,117 @@
+"""lora_rm.model: pooling, trainable parameters, quantized bases, heads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_rm.batch import PreferenceCollator
+from lora_rm.encode import EncodedPair
+from lora_rm.errors import UserError
+from lora_rm.model import add_lora, compute_rewards, head_name, load_base_model, load_tokenizer
+
+
+def _model(path, quant="none", **lora):
+    tokenizer = load_tokenizer(str(path))
+    return add_lora(
+        load_base_model(str(path), tokenizer.pad_token_id, quant=quant, seed=0), **lora
+    ), tokenizer
+
+
+def test_pad_falls_back_to_eos_and_is_set_on_the_model(tiny_gpt2):
+    model, tokenizer = _model(tiny_gpt2)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == 0
+    assert model.config.pad_token_id == 0
+    assert tokenizer.padding_side == "right"
+
+
+def test_reward_is_read_at_the_last_real_token_when_pad_is_eos(tiny_gpt2):
+    model, tokenizer = _model(tiny_gpt2, dropout=0.0)
+    model.eval()
+    eos = tokenizer.eos_token_id
+    short, long = [5, 6, eos], [5, 6, 7, 8, eos]
+    batch = PreferenceCollator(tokenizer.pad_token_id)([EncodedPair(short, long)])
+    assert batch.input_ids.tolist() == [[5, 6, eos, eos, eos], [5, 6, 7, 8, eos]]
+    captured = []
+    head = model.get_base_model().score
+    handle = head.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    with torch.no_grad():
+        rewards = compute_rewards(model, batch.input_ids, batch.attention_mask)
+        builtin = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0]
+        alone = [
+            compute_rewards(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))
+            for s in (short, long)
+        ]
+    handle.remove()
+    per_token = captured[0][..., 0]
+    # pooled index: position 2 (the EOS) for the padded row, 4 for the full row
+    assert rewards[0] == per_token[0, 2] and rewards[1] == per_token[1, 4]
+    torch.testing.assert_close(rewards, torch.cat(alone), rtol=1e-5, atol=1e-6)
+    # transformers' own pooling searches for the rightmost non-pad id and so never reads an EOS == pad
+    assert builtin[1] == per_token[1, 3]
+    assert not torch.allclose(builtin, rewards)
+
+
+def test_empty_row_is_rejected(tiny_gpt2):
+    model, _ = _model(tiny_gpt2)
+    with pytest.raises(ValueError, match="no attended tokens"):
+        compute_rewards(model, torch.tensor([[3, 4], [0, 0]]), torch.tensor([[1, 1], [0, 0]]))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_bert"])
+def test_only_lora_and_head_are_trainable(fixture, request):
+    model, _ = _model(request.getfixturevalue(fixture))
+    head = head_name(model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable, "nothing to train"
+    assert all("lora_" in n or f"{head}.modules_to_save" in n for n in trainable), trainable
+    assert any(f"{head}.modules_to_save" in n for n in trainable), "the reward head must be trained"
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_bert"])
+def test_8bit_base_keeps_head_in_full_precision_and_trains(fixture, request):
+    import bitsandbytes as bnb
+
+    model, tokenizer = _model(request.getfixturevalue(fixture), quant="8bit")
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())
+    head = getattr(model.get_base_model(), head_name(model))
+    assert all(p.dtype == torch.float32 for p in head.parameters())
+    ids = tokenizer(["how do i cook rice", "whatever go away"], padding=True, return_tensors="pt")
+    rewards = compute_rewards(model, ids["input_ids"], ids["attention_mask"])
+    (rewards[0] - rewards[1]).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_gradient_checkpointing_on_8bit_gives_every_trainable_a_gradient(tiny_gpt2):
+    model, tokenizer = _model(tiny_gpt2, quant="8bit", gradient_checkpointing=True)
+    model.train()
+    # LoRA B starts at zero, so A's gradient is zero on the first step by construction: nudge B first.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    ids = tokenizer(["how do i cook rice", "whatever go away"], padding=True, return_tensors="pt")
+    rewards = compute_rewards(model, ids["input_ids"], ids["attention_mask"])
+    (rewards[0] - rewards[1]).backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+
+
+def test_causal_lm_class_without_head_is_a_user_error(tiny_gpt2):
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(UserError, match="AutoModelForSequenceClassification"):
+        head_name(AutoModelForCausalLM.from_pretrained(str(tiny_gpt2)))
+
+
+def test_unknown_local_model_is_a_user_error(tmp_path):
+    with pytest.raises(UserError):
+        load_tokenizer(str(tmp_path / "no-such-model"))
+
+
+def test_seeded_head_is_reproducible(tiny_gpt2):
+    a = load_base_model(str(tiny_gpt2), 0, seed=3).score.weight
+    b = load_base_model(str(tiny_gpt2), 0, seed=3).score.weight
+    assert torch.equal(a, b)

@@ -1,0 +1,226 @@
+"""lora_rm.train: gradient accumulation, the training loop end to end, what it changes and writes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from lora_rm.batch import PreferenceCollator
+from lora_rm.config import TrainConfig
+from lora_rm.encode import EncodedPair
+from lora_rm.model import add_lora, compute_rewards, load_base_model, load_reward_model, load_tokenizer
+from lora_rm.train import backward_window, resolve_precision, train
+
+ROOT = Path(__file__).parents[1]
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def test_accumulation_of_k_micro_batches_equals_one_big_batch(tiny_gpt2):
+    tokenizer = load_tokenizer(str(tiny_gpt2))
+    model = add_lora(load_base_model(str(tiny_gpt2), 0, seed=0), dropout=0.0)
+    with torch.no_grad():  # non-zero B so that every LoRA weight gets a gradient
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    collate = PreferenceCollator(tokenizer.pad_token_id)
+    pairs = [
+        EncodedPair([5, 6, 7, 0], [5, 9, 0], 0.5),
+        EncodedPair([8, 0], [8, 10, 11, 12, 0]),
+        EncodedPair([13, 14, 0], [15, 0]),
+    ]
+    accelerator = Accelerator(cpu=True)
+
+    def grads_of(batches):
+        model.zero_grad()
+        stats = backward_window(model, batches, accelerator)
+        return _grads(model), stats.summary()
+
+    big, big_stats = grads_of([collate(pairs)])
+    # an uneven window (2 pairs + 1 pair): each pair must weigh 1/3, not 1/2 * 1/2 and 1/2 * 1
+    small, small_stats = grads_of([collate(pairs[:2]), collate(pairs[2:])])
+    assert big.keys() == small.keys() and len(big) > 0
+    for name in big:
+        torch.testing.assert_close(small[name], big[name], rtol=1e-4, atol=1e-7, msg=name)
+    assert small_stats["n_pairs"] == big_stats["n_pairs"] == 3
+    assert small_stats["loss"] == pytest.approx(big_stats["loss"], rel=1e-5)
+
+
+def test_resolve_precision():
+    assert resolve_precision("fp32", "cuda") == "no"
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    assert resolve_precision("auto", "cpu") in ("bf16", "no")
+
+
+def _cfg(tmp_path, base, data, **kw) -> TrainConfig:
+    options = dict(
+        base=str(base),
+        dataset=str(data),
+        output_dir=str(tmp_path / "run"),
+        quant="none",
+        batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=5e-3,
+        epochs=3,
+        eval_fraction=0.25,
+        eval_steps=1000,
+        logging_steps=2,
+        lora_dropout=0.0,
+        precision="fp32",
+        seed=0,
+    )
+    return TrainConfig(**{**options, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_gpt2):
+    from conftest import preference_rows, write_jsonl
+
+    tmp = tmp_path_factory.mktemp("trained")
+    data = write_jsonl(tmp / "prefs.jsonl", preference_rows(48))
+    return train(_cfg(tmp, tiny_gpt2, data, merge=True, epochs=8), log=lambda *_: None)
+
+
+def test_training_learns_and_writes_its_outputs(trained):
+    out = trained.output_dir
+    assert trained.eval_metrics["accuracy"] > 0.8 and trained.eval_metrics["n_pairs"] == 12
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "lora_rm_config.json"):
+        assert (trained.adapter_dir / name).is_file(), name
+    assert (out / "merged" / "model.safetensors").is_file() and (out / "merged" / "config.json").is_file()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == list(range(2, trained.steps + 1, 2))
+    assert records[-1]["eval_accuracy"] == trained.eval_metrics["accuracy"]
+    saved = json.loads((trained.adapter_dir / "lora_rm_config.json").read_text(encoding="utf-8"))
+    assert saved["max_length"] == 64 and saved["lora_r"] == 16 and saved["eval"]["n_pairs"] == 12
+    assert not list(out.glob("*.partial"))
+
+
+def test_base_unchanged_lora_and_head_moved(trained, tiny_gpt2):
+    base = load_base_model(str(tiny_gpt2), 0, seed=0)  # same seed: the head the run started from
+    model = trained.model
+    # PEFT renames wrapped weights: base_model.model.<name> and <module>.base_layer.<param>
+    trained_params = {
+        n.removeprefix("base_model.model.").replace(".base_layer", ""): p for n, p in model.named_parameters()
+    }
+    for name, p in base.named_parameters():
+        if name != "score.weight":
+            assert torch.equal(trained_params[name], p), name
+    head = model.get_base_model().score.modules_to_save["default"].weight
+    assert not torch.allclose(head, base.score.weight)
+    saved = load_file(str(trained.adapter_dir / "adapter_model.safetensors"))
+    assert any("score" in k for k in saved), "the reward head must be in the adapter file"
+    assert all(saved[k].abs().sum() > 0 for k in saved if "lora_B" in k)
+
+
+def _reward_batch(tokenizer):
+    texts = ["question : how do i cook rice ? answer : sure first you should mix", "whatever go away"]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    return PreferenceCollator(tokenizer.pad_token_id)([EncodedPair(ids[0], ids[1])])
+
+
+def test_reloaded_adapter_reproduces_rewards_exactly(trained):
+    batch = _reward_batch(trained.tokenizer)
+    with torch.no_grad():
+        before = compute_rewards(trained.model, batch.input_ids, batch.attention_mask)
+        model, _ = load_reward_model(trained.adapter_dir)
+        after = compute_rewards(model, batch.input_ids, batch.attention_mask)
+    assert torch.equal(before, after)
+
+
+def test_adapter_loads_into_an_already_loaded_model(trained, tiny_gpt2):
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_gpt2), num_labels=1)
+    model, tokenizer = load_reward_model(trained.adapter_dir, base=base)
+    batch = _reward_batch(tokenizer)
+    with torch.no_grad():
+        expected = compute_rewards(trained.model, batch.input_ids, batch.attention_mask)
+        assert torch.equal(compute_rewards(model, batch.input_ids, batch.attention_mask), expected)
+
+
+def test_merged_model_loads_plainly_and_matches_adapter(trained):
+    from transformers import AutoModelForSequenceClassification
+
+    merged = AutoModelForSequenceClassification.from_pretrained(str(trained.output_dir / "merged")).eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    batch = _reward_batch(trained.tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            compute_rewards(merged, batch.input_ids, batch.attention_mask),
+            compute_rewards(trained.model, batch.input_ids, batch.attention_mask),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+def test_8bit_training_and_its_adapter_on_the_full_precision_base(tmp_path, tiny_gpt2, prefs_file):
+    result = train(_cfg(tmp_path, tiny_gpt2, prefs_file, quant="8bit", epochs=2), log=lambda *_: None)
+    assert result.eval_metrics["n_pairs"] == 12
+    batch = _reward_batch(result.tokenizer)
+    with torch.no_grad():
+        int8 = compute_rewards(result.model, batch.input_ids, batch.attention_mask)
+        full, _ = load_reward_model(result.adapter_dir, quant="none")
+        fp = compute_rewards(full, batch.input_ids, batch.attention_mask)
+    # Same adapter, int8 vs fp32 base weights: close (int8 rounding) and in the same order. A LoRA
+    # delta applied with the wrong transpose (GPT-2 Conv1D vs int8 Linear) would not be.
+    assert (int8[0] - int8[1]).sign() == (fp[0] - fp[1]).sign()
+    torch.testing.assert_close(fp, int8, rtol=0.05, atol=0.05 * float(int8.abs().max()) + 1e-3)
+
+
+def test_cli_end_to_end_writes_the_expected_files(tmp_path, tiny_gpt2, prefs_file):
+    out = tmp_path / "cli-run"
+    cmd = [
+        sys.executable,
+        "scripts/train_lora.py",
+        "--base",
+        str(tiny_gpt2),
+        "--dataset",
+        str(prefs_file),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--merge",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "final eval: accuracy" in proc.stdout
+    for rel in (
+        "adapter/adapter_model.safetensors",
+        "adapter/lora_rm_config.json",
+        "merged/model.safetensors",
+        "metrics.jsonl",
+        "config.json",
+    ):
+        assert (out / rel).is_file(), rel
+    assert json.loads((out / "config.json").read_text(encoding="utf-8"))["quant"] == "8bit"
+
+
+@pytest.mark.slow
+def test_quickstart_from_the_readme_learns(tmp_path):
+    """The README's offline main job: tiny local GPT-2, example data, 8-bit, eval accuracy well above 50%."""
+    out = tmp_path / "quickstart"
+    cmd = [
+        sys.executable,
+        "scripts/train_lora.py",
+        "--config",
+        "examples/quickstart.yaml",
+        "--output-dir",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = json.loads((out / "adapter" / "lora_rm_config.json").read_text(encoding="utf-8"))["eval"]
+    assert final["n_pairs"] == 200 and final["accuracy"] >= 0.85
