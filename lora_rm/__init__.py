@@ -2,6 +2,7 @@
 
 from lora_rm.config import TrainConfig
 from lora_rm.errors import UserError
+from lora_rm.fit import TrainingStopped
 from lora_rm.loss import pairwise_loss
 from lora_rm.model import compute_rewards, load_reward_model
 from lora_rm.train import TrainResult, train
@@ -9,6 +10,7 @@ from lora_rm.train import TrainResult, train
 __all__ = [
     "TrainConfig",
     "TrainResult",
+    "TrainingStopped",
     "UserError",
     "compute_rewards",
     "load_reward_model",

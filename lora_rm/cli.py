@@ -10,6 +10,7 @@ from typing import Any
 
 from lora_rm.config import TrainConfig, config_fields, read_config_file
 from lora_rm.errors import UserError
+from lora_rm.fit import TrainingStopped
 
 
 def _flag_type(f: Any) -> tuple[Any, dict[str, Any]]:
@@ -34,8 +35,7 @@ def train_parser(prog: str = "lora-rm train") -> argparse.ArgumentParser:
         help_text = f"{f.metadata['help']} (default: {default})"
         if kind is not None:
             extra["type"] = kind
-        if "choices" in f.metadata:
-            extra["choices"] = f.metadata["choices"]
+        extra |= {k: f.metadata[k] for k in ("choices", "nargs", "const") if k in f.metadata}
         parser.add_argument(
             "--" + f.name.replace("_", "-"), dest=f.name, default=None, help=help_text, **extra
         )
@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[argv[0]](argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except TrainingStopped as e:
+        print(str(e), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

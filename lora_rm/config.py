@@ -70,6 +70,20 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward: less memory, ~30% slower")
     seed: int = _opt(42, "seed for the score head init, data split, batch order and dropout")
     merge: bool = _opt(False, "also write merged/: a standalone model with the adapter folded in")
+    save_steps: int = _opt(100, "write a resumable checkpoint (step-000100/) every N optimizer steps")
+    save_total_limit: int | None = _opt(2, "keep only the newest N checkpoints")
+    resume: str | None = _opt(
+        None,
+        "resume from the latest complete checkpoint in --output-dir, or from PATH",
+        nargs="?",
+        const="latest",
+    )
+    force_resume: bool = _opt(False, "resume even if the data or config differ from the checkpoint's")
+    max_bad_steps: int = _opt(5, "stop (with a checkpoint) after this many non-finite steps in a row")
+    skip_invalid: bool = _opt(False, "skip bad rows (counted) instead of stopping with the list of problems")
+    length_policy: str = _opt(
+        "truncate", "over-long pairs: truncate (prompt from the left) or error", choices=("truncate", "error")
+    )
     trust_remote_code: bool = _opt(
         False, "allow model code from the hub (off: only transformers' own code runs)"
     )
@@ -95,8 +109,12 @@ class TrainConfig:
             "epochs",
             "eval_steps",
             "logging_steps",
+            "save_steps",
+            "max_bad_steps",
         ]
         problems += [f"{n}: must be > 0, got {getattr(self, n)}" for n in positive if getattr(self, n) <= 0]
+        if self.save_total_limit is not None and self.save_total_limit <= 0:
+            problems.append(f"save_total_limit: must be > 0, got {self.save_total_limit}")
         if self.max_steps is not None and self.max_steps <= 0:
             problems.append(f"max_steps: must be > 0, got {self.max_steps}")
         if self.max_length is not None and self.max_length < 4:

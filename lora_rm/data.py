@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,11 +204,25 @@ def row_problems(row: Row, fmt: str) -> list[str]:
     return out
 
 
-def check_rows(rows: list[Row], fmt: str, source: str) -> None:
-    """Raise one UserError listing every bad row (first 20 shown), or return when all rows are usable."""
-    problems = [p for r in rows for p in row_problems(r, fmt)]
-    if problems:
-        raise UserError(problems_message(f"{source}: {len(problems)} problem(s) in the data:", problems))
+def check_rows(
+    rows: list[Row], fmt: str, source: str, skip_invalid: bool = False, log: Any = print
+) -> list[Row]:
+    """Return the usable rows. Bad rows raise one UserError listing every problem (first 20 shown, with
+    counts per reason), or with `skip_invalid` are dropped and counted in the log."""
+    problems = {r.where: row_problems(r, fmt) for r in rows}
+    bad = [p for ps in problems.values() for p in ps]
+    if not bad:
+        return rows
+    reasons = Counter(p.split(": ", 1)[1] for p in bad)
+    counts = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common())
+    if not skip_invalid:
+        header = f"{source}: {len(bad)} problem(s) in {sum(map(bool, problems.values()))} row(s) [{counts}]:"
+        raise UserError(problems_message(header, bad) + "\n(--skip-invalid skips such rows instead)")
+    kept = [r for r in rows if not problems[r.where]]
+    log(f"data: skipped {len(rows) - len(kept)} invalid row(s) of {source} [{counts}]")
+    if not kept:
+        raise UserError(f"{source}: every row is invalid [{counts}]")
+    return kept
 
 
 def split_rows(rows: list[Row], eval_fraction: float, seed: int) -> tuple[list[Row], list[Row]]:

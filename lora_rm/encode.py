@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lora_rm.data import Row
-from lora_rm.errors import UserError
+from lora_rm.config import TrainConfig
+from lora_rm.data import Row, check_rows, detect_format, load_rows, split_rows
+from lora_rm.errors import UserError, problems_message
 
 MAX_DEFAULT_LENGTH = 1024
 
@@ -103,9 +104,13 @@ def _render_chat(tokenizer: Any, messages: list[dict[str, str]], where: str) -> 
 
 
 def encode_pairs(
-    rows: list[Row], fmt: str, tokenizer: Any, max_length: int
+    rows: list[Row], fmt: str, tokenizer: Any, max_length: int, policy: str = "truncate"
 ) -> tuple[list[EncodedPair], LengthReport]:
-    """Tokenize checked rows of one format into pairs that fit `max_length` tokens, with a report."""
+    """Tokenize checked rows of one format into pairs that fit `max_length` tokens, with a report.
+
+    policy "truncate" cuts as the module docstring says; "error" raises UserError listing every row
+    with a side over `max_length` tokens.
+    """
     prefix, suffix = special_tokens(tokenizer)
     if fmt == "conversational":
         # The chat template already renders BOS and end-of-turn tokens: tokenizing its text again with
@@ -132,6 +137,19 @@ def encode_pairs(
     if budget < 2:
         raise UserError(f"max_length {max_length} leaves no room for text after the special tokens")
     report, pairs = LengthReport(pairs_in=len(rows)), []
+    if policy == "error":
+        too_long = [
+            f"{row.where}: {side}: {len(p) + len(r) + len(prefix) + len(suffix)} tokens > max_length {max_length}"
+            for row, p, rc, rr in zip(rows, prompts, ids_c, ids_r)
+            for side, r in (("chosen", rc), ("rejected", rr))
+            if len(p) + len(r) > budget
+        ]
+        if too_long:
+            raise UserError(
+                problems_message(
+                    f"{len(too_long)} sequence(s) over the length limit (--length-policy error):", too_long
+                )
+            )
     for row, prompt, resp_c, resp_r in zip(rows, prompts, ids_c, ids_r):
         chosen, cut_c = _fit(prompt, resp_c, budget)
         rejected, cut_r = _fit(prompt, resp_r, budget)
@@ -144,3 +162,36 @@ def encode_pairs(
         margin = float(row.fields.get("margin") or 0.0)
         pairs.append(EncodedPair(prefix + chosen + suffix, prefix + rejected + suffix, margin))
     return pairs, report
+
+
+def prepare_pairs(
+    cfg: TrainConfig, tokenizer: Any, max_length: int, log: Any = print
+) -> tuple[list[EncodedPair], list[EncodedPair], dict]:
+    """Read, check, split and tokenize the training and eval data of `cfg`.
+
+    Raises UserError (every bad row listed) before anything is written; with `cfg.skip_invalid`, bad
+    rows are skipped and counted instead.
+    """
+    train_rows, own_eval_rows = load_rows(cfg.dataset, cfg.split)
+    fmt = detect_format(train_rows, cfg.dataset)
+    train_rows = check_rows(train_rows, fmt, cfg.dataset, cfg.skip_invalid, log)
+    if cfg.eval_dataset or own_eval_rows:
+        eval_source = cfg.eval_dataset or f"{cfg.dataset} (its own eval split)"
+        eval_rows = load_rows(cfg.eval_dataset)[0] if cfg.eval_dataset else own_eval_rows
+        eval_fmt = detect_format(eval_rows, eval_source)
+        if eval_fmt != fmt:
+            raise UserError(f"{eval_source}: eval data is {eval_fmt} but training data is {fmt}")
+        eval_rows = check_rows(eval_rows, fmt, eval_source, cfg.skip_invalid, log)
+    else:
+        train_rows, eval_rows = split_rows(train_rows, cfg.eval_fraction, cfg.seed)
+        eval_source = f"{cfg.dataset} ({cfg.eval_fraction:.0%} held out)"
+    train_pairs, train_report = encode_pairs(train_rows, fmt, tokenizer, max_length, cfg.length_policy)
+    eval_pairs, eval_report = encode_pairs(eval_rows, fmt, tokenizer, max_length, cfg.length_policy)
+    if not train_pairs:
+        raise UserError(
+            f"{cfg.dataset}: no training pairs left after the length policy ({train_report.summary()})"
+        )
+    log(f"data: {fmt} format; train: {train_report.summary()}")
+    if eval_rows:
+        log(f"data: eval from {eval_source}: {eval_report.summary()}")
+    return train_pairs, eval_pairs, {"format": fmt, "train": train_report, "eval": eval_report}

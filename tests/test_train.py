@@ -15,8 +15,10 @@ from safetensors.torch import load_file
 from lora_rm.batch import PreferenceCollator
 from lora_rm.config import TrainConfig
 from lora_rm.encode import EncodedPair
+from lora_rm.fit import backward_window
 from lora_rm.model import add_lora, compute_rewards, load_base_model, load_reward_model, load_tokenizer
-from lora_rm.train import backward_window, resolve_precision, train
+from lora_rm.optim import resolve_precision
+from lora_rm.train import train
 
 ROOT = Path(__file__).parents[1]
 

@@ -1,0 +1,164 @@
+"""Resumable checkpoints: only the trainable state, written atomically, verified on load.
+
+A checkpoint is a folder `step-000200/` holding the adapter (LoRA + reward head, safetensors), the
+optimizer (`torch.save` of plain tensors and numbers, read back with `weights_only=True`), scheduler and
+trainer state (JSON), and the RNG states (tensors in safetensors, Python's as JSON). It is written to
+`step-000200.partial/`, renamed, and only then marked complete with a `COMPLETE` file: a run killed at
+any moment leaves either a complete checkpoint or one that resume ignores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora_rm.errors import UserError
+
+MARKER = "COMPLETE"
+PREFIX = "step-"
+
+
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    return Path(output_dir) / f"{PREFIX}{step:06d}"
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints under `output_dir`, oldest first; partial or unmarked folders are ignored."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [
+        p
+        for p in root.glob(f"{PREFIX}*")
+        if p.is_dir() and p.name[len(PREFIX) :].isdigit() and (p / MARKER).is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of JSON-able data (token ids, config values)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
+
+
+def _rename_with_retry(src: Path, dst: Path, attempts: int = 10) -> None:
+    # On Windows an antivirus or indexer can hold a fresh file open for a moment: retry briefly.
+    for i in range(attempts):
+        try:
+            os.replace(src, dst)
+            return
+        except PermissionError:
+            if i == attempts - 1:
+                raise
+            time.sleep(0.2 * (i + 1))
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """RNG states as tensors (for safetensors) and JSON (Python's `random`); never pickled objects."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    version, internal, gauss = random.getstate()
+    py = {"version": version, "internal": list(internal), "gauss": gauss}
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        tensors["numpy_keys"] = torch.from_numpy(keys.astype("int64"))
+        py["numpy"] = {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
+    except ImportError:
+        pass
+    return tensors, py
+
+
+def restore_rng_state(tensors: dict[str, torch.Tensor], py: dict[str, Any]) -> None:
+    """Restore what `rng_state` saved and check it took; raise RuntimeError if it did not."""
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    if "numpy" in py:
+        import numpy as np
+
+        n = py["numpy"]
+        np.random.set_state(
+            (n["kind"], tensors["numpy_keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached"])
+        )
+    if (
+        not torch.equal(torch.get_rng_state(), tensors["torch_cpu"])
+        or list(random.getstate()[1]) != py["internal"]
+    ):
+        raise RuntimeError("random number generator state did not restore; resume would not be exact")
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    scaler: Any = None,
+    keep_last: int | None = None,
+) -> Path:
+    """Write a complete checkpoint for `step` and prune old ones beyond `keep_last`. Returns its folder."""
+    final = checkpoint_dir(Path(output_dir), step)
+    staging = final.with_name(final.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    model.save_pretrained(str(staging / "adapter"), safe_serialization=True)
+    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    extra = {"scheduler": scheduler.state_dict(), "trainer": trainer_state}
+    if scaler is not None:
+        extra["scaler"] = scaler.state_dict()
+    tensors, py_rng = rng_state()
+    save_file(tensors, str(staging / "rng.safetensors"))
+    extra["rng"] = py_rng
+    (staging / "state.json").write_text(json.dumps(extra, indent=1), encoding="utf-8")
+    if final.exists():  # an unmarked leftover from a killed run
+        shutil.rmtree(final)
+    _rename_with_retry(staging, final)
+    (final / MARKER).write_text(str(step), encoding="utf-8")
+    if keep_last:
+        for old in complete_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(
+    path: str | Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any = None
+) -> dict[str, Any]:
+    """Restore trainable weights, optimizer, scheduler, scaler and RNG from `path`; return the trainer state.
+
+    Raises UserError when `path` is not a complete checkpoint.
+    """
+    from peft import set_peft_model_state_dict
+
+    path = Path(path)
+    if not (path / MARKER).is_file():
+        raise UserError(
+            f"{path}: not a complete checkpoint (no {MARKER} marker); it was probably interrupted while saving"
+        )
+    weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, weights)
+    missing = [k for k in getattr(result, "unexpected_keys", [])]
+    if missing:
+        raise UserError(f"{path}: checkpoint weights do not fit this model ({missing[:3]} ...)")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    restore_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
+    return state["trainer"]
