@@ -79,5 +79,5 @@ def shard_batches(batches: list[list[int]], rank: int, world_size: int) -> list[
     if world_size == 1:
         return batches
     per_rank = -(-len(batches) // world_size)
-    padded = batches + batches[: per_rank * world_size - len(batches)]
+    padded = [batches[i % len(batches)] for i in range(per_rank * world_size)]
     return padded[rank::world_size]

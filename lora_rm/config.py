@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,9 @@ class TrainConfig:
     revision: str | None = _opt(None, "hub revision (branch, tag or commit) of the base model")
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = self._coerce_types()
+        if problems:  # range checks on values of the wrong type would only add noise
+            raise UserError(problems_message("Invalid configuration:", problems))
         if not self.base:
             problems.append("base: required (a hub id like gpt2 or a local model folder)")
         if not self.dataset:
@@ -127,8 +130,54 @@ class TrainConfig:
         if problems:
             raise UserError(problems_message("Invalid configuration:", problems))
 
+    def _coerce_types(self) -> list[str]:
+        """Convert numbers given as text (YAML reads `1e-4` as a string) and list every value of the wrong type."""
+        problems = []
+        hints = typing.get_type_hints(TrainConfig)
+        for f in dataclasses.fields(self):
+            value, hint = getattr(self, f.name), hints[f.name]
+            if value is None:
+                continue
+            kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+            try:
+                setattr(self, f.name, _coerce(value, kind))
+            except (TypeError, ValueError):
+                problems.append(
+                    f"{f.name}: expected {_KIND_NAMES.get(kind, 'a list of names')}, got {value!r}"
+                )
+        return problems
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
+
+
+def _coerce(value: Any, kind: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if isinstance(value, bool):  # True is an int to Python, never a number to a user
+        raise TypeError
+    if kind is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return int(value) if isinstance(value, (int, str)) else _fail()
+    if kind is float:
+        return float(value) if isinstance(value, (int, float, str)) else _fail()
+    if kind is str:
+        return value if isinstance(value, str) else _fail()
+    if isinstance(value, str):  # list[str] given as one name
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    return _fail()
+
+
+def _fail() -> Any:
+    raise TypeError
 
 
 def config_fields() -> list[dataclasses.Field]:

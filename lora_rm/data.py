@@ -9,8 +9,10 @@ An optional numeric `margin` column asks for r_chosen - r_rejected >= margin.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -46,9 +48,13 @@ def load_rows(source: str, split: str = "train", revision: str | None = None) ->
             raise UserError(f"{source}: no such file")
         if suffix in (".jsonl", ".json") or suffix not in LOCAL_SUFFIXES:
             return _read_json_rows(path), []
-        offset = 2 if suffix == ".csv" else 1  # csv: line 1 is the header
+        if suffix == ".csv":
+            # only an empty cell is missing: pandas would also read "NA", "None" or "null" answers as null
+            ds = _load_hf("csv", str(path), None, keep_default_na=False, na_values=[""])["train"]
+            lines = _csv_record_lines(path)
+            return [Row(f"{path}:{lines[i]}", dict(r)) for i, r in enumerate(ds)], []
         ds = _load_hf(LOCAL_SUFFIXES[suffix], str(path), None)["train"]
-        return [Row(f"{path}:{i + offset}", dict(r)) for i, r in enumerate(ds)], []
+        return [Row(f"{path}:row {i + 1}", dict(r)) for i, r in enumerate(ds)], []
     splits = _load_hf(source, None, revision)
     if split not in splits:
         raise UserError(f"{source}: has no split {split!r}; it has {', '.join(splits)}")
@@ -91,7 +97,8 @@ def _read_json_rows(path: Path) -> list[Row]:
             raise UserError(problems_message(f"{path}: {len(problems)} item(s) are not objects:", problems))
         return rows
     rows, problems = [], []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # split on "\n" only: str.splitlines() also breaks at U+2028 or \x85 inside a JSON string
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -108,11 +115,24 @@ def _read_json_rows(path: Path) -> list[Row]:
     return rows
 
 
-def _load_hf(name: str, data_files: str | None, revision: str | None) -> Any:
+def _csv_record_lines(path: Path) -> list[int]:
+    """The line each CSV record starts on (records can span lines inside quotes)."""
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        next(reader, None)  # header
+        starts, end = [], reader.line_num
+        for record in reader:
+            if record:
+                starts.append(end + 1)
+            end = reader.line_num
+    return starts
+
+
+def _load_hf(name: str, data_files: str | None, revision: str | None, **kwargs: Any) -> Any:
     import datasets
 
     try:
-        return datasets.load_dataset(name, data_files=data_files, revision=revision)
+        return datasets.load_dataset(name, data_files=data_files, revision=revision, **kwargs)
     except FileNotFoundError as e:
         raise UserError(
             f"{name}: not a local file or folder, and not found on the Hugging Face Hub ({e})"
@@ -129,6 +149,10 @@ def _load_hf(name: str, data_files: str | None, revision: str | None) -> Any:
 
 
 def _unreachable(name: str, kind: str) -> str:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return (
+            f"{name}: not a local file or folder, and the hub is off (HF_HUB_OFFLINE=1) with no cached copy"
+        )
     return (
         f"{name}: cannot reach the Hugging Face Hub to fetch it ({kind}). Pass a local "
         ".jsonl/.json/.csv/.parquet file or model folder, or set HF_HUB_OFFLINE=1 to use a cached copy."
@@ -171,7 +195,7 @@ def _messages_problem(value: Any) -> str | None:
     for i, m in enumerate(value):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             return f"message {i}: expected an object with role and content"
-        if m["role"] not in ROLES:
+        if not isinstance(m["role"], str) or m["role"] not in ROLES:
             return f"message {i}: unknown role {m['role']!r}"
         problem = _text_problem(m["content"])
         if problem:

@@ -95,6 +95,10 @@ def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def _ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
 def _render_chat(tokenizer: Any, messages: list[dict[str, str]], where: str) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(
@@ -124,14 +128,16 @@ def encode_pairs(
     else:
         texts_c = [r.fields["chosen"] for r in rows]
         texts_r = [r.fields["rejected"] for r in rows]
-    ids_c = tokenizer(texts_c, add_special_tokens=False)["input_ids"] if rows else []
-    ids_r = tokenizer(texts_r, add_special_tokens=False)["input_ids"] if rows else []
+    ids_c, ids_r = _ids(tokenizer, texts_c), _ids(tokenizer, texts_r)
     if fmt == "explicit":
-        prompts = tokenizer([r.fields["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
+        prompts = _ids(tokenizer, [r.fields["prompt"] for r in rows])
     else:  # the prompt is the longest common token prefix of the two full texts
         prompts = [c[: _common_prefix_len(c, r)] for c, r in zip(ids_c, ids_r)]
         ids_c = [c[len(p) :] for c, p in zip(ids_c, prompts)]
         ids_r = [r[len(p) :] for r, p in zip(ids_r, prompts)]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if fmt == "conversational" and bos is not None and prompts and all(p[:1] == [bos] for p in prompts):
+        prefix, prompts = [bos], [p[1:] for p in prompts]  # the template's BOS must survive prompt truncation
 
     budget = max_length - len(prefix) - len(suffix)
     if budget < 2:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,19 +22,22 @@ KEEP_FULL_PRECISION = [*HEAD_NAMES, "pooler", "pre_classifier"]
 
 def _hub_error(name: str, e: Exception, what: str) -> UserError:
     kind, text = type(e).__name__, str(e)
-    if (
-        any(k in kind for k in ("Connection", "Timeout", "Offline"))
-        or "offline" in text.lower()
-        and "not" in text
-    ):
+    if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:
+        if not Path(name).expanduser().exists():
+            return UserError(f"{name}: no such local folder")
+        return UserError(f"{name}: no {what} in this folder ({kind}: {text.splitlines()[0] if text else ''})")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return UserError(
+            f"{name}: not a local folder, and the hub is off (HF_HUB_OFFLINE=1) with no cached copy"
+        )
+    if any(k in kind for k in ("Connection", "Timeout", "Offline")):
         return UserError(
             f"{name}: cannot reach the Hugging Face Hub to fetch the {what} ({kind}). Pass a local folder, "
             "or set HF_HUB_OFFLINE=1 to use a cached copy."
         )
     if (
-        "not a valid model identifier" in text
-        or "not a local folder" in text
-        or "RepositoryNotFound" in kind
+        "RepositoryNotFound" in kind
+        or "not a valid model identifier" in text
         or "does not appear to have" in text
     ):
         return UserError(f"{name}: no {what} found (not a local folder with one, not a hub model id)")
@@ -137,7 +141,7 @@ def add_lora(
     target_modules: list[str] | None = None,
     gradient_checkpointing: bool = False,
 ) -> Any:
-    """Wrap `model` with LoRA adapters and a trainable, saved copy of the reward head.
+    """Wrap `model` with LoRA adapters and a trainable, saved copy of the reward head; the base's dropout is off.
 
     `task_type=SEQ_CLS` makes PEFT train and save the head (`modules_to_save`); without it the head
     stays random after training and is lost on save. Trainable weights are kept in fp32 so that
@@ -145,9 +149,13 @@ def add_lora(
     """
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
-    checkpointing_kwargs = {
-        "use_reentrant": False
-    }  # reentrant checkpointing loses grads of frozen-input LoRA
+    # The base's own dropout would give chosen and rejected different noise within one comparison, and
+    # make a pair's reward depend on what it is batched with; LoRA keeps its own (`dropout`).
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    # Reentrant checkpointing loses the grads of LoRA layers whose inputs do not require grad.
+    checkpointing_kwargs = {"use_reentrant": False}
     if getattr(model, "is_quantized", False):
         model = prepare_model_for_kbit_training(
             model,

@@ -22,8 +22,11 @@ from lora_rm.loss import loss_near_chance
 from lora_rm.model import add_lora, load_base_model, load_tokenizer
 from lora_rm.optim import build_optimizer, resolve_precision
 
-# Options that do not change what is trained: a resume may change them freely.
+# Options a resume may change freely: they do not change what is trained, or (data paths, split) what
+# they change is caught by the fingerprint of the tokenized training pairs itself.
 RESUME_FREE = {
+    "dataset",
+    "split",
     "output_dir",
     "resume",
     "force_resume",

@@ -1,0 +1,291 @@
+"""TrainConfig checks, config files, and the flags generated from the config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lora_rm.cli import config_from_args, train_parser
+from lora_rm.config import TrainConfig, read_config_file
+from lora_rm.errors import UserError
+
+REQUIRED = {"base": "gpt2", "dataset": "prefs.jsonl"}
+
+
+def config_error(**kw) -> str:
+    with pytest.raises(UserError) as e:
+        TrainConfig(**{**REQUIRED, **kw})
+    return str(e.value)
+
+
+# ---------------------------------------------------------------- TrainConfig
+
+
+def test_defaults_are_valid():
+    cfg = TrainConfig(**REQUIRED)
+    assert (cfg.quant, cfg.lora_r, cfg.lora_alpha, cfg.batch_size) == ("8bit", 16, 32, 4)
+    assert cfg.max_length is None and cfg.target_modules is None and cfg.merge is False
+    assert cfg.to_dict()["base"] == "gpt2"
+
+
+def test_all_problems_in_one_error():
+    msg = config_error(lora_r=0, batch_size=-1, quant="3bit")
+    assert msg.startswith("Invalid configuration:")
+    assert "lora_r: must be > 0, got 0" in msg
+    assert "batch_size: must be > 0, got -1" in msg
+    assert "quant: '3bit' is not one of 8bit, 4bit, none" in msg
+    assert len(msg.splitlines()) == 4
+
+
+def test_base_and_dataset_required():
+    with pytest.raises(UserError) as e:
+        TrainConfig()
+    msg = str(e.value)
+    assert "base: required" in msg
+    assert "dataset: required" in msg
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("lora_alpha", 0, "lora_alpha: must be > 0, got 0"),
+        ("gradient_accumulation_steps", 0, "gradient_accumulation_steps: must be > 0"),
+        ("epochs", -2, "epochs: must be > 0, got -2"),
+        ("eval_steps", 0, "eval_steps: must be > 0"),
+        ("logging_steps", 0, "logging_steps: must be > 0"),
+        ("max_steps", 0, "max_steps: must be > 0, got 0"),
+        ("max_length", 3, "max_length: must be at least 4, got 3"),
+        ("learning_rate", 0.0, "learning_rate: must be > 0"),
+        ("learning_rate", -1e-4, "learning_rate: must be > 0"),
+        ("eval_fraction", 1.0, "eval_fraction: must be in [0, 1), got 1.0"),
+        ("eval_fraction", -0.1, "eval_fraction: must be in [0, 1)"),
+        ("warmup_ratio", 1.5, "warmup_ratio: must be in [0, 1)"),
+        ("lora_dropout", 1.0, "lora_dropout: must be in [0, 1)"),
+        ("precision", "fp8", "precision: 'fp8' is not one of auto, bf16, fp16, fp32"),
+        ("lr_scheduler", "step", "lr_scheduler: 'step' is not one of cosine, linear, constant"),
+        ("optimizer", "sgd", "optimizer: 'sgd' is not one of adamw, paged_adamw_8bit"),
+        ("save_steps", 0, "save_steps: must be > 0, got 0"),
+        ("save_total_limit", 0, "save_total_limit: must be > 0, got 0"),
+        ("max_bad_steps", -1, "max_bad_steps: must be > 0, got -1"),
+        ("length_policy", "drop", "length_policy: 'drop' is not one of truncate, error"),
+    ],
+)
+def test_each_check(field, value, expected):
+    assert expected in config_error(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"max_steps": 1},
+        {"max_length": 4},
+        {"eval_fraction": 0.0},
+        {"warmup_ratio": 0.0},
+        {"lora_dropout": 0.0},
+        {"quant": "none", "precision": "fp32", "lr_scheduler": "constant"},
+        {"quant": "4bit", "optimizer": "paged_adamw_8bit"},
+    ],
+)
+def test_boundary_values_accepted(kw):
+    TrainConfig(**REQUIRED, **kw)
+
+
+# ---------------------------------------------------------------- config files
+
+
+def test_read_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "base: gpt2\ndataset: d.jsonl\nlora_r: 8\nlearning_rate: 2.0e-4\nmerge: true\n"
+        "target_modules: [c_attn, c_proj]\n",
+        encoding="utf-8",
+    )
+    assert read_config_file(path) == {
+        "base": "gpt2",
+        "dataset": "d.jsonl",
+        "lora_r": 8,
+        "learning_rate": 2.0e-4,
+        "merge": True,
+        "target_modules": ["c_attn", "c_proj"],
+    }
+
+
+def test_read_json(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"base": "gpt2", "lora-r": 4, "learning_rate": 1e-4}), encoding="utf-8")
+    assert read_config_file(path) == {"base": "gpt2", "lora_r": 4, "learning_rate": 1e-4}
+
+
+def test_dashes_accepted(tmp_path):
+    path = tmp_path / "c.yml"
+    path.write_text("lora-r: 8\ngradient-accumulation-steps: 2\noutput-dir: out\n", encoding="utf-8")
+    assert read_config_file(path) == {"lora_r": 8, "gradient_accumulation_steps": 2, "output_dir": "out"}
+
+
+def test_empty_yaml_is_no_options(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("# nothing here\n", encoding="utf-8")
+    assert read_config_file(path) == {}
+
+
+def test_unknown_keys_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("base: gpt2\nlora_rank: 8\nlearning-rate: 1.0e-4\nbatchsize: 2\n", encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        read_config_file(path)
+    msg = str(e.value)
+    assert str(path) in msg
+    assert "unknown option(s): batchsize, lora_rank" in msg
+
+
+def test_invalid_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("base: gpt2\n  lora_r: [8\n", encoding="utf-8")
+    with pytest.raises(UserError, match="not valid YAML") as e:
+        read_config_file(path)
+    assert str(path) in str(e.value)
+
+
+def test_invalid_json(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"base": "gpt2",}', encoding="utf-8")
+    with pytest.raises(UserError, match="not valid JSON"):
+        read_config_file(path)
+
+
+def test_config_must_be_a_mapping(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("- base\n- gpt2\n", encoding="utf-8")
+    with pytest.raises(UserError, match="expected a mapping of option: value, got list"):
+        read_config_file(path)
+
+
+def test_missing_config_file(tmp_path):
+    path = tmp_path / "missing.yaml"
+    with pytest.raises(UserError, match="cannot read config file") as e:
+        read_config_file(path)
+    assert str(path) in str(e.value)
+
+
+def test_yaml_exponent_without_dot_is_a_float(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 1e-4\nweight_decay: 1e-2\n", encoding="utf-8")
+    cfg = TrainConfig(**REQUIRED, **read_config_file(path))
+    assert cfg.learning_rate == 1e-4
+    assert cfg.weight_decay == 1e-2
+
+
+def test_wrong_type_in_config_file_is_a_user_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("batch_size: four\n", encoding="utf-8")
+    with pytest.raises(UserError, match="batch_size"):
+        TrainConfig(**REQUIRED, **read_config_file(path))
+
+
+# ---------------------------------------------------------------- flags
+
+
+def test_flags_build_a_config():
+    cfg = config_from_args(
+        [
+            "--base",
+            "gpt2",
+            "--dataset",
+            "d.jsonl",
+            "--lora-r",
+            "8",
+            "--learning-rate",
+            "3e-4",
+            "--max-length",
+            "128",
+        ]
+    )
+    assert (cfg.base, cfg.dataset, cfg.lora_r, cfg.learning_rate, cfg.max_length) == (
+        "gpt2",
+        "d.jsonl",
+        8,
+        3e-4,
+        128,
+    )
+    assert isinstance(cfg.learning_rate, float) and isinstance(cfg.max_length, int)
+
+
+def test_flags_override_config_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("base: gpt2\ndataset: d.jsonl\nlora_r: 8\nbatch_size: 2\nmerge: true\n", encoding="utf-8")
+    cfg = config_from_args(["--config", str(path), "--lora-r", "4", "--dataset", "other.jsonl", "--no-merge"])
+    assert cfg.lora_r == 4
+    assert cfg.dataset == "other.jsonl"
+    assert cfg.merge is False
+    assert cfg.batch_size == 2  # from the file
+    assert cfg.base == "gpt2"
+
+
+def test_config_file_alone(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"base": "gpt2", "dataset": "d.jsonl", "epochs": 3}), encoding="utf-8")
+    cfg = config_from_args(["--config", str(path)])
+    assert cfg.epochs == 3
+    assert cfg.lora_r == 16  # the dataclass default where neither file nor flag says
+
+
+def test_invalid_config_via_flags_is_a_user_error():
+    with pytest.raises(UserError, match="lora_r: must be > 0"):
+        config_from_args(["--base", "gpt2", "--dataset", "d.jsonl", "--lora-r", "0"])
+
+
+def test_target_modules_is_a_list():
+    cfg = config_from_args(["--base", "b", "--dataset", "d", "--target-modules", "a", "b"])
+    assert cfg.target_modules == ["a", "b"]
+    cfg = config_from_args(["--base", "b", "--dataset", "d", "--target-modules", "c_attn"])
+    assert cfg.target_modules == ["c_attn"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "merge", "checkpointing"),
+    [
+        ([], False, False),
+        (["--merge"], True, False),
+        (["--no-merge"], False, False),
+        (["--merge", "--gradient-checkpointing"], True, True),
+        (["--merge", "--no-merge"], False, False),
+    ],
+)
+def test_boolean_flags(flags, merge, checkpointing):
+    cfg = config_from_args(["--base", "b", "--dataset", "d", *flags])
+    assert cfg.merge is merge
+    assert cfg.gradient_checkpointing is checkpointing
+
+
+@pytest.mark.parametrize(
+    ("flags", "resume"),
+    [([], None), (["--resume"], "latest"), (["--resume", "runs/rm/step-000100"], "runs/rm/step-000100")],
+)
+def test_resume_flag_optional_value(flags, resume):
+    assert config_from_args(["--base", "b", "--dataset", "d", *flags]).resume == resume
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--lora-r", "eight"],
+        ["--quant", "3bit"],
+        ["--merge=yes"],
+        ["--no-such-flag", "1"],
+        ["--learning-rate", "fast"],
+    ],
+)
+def test_bad_flags_exit_2(flags, capsys):
+    with pytest.raises(SystemExit) as e:
+        config_from_args(["--base", "b", "--dataset", "d", *flags])
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_every_config_field_has_a_flag():
+    parser = train_parser()
+    dests = {a.dest for a in parser._actions}
+    assert set(TrainConfig.__dataclass_fields__) <= dests
+    options = {s for a in parser._actions for s in a.option_strings}
+    assert {"--lora-r", "--output-dir", "--center-rewards-coefficient", "--no-merge", "--config"} <= options

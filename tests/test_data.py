@@ -1,0 +1,554 @@
+"""Reading preference files, recognising their format, and rejecting bad rows with a located message."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import preference_rows, write_jsonl
+
+from lora_rm.data import Row, check_rows, detect_format, load_rows, row_problems, split_rows
+from lora_rm.errors import UserError, problems_message
+
+ROW = {"prompt": "question : how do i cook rice ?", "chosen": " sure first", "rejected": " whatever"}
+
+
+def load_checked(path: Path) -> tuple[list[Row], str]:
+    """What training does with a local file: read, detect the format, check every row."""
+    rows, held_out = load_rows(str(path))
+    assert held_out == []
+    fmt = detect_format(rows, str(path))
+    check_rows(rows, fmt, str(path))
+    return rows, fmt
+
+
+def user_error(path: Path) -> str:
+    with pytest.raises(UserError) as e:
+        load_checked(path)
+    return str(e.value)
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def jsonl_with(tmp_path: Path, *rows: dict, name: str = "data.jsonl") -> Path:
+    return write_jsonl(tmp_path / name, [*rows])
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def test_jsonl_rows_and_locations(tmp_path):
+    path = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(3))
+    rows, fmt = load_checked(path)
+    assert fmt == "explicit"
+    assert [r.where for r in rows] == [f"{path}:1", f"{path}:2", f"{path}:3"]
+    assert rows[0].fields == {
+        "prompt": "question : how do i make a cake ? answer :",
+        "chosen": " sure first you should mix then heat",
+        "rejected": " whatever",
+    }
+
+
+def test_jsonl_blank_lines_skipped_and_line_numbers_kept(tmp_path):
+    r = json.dumps(ROW)
+    path = tmp_path / "gaps.jsonl"
+    path.write_text(f"{r}\n\n{r}\n   \n\t\n{r}\n\n", encoding="utf-8")
+    rows, _ = load_checked(path)
+    assert [r.where for r in rows] == [f"{path}:1", f"{path}:3", f"{path}:6"]
+
+
+def test_jsonl_with_utf8_bom(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(ROW) + "\n").encode("utf-8"))
+    rows, fmt = load_checked(path)
+    assert fmt == "explicit"
+    assert set(rows[0].fields) == {"prompt", "chosen", "rejected"}  # not "\ufeffprompt"
+
+
+def test_jsonl_with_crlf_line_endings(tmp_path):
+    path = tmp_path / "crlf.jsonl"
+    path.write_bytes((json.dumps(ROW) + "\r\n" + json.dumps(ROW) + "\r\n").encode())
+    rows, _ = load_checked(path)
+    assert [r.where for r in rows] == [f"{path}:1", f"{path}:2"]
+
+
+def test_jsonl_non_ascii_text(tmp_path):
+    row = {"prompt": "Wie koche ich Reis? 米", "chosen": "Zuerst spülen 🍚", "rejected": "egal"}
+    path = tmp_path / "utf8.jsonl"
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    rows, _ = load_checked(path)
+    assert rows[0].fields == row
+
+
+@pytest.mark.parametrize("char", ["\u2028", "\x85"])
+def test_jsonl_line_separator_inside_a_string(tmp_path, char):
+    row = {"prompt": f"first line{char}second line", "chosen": "sure", "rejected": "no"}
+    path = tmp_path / "sep.jsonl"
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\n" + json.dumps(ROW) + "\n", encoding="utf-8")
+    rows, _ = load_checked(path)
+    assert rows[0].fields == row
+    assert [r.where for r in rows] == [f"{path}:1", f"{path}:2"]
+
+
+def test_json_array_file(tmp_path):
+    path = tmp_path / "prefs.json"
+    path.write_text(json.dumps(preference_rows(3), indent=2), encoding="utf-8")
+    rows, fmt = load_checked(path)
+    assert fmt == "explicit"
+    assert [r.where for r in rows] == [f"{path}:item 1", f"{path}:item 2", f"{path}:item 3"]
+    assert rows[2].fields["chosen"] == " great question you should stir then check"
+
+
+def test_json_suffix_with_json_lines(tmp_path):
+    path = write_jsonl(tmp_path / "lines.json", preference_rows(2))
+    rows, _ = load_checked(path)
+    assert [r.where for r in rows] == [f"{path}:1", f"{path}:2"]
+
+
+def test_unknown_suffix_read_as_json_lines(tmp_path):
+    path = write_jsonl(tmp_path / "prefs.txt", preference_rows(2))
+    rows, _ = load_checked(path)
+    assert [r.where for r in rows] == [f"{path}:1", f"{path}:2"]
+
+
+def test_csv_rows_and_locations_after_the_header(tmp_path):
+    import datasets
+
+    path = tmp_path / "prefs.csv"
+    data = [{**r, "margin": float(i)} for i, r in enumerate(preference_rows(3))]
+    datasets.Dataset.from_list(data).to_csv(str(path))
+    assert path.read_text(encoding="utf-8").splitlines()[0] == "prompt,chosen,rejected,margin"
+    rows, fmt = load_checked(path)
+    assert fmt == "explicit"
+    assert [r.where for r in rows] == [f"{path}:2", f"{path}:3", f"{path}:4"]
+    assert rows[1].fields == data[1]
+
+
+def test_parquet_rows(tmp_path):
+    import datasets
+
+    path = tmp_path / "prefs.parquet"
+    data = [{"chosen": f"answer : {w}", "rejected": "answer : no", "margin": 0.5} for w in ("sure", "good")]
+    datasets.Dataset.from_list(data).to_parquet(str(path))
+    rows, fmt = load_checked(path)
+    assert fmt == "implicit"
+    assert [r.fields for r in rows] == data
+    assert [r.where for r in rows] == [f"{path}:row 1", f"{path}:row 2"]
+
+
+def test_csv_bad_field_is_located(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("prompt,chosen,rejected\np one,good,bad\np two,same,same\n", encoding="utf-8")
+    msg = user_error(path)
+    assert f"{path}:3: rejected: identical to chosen" in msg
+
+
+def test_csv_locations_with_multiline_fields(tmp_path):
+    path = tmp_path / "multi.csv"
+    path.write_text(
+        'prompt,chosen,rejected\np1,"first\nsecond\nthird",r1\n\np2,c2,c2\n',
+        encoding="utf-8",
+    )
+    msg = user_error(path)
+    # lines: 1 header, 2-4 the p1 record, 5 blank, 6 "p2,c2,c2"
+    assert f"{path}:6: rejected: identical to chosen" in msg
+
+
+@pytest.mark.parametrize("text", ["NA", "None", "null", "nan"])
+def test_csv_keeps_texts_that_look_like_missing_values(tmp_path, text):
+    path = tmp_path / "na.csv"
+    path.write_text(f"prompt,chosen,rejected\nis there a value ?,{text},yes\n", encoding="utf-8")
+    rows, _ = load_checked(path)
+    assert rows[0].fields["chosen"] == text
+
+
+# ---------------------------------------------------------------- file errors
+
+
+def test_missing_file(tmp_path):
+    for name in ("nope.jsonl", "nope.json", "nope.csv", "nope.parquet"):
+        path = tmp_path / name
+        with pytest.raises(UserError, match="no such file") as e:
+            load_rows(str(path))
+        assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", "   \n\t\n"])
+def test_empty_file(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content, encoding="utf-8")
+    msg = user_error(path)
+    assert msg == f"{path}: file is empty"
+
+
+def test_empty_json_array(tmp_path):
+    path = tmp_path / "empty.json"
+    path.write_text("[]", encoding="utf-8")
+    assert "no rows" in user_error(path)
+
+
+def test_invalid_utf8_names_the_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    good = (json.dumps(ROW) + "\n").encode()
+    path.write_bytes(good + good + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
+    msg = user_error(path)
+    assert msg.startswith(f"{path}:3: not valid UTF-8")
+    assert "0xe9" in msg
+
+
+def test_all_malformed_json_lines_listed(tmp_path):
+    good = json.dumps(ROW)
+    path = write_lines(tmp_path / "bad.jsonl", [good, "{not json", good, '{"prompt": "x",', good, "'single'"])
+    msg = user_error(path)
+    assert "3 malformed line(s)" in msg
+    for line in (2, 4, 6):
+        assert f"{path}:{line}: not valid JSON" in msg
+    for line in (1, 3, 5):
+        assert f"{path}:{line}:" not in msg
+
+
+def test_many_malformed_lines_are_summarised(tmp_path):
+    path = write_lines(tmp_path / "bad.jsonl", ["{"] * 25)
+    msg = user_error(path)
+    assert "25 malformed line(s)" in msg
+    assert f"{path}:20: not valid JSON" in msg
+    assert f"{path}:21:" not in msg
+    assert "... and 5 more" in msg
+
+
+def test_json_list_line_is_not_an_object(tmp_path):
+    path = write_lines(tmp_path / "list.jsonl", [json.dumps(ROW), '["q", "a", "b"]', "42", '"text"'])
+    msg = user_error(path)
+    assert f"{path}:2: expected a JSON object, got list" in msg
+    assert f"{path}:3: expected a JSON object, got int" in msg
+    assert f"{path}:4: expected a JSON object, got str" in msg
+
+
+def test_json_array_with_non_object_items(tmp_path):
+    path = tmp_path / "arr.json"
+    path.write_text(json.dumps([ROW, ["a", "b"], ROW, "c"]), encoding="utf-8")
+    msg = user_error(path)
+    assert "2 item(s) are not objects" in msg
+    assert f"{path}:item 2: expected a JSON object, got list" in msg
+    assert f"{path}:item 4: expected a JSON object, got str" in msg
+
+
+def test_json_array_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "arr.json"
+    path.write_text('[\n  {"chosen": "a", "rejected": "b"},\n  {"chosen": "a" "rejected": "b"}\n]\n')
+    msg = user_error(path)
+    assert msg.startswith(f"{path}:3: not valid JSON")
+
+
+def test_missing_columns_lists_the_present_ones(tmp_path):
+    path = jsonl_with(tmp_path, {"question": "how ?", "answer": "sure", "score": 1})
+    msg = user_error(path)
+    assert str(path) in msg
+    assert "missing column(s) chosen, rejected" in msg
+    assert "found answer, question, score" in msg
+
+
+def test_one_missing_column(tmp_path):
+    path = jsonl_with(tmp_path, {"prompt": "how ?", "chosen": "sure", "reject": "no"})
+    msg = user_error(path)
+    assert "missing column(s) rejected;" in msg
+    assert "found chosen, prompt, reject" in msg
+
+
+# ---------------------------------------------------------------- row errors
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (None, "missing or null"),
+        (42, "expected text, got int"),
+        (1.5, "expected text, got float"),
+        (True, "expected text, got bool"),
+        ({"text": "sure"}, "expected text, got dict"),
+        ("", "empty or whitespace-only text"),
+        ("   \n\t ", "empty or whitespace-only text"),
+        ("\u200b\u200d\ufeff", "empty or whitespace-only text"),
+        (" \u200b \u2060 ", "empty or whitespace-only text"),
+        ("sure\x00first", "contains a NUL character"),
+    ],
+)
+def test_bad_text_field_is_located(tmp_path, value, reason):
+    path = jsonl_with(tmp_path, ROW, {**ROW, "chosen": value})
+    msg = user_error(path)
+    assert f"{path}:2: chosen: {reason}" in msg
+    assert f"{path}:1:" not in msg
+
+
+def test_missing_field_in_a_later_row(tmp_path):
+    row = dict(ROW)
+    del row["prompt"]
+    path = jsonl_with(tmp_path, ROW, row)
+    assert f"{path}:2: prompt: missing or null" in user_error(path)
+
+
+def test_bad_prompt_and_rejected_are_located(tmp_path):
+    path = jsonl_with(tmp_path, {**ROW, "prompt": ["how ?"]}, {**ROW, "rejected": ""})
+    msg = user_error(path)
+    assert f"{path}: 2 problem(s)" in msg
+    assert f"{path}:1: prompt: expected text, got list" in msg
+    assert f"{path}:2: rejected: empty or whitespace-only text" in msg
+
+
+def test_chosen_equal_to_rejected(tmp_path):
+    path = jsonl_with(tmp_path, ROW, {**ROW, "rejected": ROW["chosen"]})
+    assert f"{path}:2: rejected: identical to chosen" in user_error(path)
+
+
+def test_every_bad_row_is_listed(tmp_path):
+    rows = [ROW, {**ROW, "chosen": None}, ROW, {**ROW, "rejected": 3}, {**ROW, "margin": "x"}]
+    path = jsonl_with(tmp_path, *rows)
+    msg = user_error(path)
+    assert msg.startswith(f"{path}: 3 problem(s) in 3 row(s)")
+    assert f"{path}:2: chosen: missing or null" in msg
+    assert f"{path}:4: rejected: expected text, got int" in msg
+    assert f"{path}:5: margin: expected a finite number, got 'x'" in msg
+    assert f"{path}:1:" not in msg and f"{path}:3:" not in msg
+
+
+def _rows_for_skipping():
+    return [
+        Row("f:1", dict(ROW)),
+        Row("f:2", {**ROW, "chosen": None}),
+        Row("f:3", {**ROW, "chosen": "", "rejected": 3}),
+        Row("f:4", dict(ROW)),
+    ]
+
+
+def test_check_rows_counts_problems_per_reason():
+    with pytest.raises(UserError) as e:
+        check_rows(_rows_for_skipping(), "explicit", "f")
+    msg = str(e.value)
+    assert msg.startswith("f: 3 problem(s) in 2 row(s) [")
+    assert "1 x chosen: missing or null" in msg
+    assert "1 x rejected: expected text, got int" in msg
+    assert "f:3: chosen: empty or whitespace-only text" in msg
+    assert "--skip-invalid" in msg
+
+
+def test_check_rows_skip_invalid_keeps_good_rows_and_logs():
+    logged = []
+    kept = check_rows(_rows_for_skipping(), "explicit", "f", skip_invalid=True, log=logged.append)
+    assert [r.where for r in kept] == ["f:1", "f:4"]
+    assert len(logged) == 1
+    assert logged[0].startswith("data: skipped 2 invalid row(s) of f [")
+
+
+def test_check_rows_good_rows_returned_unchanged():
+    rows = [Row("f:1", dict(ROW)), Row("f:2", {**ROW, "chosen": "good"})]
+    assert check_rows(rows, "explicit", "f") == rows
+
+
+def test_check_rows_skip_invalid_with_nothing_left():
+    with pytest.raises(UserError, match="f: every row is invalid"):
+        check_rows(_rows_for_skipping()[1:3], "explicit", "f", skip_invalid=True, log=lambda *_: None)
+
+
+@pytest.mark.parametrize(
+    ("line", "shown"),
+    [
+        ('"margin": "abc"', "'abc'"),
+        ('"margin": NaN', "nan"),
+        ('"margin": Infinity', "inf"),
+        ('"margin": -Infinity', "-inf"),
+        ('"margin": true', "True"),
+        ('"margin": [1]', "[1]"),
+        ('"margin": "0.5"', "'0.5'"),
+    ],
+)
+def test_bad_margin(tmp_path, line, shown):
+    path = write_lines(
+        tmp_path / "margin.jsonl",
+        [json.dumps(ROW), '{"chosen": "sure", "rejected": "no", "prompt": "how ?", ' + line + "}"],
+    )
+    msg = user_error(path)
+    assert f"{path}:2: margin: expected a finite number, got {shown}" in msg
+
+
+@pytest.mark.parametrize("margin", [0, 1, 0.5, -2.25, None])
+def test_good_margin(tmp_path, margin):
+    path = jsonl_with(tmp_path, {**ROW, "margin": margin})
+    rows, _ = load_checked(path)
+    assert rows[0].fields["margin"] == margin
+
+
+# ---------------------------------------------------------------- conversational rows
+
+USER = {"role": "user", "content": "how do i cook rice ?"}
+GOOD = {"role": "assistant", "content": "sure first"}
+BAD = {"role": "assistant", "content": "whatever"}
+
+
+def conv(**fields):
+    return {"chosen": [USER, GOOD], "rejected": [USER, BAD], **fields}
+
+
+def test_conversational_rows_are_accepted(tmp_path):
+    path = jsonl_with(
+        tmp_path,
+        conv(),
+        {"prompt": [{"role": "system", "content": "be nice"}, USER], "chosen": [GOOD], "rejected": [BAD]},
+    )
+    rows, fmt = load_checked(path)
+    assert fmt == "conversational"
+    assert len(rows) == 2
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        (conv(chosen=[]), "chosen: expected a non-empty list of {role, content} messages"),
+        (conv(rejected="whatever"), "rejected: expected a non-empty list of {role, content} messages"),
+        (
+            conv(chosen=[{"role": "robot", "content": "beep"}, GOOD]),
+            "chosen: message 0: unknown role 'robot'",
+        ),
+        (
+            conv(chosen=[USER, {"role": "assistant"}]),
+            "chosen: message 1: expected an object with role and content",
+        ),
+        (conv(chosen=[USER, "sure first"]), "chosen: message 1: expected an object with role and content"),
+        (
+            conv(chosen=[USER, {"role": "assistant", "content": " "}]),
+            "chosen: message 1: content empty or whitespace-only text",
+        ),
+        (
+            conv(rejected=[USER, {"role": "assistant", "content": None}]),
+            "rejected: message 1: content missing or null",
+        ),
+        (conv(chosen=[GOOD, USER]), "chosen: last message must be the assistant's"),
+        (conv(rejected=[USER]), "rejected: last message must be the assistant's"),
+        (conv(prompt=[]), "prompt: expected a non-empty list of {role, content} messages"),
+        (conv(prompt=[{"role": "narrator", "content": "x"}]), "prompt: message 0: unknown role 'narrator'"),
+        (conv(rejected=[USER, GOOD]), "rejected: identical to chosen"),
+    ],
+)
+def test_bad_conversational_rows(tmp_path, fields, expected):
+    path = jsonl_with(tmp_path, conv(), fields)
+    msg = user_error(path)
+    assert f"{path}:2: {expected}" in msg
+    assert f"{path}:1:" not in msg
+
+
+def test_unhashable_role_is_a_row_problem(tmp_path):
+    path = jsonl_with(tmp_path, conv(chosen=[{"role": ["user"], "content": "hi"}, GOOD]))
+    assert f"{path}:1: chosen: message 0: unknown role" in user_error(path)
+
+
+# ---------------------------------------------------------------- detect_format
+
+
+@pytest.mark.parametrize(
+    ("fields", "fmt"),
+    [
+        ({"prompt": "p", "chosen": "a", "rejected": "b"}, "explicit"),
+        ({"chosen": "p a", "rejected": "p b"}, "implicit"),
+        ({"chosen": "p a", "rejected": "p b", "margin": 1.0}, "implicit"),
+        ({"chosen": [USER, GOOD], "rejected": [USER, BAD]}, "conversational"),
+        ({"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]}, "conversational"),
+    ],
+)
+def test_detect_format(fields, fmt):
+    assert detect_format([Row("x:1", fields)], "x") == fmt
+
+
+def test_detect_format_needs_rows():
+    with pytest.raises(UserError, match="src: no rows"):
+        detect_format([], "src")
+
+
+def test_detect_format_missing_columns_no_columns():
+    with pytest.raises(UserError, match="missing column\\(s\\) chosen, rejected; found none"):
+        detect_format([Row("x:1", {})], "x")
+
+
+def test_row_problems_of_a_good_row_is_empty():
+    assert row_problems(Row("x:1", dict(ROW)), "explicit") == []
+
+
+def test_problems_message_limit():
+    msg = problems_message("Header:", [f"p{i}" for i in range(5)], limit=3)
+    assert msg == "Header:\n  p0\n  p1\n  p2\n  ... and 2 more"
+    assert problems_message("H:", ["a"]) == "H:\n  a"
+
+
+# ---------------------------------------------------------------- split_rows
+
+
+def rows_n(n):
+    return [Row(f"f:{i + 1}", {"i": i}) for i in range(n)]
+
+
+def test_split_sizes_and_disjoint():
+    rows = rows_n(40)
+    train, held = split_rows(rows, 0.25, seed=0)
+    assert (len(train), len(held)) == (30, 10)
+    ids_train, ids_held = {r.fields["i"] for r in train}, {r.fields["i"] for r in held}
+    assert not ids_train & ids_held
+    assert ids_train | ids_held == set(range(40))
+
+
+def test_split_keeps_file_order():
+    train, held = split_rows(rows_n(40), 0.25, seed=0)
+    assert [r.fields["i"] for r in train] == sorted(r.fields["i"] for r in train)
+    assert [r.fields["i"] for r in held] == sorted(r.fields["i"] for r in held)
+
+
+def test_split_deterministic_by_seed():
+    rows = rows_n(100)
+    a = split_rows(rows, 0.1, seed=42)[1]
+    b = split_rows(rows, 0.1, seed=42)[1]
+    c = split_rows(rows, 0.1, seed=43)[1]
+    assert [r.where for r in a] == [r.where for r in b]
+    assert [r.where for r in a] != [r.where for r in c]
+    assert [r.fields["i"] for r in a] != list(range(10))  # shuffled, not the first rows
+
+
+def test_split_fraction_zero_no_eval():
+    rows = rows_n(10)
+    train, held = split_rows(rows, 0.0, seed=1)
+    assert held == []
+    assert train == rows
+
+
+def test_split_at_least_one_eval_row():
+    train, held = split_rows(rows_n(10), 0.01, seed=1)
+    assert (len(train), len(held)) == (9, 1)
+
+
+def test_split_leaving_no_training_rows():
+    with pytest.raises(UserError, match="leaves no training rows out of 1"):
+        split_rows(rows_n(1), 0.05, seed=0)
+
+
+# ---------------------------------------------------------------- hub and folders
+
+
+@pytest.mark.parametrize("name", ["no-such-org/no-such-dataset-xyz", "data/missing_folder"])
+def test_unknown_hub_dataset_offline_is_a_user_error(name):
+    # conftest sets HF_HUB_OFFLINE=1 before huggingface_hub is imported
+    with pytest.raises(UserError) as e:
+        load_rows(name)
+    assert name in str(e.value)
+
+
+def test_dataset_folder_with_splits(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", preference_rows(3))
+    write_jsonl(folder / "test.jsonl", preference_rows(2))
+    train, held = load_rows(str(folder))
+    assert len(train) == 3 and len(held) == 2
+    assert train[0].where == f"{folder}[train]:row 1"
+    assert held[1].where == f"{folder}[test]:row 2"
+    with pytest.raises(UserError, match="has no split 'validation'; it has"):
+        load_rows(str(folder), split="validation")
