@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_rm.encode import EncodedPair
+from lora_rm.encode import EncodedPair, common_prefix_len
 
 
 @dataclass
@@ -81,3 +81,140 @@ def shard_batches(batches: list[list[int]], rank: int, world_size: int) -> list[
     per_rank = -(-len(batches) // world_size)
     padded = [batches[i % len(batches)] for i in range(per_rank * world_size)]
     return padded[rank::world_size]
+
+
+def pair_cost(pair: EncodedPair, share_prefix: bool) -> int:
+    """Tokens one pair occupies: [prefix | chosen suffix | rejected suffix] when the prefix is shared,
+    else two rows padded to the longer side."""
+    if share_prefix:
+        return len(pair.chosen) + len(pair.rejected) - common_prefix_len(pair.chosen, pair.rejected)
+    return 2 * max(len(pair.chosen), len(pair.rejected))
+
+
+def plan_grouped_batches(
+    costs: list[int],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    max_tokens: int | None = None,
+    packed: bool = False,
+    mega_batch: int = 50,
+) -> list[list[int]]:
+    """Length-grouped batches of one epoch: little padding, order still random.
+
+    Pairs are shuffled from (seed, epoch), cut into mega-batches of `mega_batch` batches, sorted by cost
+    inside each, and cut into batches of `batch_size` pairs or, with `max_tokens`, of as many pairs as fit
+    the budget (padded tokens, or the sum of costs when `packed`). The batch order is shuffled again, so
+    long and short batches alternate at random. A pair over the budget alone forms its own batch.
+    """
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(costs), generator=generator).tolist()
+    batches: list[list[int]] = []
+    span = mega_batch * batch_size
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: costs[i])
+        current: list[int] = []
+        for i in chunk:
+            if current and not _fits(current + [i], costs, batch_size, max_tokens, packed):
+                batches.append(current)
+                current = []
+            current.append(i)
+        if current:
+            batches.append(current)
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def _fits(idx: list[int], costs: list[int], batch_size: int, max_tokens: int | None, packed: bool) -> bool:
+    if max_tokens is None:
+        return len(idx) <= batch_size
+    used = sum(costs[i] for i in idx) if packed else len(idx) * max(costs[i] for i in idx)
+    return used <= max_tokens
+
+
+@dataclass
+class PackedBatch:
+    """Pairs laid out for causal decoders: each pair as [shared prefix | chosen suffix | rejected suffix]
+    (or [chosen] [rejected] without sharing), one or several pairs per row.
+
+    The 4D mask lets a token see earlier tokens of its own pair only, and keeps the rejected suffix from
+    seeing the chosen suffix; position ids restart the rejected suffix where the prefix ends. So every
+    reward equals the one from a separate forward, at a fraction of the tokens.
+    """
+
+    input_ids: torch.Tensor  # [R, T]
+    attention_mask: torch.Tensor  # [R, 1, T, T] bool, True = may attend
+    position_ids: torch.Tensor  # [R, T]
+    chosen_index: torch.Tensor  # [B] flat index into R*T of each chosen side's last token
+    rejected_index: torch.Tensor  # [B]
+    margin: torch.Tensor  # [B]
+
+    @property
+    def num_pairs(self) -> int:
+        return self.margin.shape[0]
+
+    def to(self, device: torch.device | str) -> PackedBatch:
+        moved = [t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids)]
+        index = [t.to(device) for t in (self.chosen_index, self.rejected_index, self.margin)]
+        return PackedBatch(*moved, *index)
+
+
+class PackedCollator:
+    """Builds PackedBatch rows. `row_tokens` packs several pairs per row up to that many tokens
+    (padding-free packing); None keeps one pair per row. Picklable for spawned workers."""
+
+    def __init__(self, pad_token_id: int, share_prefix: bool = True, row_tokens: int | None = None):
+        self.pad_token_id, self.share_prefix, self.row_tokens = pad_token_id, share_prefix, row_tokens
+
+    def _segments(self, pair: EncodedPair) -> tuple[list[int], list[int], list[int], int, int]:
+        """(ids, part, positions, chosen_end, rejected_end) of one pair; part 0 prefix, 1 chosen, 2 rejected."""
+        c, r = pair.chosen, pair.rejected
+        p = common_prefix_len(c, r) if self.share_prefix else 0
+        sc, sr = c[p:], r[p:]
+        ids = c[:p] + sc + sr
+        part = [0] * p + [1] * len(sc) + [2] * len(sr)
+        positions = list(range(p + len(sc))) + list(range(p, p + len(sr)))
+        chosen_end = p + len(sc) - 1
+        rejected_end = p + len(sc) + len(sr) - 1 if sr else p - 1
+        return ids, part, positions, chosen_end, rejected_end
+
+    def __call__(self, pairs: list[EncodedPair]) -> PackedBatch:
+        rows: list[list[tuple]] = [[]]
+        for pair in pairs:
+            seg = self._segments(pair)
+            used = sum(len(s[0]) for s in rows[-1])
+            if rows[-1] and (self.row_tokens is None or used + len(seg[0]) > self.row_tokens):
+                rows.append([])
+            rows[-1].append(seg)
+        width = max(sum(len(s[0]) for s in row) for row in rows)
+        n_rows = len(rows)
+        input_ids = torch.full((n_rows, width), self.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros((n_rows, width), dtype=torch.long)
+        segment = torch.full((n_rows, width), -1, dtype=torch.long)
+        part = torch.zeros((n_rows, width), dtype=torch.long)
+        chosen_index, rejected_index = [], []
+        for r, row in enumerate(rows):
+            offset = 0
+            for s, (ids, parts, positions, c_end, r_end) in enumerate(row):
+                span = slice(offset, offset + len(ids))
+                input_ids[r, span] = torch.tensor(ids)
+                position_ids[r, span] = torch.tensor(positions)
+                part[r, span] = torch.tensor(parts)
+                segment[r, span] = s
+                chosen_index.append(r * width + offset + c_end)
+                rejected_index.append(r * width + offset + r_end)
+                offset += len(ids)
+        i = torch.arange(width)
+        causal = i[None, :] <= i[:, None]
+        same = segment[:, :, None] == segment[:, None, :]
+        blind = (part[:, :, None] == 2) & (part[:, None, :] == 1)  # rejected never sees chosen's suffix
+        mask = causal & same & ~blind & (segment[:, :, None] >= 0)
+        mask |= torch.eye(width, dtype=torch.bool)  # pads attend to themselves: no empty softmax rows
+        margin = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
+        return PackedBatch(
+            input_ids,
+            mask[:, None],
+            position_ids,
+            torch.tensor(chosen_index),
+            torch.tensor(rejected_index),
+            margin,
+        )

@@ -47,6 +47,22 @@ class TrainConfig:
         None, "modules to adapt; default PEFT's choice for the architecture"
     )
     batch_size: int = _opt(4, "pairs per micro-batch (each pair is two sequences)")
+    max_tokens_per_batch: int | None = _opt(
+        None, "cut micro-batches by a token budget instead of --batch-size"
+    )
+    group_by_length: bool = _opt(
+        True, "batch pairs of similar length together (random order kept): less padding"
+    )
+    share_prefix: str = _opt(
+        "auto",
+        "one row per pair, [prompt | chosen | rejected], on causal decoders",
+        choices=("auto", "on", "off"),
+    )
+    packing: str = _opt(
+        "auto",
+        "several pairs per row, no padding between them (causal decoders)",
+        choices=("auto", "on", "off"),
+    )
     gradient_accumulation_steps: int = _opt(4, "micro-batches per optimizer step")
     learning_rate: float = _opt(1e-4, "peak learning rate")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
@@ -115,6 +131,8 @@ class TrainConfig:
             "save_steps",
             "max_bad_steps",
         ]
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch <= 0:
+            problems.append(f"max_tokens_per_batch: must be > 0, got {self.max_tokens_per_batch}")
         problems += [f"{n}: must be > 0, got {getattr(self, n)}" for n in positive if getattr(self, n) <= 0]
         if self.save_total_limit is not None and self.save_total_limit <= 0:
             problems.append(f"save_total_limit: must be > 0, got {self.save_total_limit}")

@@ -86,7 +86,7 @@ def _fit(prompt: list[int], response: list[int], budget: int) -> tuple[list[int]
     return response[len(response) - budget :], "response"
 
 
-def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -101,8 +101,10 @@ def _ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
 
 def _render_chat(tokenizer: Any, messages: list[dict[str, str]], where: str) -> str:
     if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", None) or "this tokenizer"
         raise UserError(
-            f"{where}: conversational data needs a tokenizer with a chat template; this one has none"
+            f"{where}: chosen: a list of chat messages needs a tokenizer with a chat template to render "
+            f"it, and {name} has none; use a chat model's tokenizer, or give prompt, chosen and rejected as text"
         )
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
@@ -132,7 +134,7 @@ def encode_pairs(
     if fmt == "explicit":
         prompts = _ids(tokenizer, [r.fields["prompt"] for r in rows])
     else:  # the prompt is the longest common token prefix of the two full texts
-        prompts = [c[: _common_prefix_len(c, r)] for c, r in zip(ids_c, ids_r)]
+        prompts = [c[: common_prefix_len(c, r)] for c, r in zip(ids_c, ids_r)]
         ids_c = [c[len(p) :] for c, p in zip(ids_c, prompts)]
         ids_r = [r[len(p) :] for r, p in zip(ids_r, prompts)]
     bos = getattr(tokenizer, "bos_token_id", None)

@@ -9,7 +9,7 @@ import torch
 from lora_rm.batch import PreferenceCollator, plan_batches
 from lora_rm.encode import EncodedPair
 from lora_rm.loss import PairStats, pairwise_loss
-from lora_rm.model import compute_rewards
+from lora_rm.model import pair_rewards
 
 
 @torch.no_grad()
@@ -34,8 +34,7 @@ def evaluate(
     own = batches[rank::world]  # no padding: every pair is counted exactly once
     for idx in own:
         batch = collator([pairs[i] for i in idx]).to(device)
-        rewards = compute_rewards(model, batch.input_ids, batch.attention_mask).float()
-        r_c, r_r = rewards[: batch.num_pairs], rewards[batch.num_pairs :]
+        r_c, r_r = pair_rewards(model, batch)
         stats.add(r_c, r_r, pairwise_loss(r_c, r_r, batch.margin))
     if world > 1:
         sums = torch.tensor(

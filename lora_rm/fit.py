@@ -7,20 +7,20 @@ import dataclasses
 import json
 import signal
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lora_rm.batch import PreferenceBatch, PreferenceCollator, plan_batches, shard_batches
+from lora_rm.batch import PreferenceBatch, shard_batches
 from lora_rm.checkpoint import save_checkpoint
 from lora_rm.encode import EncodedPair
 from lora_rm.errors import UserError
 from lora_rm.evaluate import evaluate
 from lora_rm.loss import PairStats, pairwise_loss
-from lora_rm.model import compute_rewards
+from lora_rm.model import pair_rewards
 
 
 class TrainingStopped(Exception):
@@ -79,8 +79,7 @@ def backward_window(
         # Only the last micro-batch syncs grads across processes.
         sync = accelerator.no_sync(model) if i < len(batches) - 1 else contextlib.nullcontext()
         with sync:
-            rewards = compute_rewards(model, batch.input_ids, batch.attention_mask)
-            r_c, r_r = rewards[: batch.num_pairs], rewards[batch.num_pairs :]
+            r_c, r_r = pair_rewards(model, batch)
             losses = pairwise_loss(r_c, r_r, batch.margin, center_coefficient)
             # DDP averages grads over processes; scale back so the result is a per-pair mean.
             accelerator.backward(losses.sum() * world / window_pairs)
@@ -147,7 +146,8 @@ def fit(
     scheduler,
     train_pairs: list[EncodedPair],
     eval_pairs: list[EncodedPair],
-    collator: PreferenceCollator,
+    collator: Callable[[list[EncodedPair]], Any],
+    plan_epoch: Callable[[int], list[list[int]]],
     state: LoopState,
     total_steps: int,
     out: Path,
@@ -187,7 +187,7 @@ def fit(
     with _stop_requests() as stop:
         while state.step < total_steps:
             batches = shard_batches(
-                plan_batches(len(train_pairs), cfg.batch_size, cfg.seed, state.epoch),
+                plan_epoch(state.epoch),
                 accelerator.process_index,
                 world,
             )

@@ -5,21 +5,29 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lora_rm.batch import PreferenceCollator
+from lora_rm.batch import (
+    PackedCollator,
+    PreferenceCollator,
+    pair_cost,
+    plan_batches,
+    plan_grouped_batches,
+    shard_batches,
+)
 from lora_rm.checkpoint import complete_checkpoints, fingerprint, load_checkpoint
 from lora_rm.config import TrainConfig
-from lora_rm.encode import LengthReport, default_max_length, prepare_pairs
+from lora_rm.encode import EncodedPair, LengthReport, default_max_length, prepare_pairs
 from lora_rm.errors import UserError
 from lora_rm.export import merge_adapter, save_adapter
 from lora_rm.fit import LoopState, fit, trim_metrics
 from lora_rm.loss import loss_near_chance
-from lora_rm.model import add_lora, load_base_model, load_tokenizer
+from lora_rm.model import add_lora, load_base_model, load_tokenizer, packed_layout_works
 from lora_rm.optim import build_optimizer, resolve_precision
 
 # Options a resume may change freely: they do not change what is trained, or (data paths, split) what
@@ -79,6 +87,53 @@ def _resume_point(cfg: TrainConfig, fingerprints: dict[str, str]) -> Path | None
     return path
 
 
+def choose_layout(
+    cfg: TrainConfig,
+    model: Any,
+    pairs: list[EncodedPair],
+    pad_token_id: int,
+    max_length: int,
+    log: Any = print,
+) -> tuple[Any, Callable[[int], list[list[int]]]]:
+    """The collator and the epoch batch plan for this model and config.
+
+    Causal decoders that pass `packed_layout_works` get one row per pair with the prompt shared and, with
+    packing, several pairs per row; other models fall back to plain padded rows (said once in the log).
+    Forcing a mode on for a model that cannot take it is a UserError.
+    """
+    wanted = {name: getattr(cfg, name) for name in ("share_prefix", "packing")}
+    works = any(v != "off" for v in wanted.values()) and packed_layout_works(model, pairs[:4], pad_token_id)
+    forced = [name for name, v in wanted.items() if v == "on" and not works]
+    if forced:
+        raise UserError(
+            f"{' and '.join(forced)} forced on, but {cfg.base} does not give the same rewards with a "
+            "4D attention mask (encoders and some architectures cannot); use auto or off"
+        )
+    share = works and wanted["share_prefix"] != "off"
+    packed = works and wanted["packing"] == "on"
+    if not works and any(v == "auto" for v in wanted.values()):
+        log(f"layout: {cfg.base} cannot take prefix-shared rows (4D mask); using plain padded rows")
+    if share or packed:
+        collator: Any = PackedCollator(
+            pad_token_id, share_prefix=share, row_tokens=2 * max_length if packed else None
+        )
+    else:
+        collator = PreferenceCollator(pad_token_id)
+    costs = [pair_cost(p, share or packed) for p in pairs]
+    grouped = cfg.group_by_length or cfg.max_tokens_per_batch is not None
+
+    def plan_epoch(epoch: int) -> list[list[int]]:
+        if not grouped:
+            return plan_batches(len(pairs), cfg.batch_size, cfg.seed, epoch)
+        return plan_grouped_batches(costs, cfg.batch_size, cfg.seed, epoch, cfg.max_tokens_per_batch, packed)
+
+    log(
+        f"layout: {'packed ' if packed else ''}{'prefix-shared' if share else 'plain'} rows, "
+        f"{'length-grouped ' if grouped else ''}{'token-budget' if cfg.max_tokens_per_batch else 'pair-count'} batches"
+    )
+    return collator, plan_epoch
+
+
 def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
     """Train a LoRA reward model as `cfg` says and save it under `cfg.output_dir`.
 
@@ -136,10 +191,11 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
     )
 
     world = accelerator.num_processes
-    windows_per_epoch = math.ceil(
-        math.ceil(math.ceil(len(train_pairs) / cfg.batch_size) / world) / cfg.gradient_accumulation_steps
+    collator, plan_epoch = choose_layout(cfg, model, train_pairs, tokenizer.pad_token_id, max_length, log)
+    k = cfg.gradient_accumulation_steps
+    total_steps = cfg.max_steps or sum(
+        math.ceil(len(shard_batches(plan_epoch(e), 0, world)) / k) for e in range(cfg.epochs)
     )
-    total_steps = cfg.max_steps or windows_per_epoch * cfg.epochs
     optimizer, scheduler = build_optimizer(model, cfg, total_steps, device_type)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = LoopState()
@@ -166,7 +222,6 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
         f"{cfg.gradient_accumulation_steps} x {world} pairs; writing to {out}"
     )
 
-    collator = PreferenceCollator(tokenizer.pad_token_id)
     eval_metrics = fit(
         cfg,
         accelerator,
@@ -176,6 +231,7 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
         train_pairs,
         eval_pairs,
         collator,
+        plan_epoch,
         state,
         total_steps,
         out,

@@ -1,0 +1,128 @@
+"""Prefix-shared and packed rows give the plain path's rewards, loss and gradients; batch planning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_rm.batch import PackedCollator, PreferenceCollator, pair_cost, plan_grouped_batches
+from lora_rm.encode import EncodedPair
+from lora_rm.loss import pairwise_loss
+from lora_rm.model import add_lora, load_base_model, load_tokenizer, packed_layout_works, pair_rewards
+
+EOS = 0
+MAX_LEN = 64  # the tiny model's n_positions
+PAIRS = [
+    EncodedPair([5, 6, 7, 8, 9, EOS], [5, 6, 7, 10, EOS], 0.5),  # shared prefix of 3
+    EncodedPair([11, 12, EOS], [13, 14, 15, EOS]),  # no common prefix
+    EncodedPair([5, 6, EOS], [5, 6, EOS, 7, 8, EOS]),  # chosen is a prefix of rejected
+    EncodedPair([5, 6, 7, 8, EOS], [5, 6, EOS]),  # rejected shorter, sharing the start
+    EncodedPair(
+        [20 + i % 30 for i in range(MAX_LEN - 1)] + [EOS],
+        [20 + i % 30 for i in range(MAX_LEN - 2)] + [9, EOS],
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_gpt2):
+    m = add_lora(load_base_model(str(tiny_gpt2), 0, seed=0), dropout=0.0)
+    with torch.no_grad():  # non-zero LoRA B so every LoRA weight has a gradient
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return m
+
+
+def _rewards_loss_grads(model, batch):
+    model.zero_grad()
+    r_c, r_r = pair_rewards(model, batch)
+    loss = pairwise_loss(r_c, r_r, batch.margin).sum()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return torch.cat([r_c, r_r]).detach(), loss.detach(), grads
+
+
+def test_packed_collator_layout_literal():
+    batch = PackedCollator(pad_token_id=99, share_prefix=True)([PAIRS[0]])
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, EOS, 10, EOS]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 3, 4]]
+    assert batch.chosen_index.tolist() == [5] and batch.rejected_index.tolist() == [7]
+    mask = batch.attention_mask[0, 0].int()
+    assert mask[6].tolist() == [
+        1,
+        1,
+        1,
+        0,
+        0,
+        0,
+        1,
+        0,
+    ]  # rejected suffix sees the prefix, not chosen's suffix
+    assert mask[5].tolist() == [1, 1, 1, 1, 1, 1, 0, 0]  # chosen's EOS sees prefix + its own suffix
+
+
+def test_packing_puts_several_pairs_in_a_row_with_block_diagonal_masks():
+    batch = PackedCollator(pad_token_id=99, share_prefix=True, row_tokens=16)(PAIRS[:3])
+    assert batch.input_ids.shape[0] == 2  # 8 + 7 tokens fit one row of 16, the third pair starts a new row
+    mask = batch.attention_mask[0, 0]
+    assert not mask[8:, :8].any() and not mask[:8, 8:].any()
+    assert batch.position_ids[0, 8:15].tolist() == [0, 1, 2, 0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "share, row_tokens", [(True, None), (False, None), (True, 2 * MAX_LEN), (False, 2 * MAX_LEN)]
+)
+def test_layouts_match_plain_rewards_loss_and_gradients(model, share, row_tokens):
+    plain = _rewards_loss_grads(model, PreferenceCollator(EOS)(PAIRS))
+    other = _rewards_loss_grads(model, PackedCollator(EOS, share_prefix=share, row_tokens=row_tokens)(PAIRS))
+    torch.testing.assert_close(other[0], plain[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(other[1], plain[1], rtol=1e-5, atol=1e-6)
+    for name, grad in plain[2].items():
+        torch.testing.assert_close(
+            other[2][name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def test_probe_accepts_gpt2_and_rejects_an_encoder(model, tiny_bert):
+    assert packed_layout_works(model, PAIRS[:2], EOS)
+    tokenizer = load_tokenizer(str(tiny_bert))
+    bert = add_lora(load_base_model(str(tiny_bert), tokenizer.pad_token_id, seed=0))
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    pairs = [
+        EncodedPair([cls, 5, 6, 7, sep], [cls, 5, 6, 8, 9, sep]),
+        EncodedPair([cls, 10, sep], [cls, 11, 12, sep]),
+    ]
+    assert not packed_layout_works(bert, pairs, tokenizer.pad_token_id)
+
+
+def test_pair_cost():
+    assert pair_cost(PAIRS[0], share_prefix=True) == 3 + 3 + 2
+    assert pair_cost(PAIRS[0], share_prefix=False) == 2 * 6
+
+
+def test_grouped_batches_cover_every_pair_once_and_are_deterministic():
+    costs = [(i * 37) % 101 + 1 for i in range(500)]
+    a = plan_grouped_batches(costs, 8, seed=1, epoch=0)
+    assert sorted(i for b in a for i in b) == list(range(500))
+    assert a == plan_grouped_batches(costs, 8, seed=1, epoch=0)
+    assert a != plan_grouped_batches(costs, 8, seed=1, epoch=1)
+    assert all(len(b) <= 8 for b in a)
+
+
+def test_grouping_cuts_padding():
+    costs = [(i * 37) % 101 + 1 for i in range(800)]
+    padded = lambda batches: sum(len(b) * max(costs[i] for i in b) for b in batches)  # noqa: E731
+    grouped = plan_grouped_batches(costs, 8, seed=0, epoch=0)
+    random = [list(range(i, i + 8)) for i in range(0, 800, 8)]
+    assert padded(grouped) < 0.6 * padded(random)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_token_budget_is_respected(packed):
+    costs = [(i * 37) % 101 + 1 for i in range(300)]
+    batches = plan_grouped_batches(costs, 8, seed=0, epoch=0, max_tokens=400, packed=packed)
+    for b in batches:
+        used = sum(costs[i] for i in b) if packed else len(b) * max(costs[i] for i in b)
+        assert used <= 400 or len(b) == 1
+    assert sorted(i for b in batches for i in b) == list(range(300))
