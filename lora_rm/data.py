@@ -10,12 +10,14 @@ An optional numeric `margin` column asks for r_chosen - r_rejected >= margin.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 import random
+import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,11 @@ from lora_rm.errors import UserError, problems_message
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 ROLES = {"system", "user", "assistant", "tool"}
 ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
+# C0 controls but tab, LF, CR (NUL has its own message), DEL and C1 controls but NEL (U+0085), which
+# Unicode counts as a line break. In preference text they are mostly leftovers: terminal escapes,
+# form feeds, or cp1252 text decoded as Latin-1.
+CONTROL = re.compile("[\x01-\x08\x0b\x0c\x0e-\x1f\x7f-\x84\x86-\x9f]")
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -32,6 +39,7 @@ class Row:
 
     where: str
     fields: dict[str, Any]
+    problems: list[str] = field(default_factory=list)  # 'field: reason' found while parsing (duplicate keys)
 
 
 def load_rows(source: str, split: str = "train", revision: str | None = None) -> tuple[list[Row], list[Row]]:
@@ -43,15 +51,15 @@ def load_rows(source: str, split: str = "train", revision: str | None = None) ->
     """
     path = Path(source)
     suffix = path.suffix.lower()
-    if suffix in LOCAL_SUFFIXES or path.is_file():
+    if path.is_file() or (suffix in LOCAL_SUFFIXES and not path.is_dir()):  # a folder is a dataset folder
         if not path.is_file():
             raise UserError(f"{source}: no such file")
         if suffix in (".jsonl", ".json") or suffix not in LOCAL_SUFFIXES:
             return _read_json_rows(path), []
         if suffix == ".csv":
+            lines = _csv_record_lines(_read_text(path))
             # only an empty cell is missing: pandas would also read "NA", "None" or "null" answers as null
             ds = _load_hf("csv", str(path), None, keep_default_na=False, na_values=[""])["train"]
-            lines = _csv_record_lines(path)
             return [Row(f"{path}:{lines[i]}", dict(r)) for i, r in enumerate(ds)], []
         ds = _load_hf(LOCAL_SUFFIXES[suffix], str(path), None)["train"]
         return [Row(f"{path}:row {i + 1}", dict(r)) for i, r in enumerate(ds)], []
@@ -66,7 +74,8 @@ def load_rows(source: str, split: str = "train", revision: str | None = None) ->
     return rows_of(split), rows_of(held_out) if held_out else []
 
 
-def _read_json_rows(path: Path) -> list[Row]:
+def _read_text(path: Path) -> str:
+    """The file's text; UserError if it cannot be read, is not UTF-8 (with the line) or is empty."""
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -80,17 +89,71 @@ def _read_json_rows(path: Path) -> list[Row]:
         ) from None
     if not text.strip():
         raise UserError(f"{path}: file is empty")
+    return text
+
+
+def _show_key(key: str) -> str:
+    return key if key and key.isprintable() and key.strip() == key else repr(key)
+
+
+def _parse_json(text: str) -> tuple[Any, list[tuple[tuple[str | int, ...], str]]]:
+    """json.loads, plus every duplicate object key (json.loads keeps its last value) as (path, key):
+    the path of dict keys and list indices from the top to the object that repeats `key`.
+
+    Raises ValueError for invalid JSON, including nesting too deep to parse.
+    """
+    dups: dict[int, list[str]] = {}
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for key, value in items:
+            if key in obj:
+                dups.setdefault(id(obj), []).append(key)
+            obj[key] = value
+        return obj
+
+    try:
+        value = json.loads(text, object_pairs_hook=pairs)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    found: list[tuple[tuple[str | int, ...], str]] = []
+    todo: list[tuple[Any, tuple[str | int, ...]]] = [(value, ())] if dups else []
+    while todo:  # no recursion: the parser accepts nesting deeper than a recursive walk would
+        obj, at = todo.pop()
+        if isinstance(obj, dict):
+            found.extend((at, key) for key in dict.fromkeys(dups.get(id(obj), ())))
+            todo.extend((v, (*at, k)) for k, v in reversed(obj.items()))
+        elif isinstance(obj, list):
+            todo.extend((v, (*at, i)) for i, v in reversed(list(enumerate(obj))))
+    return value, found
+
+
+def _duplicate_key_problem(at: tuple[str | int, ...], key: str) -> str:
+    """'field: reason' for a duplicate `key` in the object at path `at` inside one row."""
+    if not at:
+        return f"{_show_key(key)}: duplicate key"
+    inner = "".join(f"[{p}]" if isinstance(p, int) else f"[{p!r}]" for p in at[1:])
+    return f"{_show_key(str(at[0]))}: duplicate key {key!r} in {at[0]}{inner}"
+
+
+def _read_json_rows(path: Path) -> list[Row]:
+    text = _read_text(path)
     if text.lstrip().startswith("["):  # a JSON array of objects rather than JSON Lines
         try:
-            items = json.loads(text)
-        except ValueError as e:
+            items, dups = _parse_json(text)
+        except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+        except ValueError as e:
+            raise UserError(f"{path}: not valid JSON: {e}") from None
         if not isinstance(items, list):
             raise UserError(f"{path}: expected a JSON array of objects or one JSON object per line")
+        per_item: dict[Any, list[str]] = {}
+        for at, key in dups:
+            per_item.setdefault(at[0], []).append(_duplicate_key_problem(at[1:], key))
         rows, problems = [], []
         for i, item in enumerate(items, 1):
             if isinstance(item, dict):
-                rows.append(Row(f"{path}:item {i}", item))
+                rows.append(Row(f"{path}:item {i}", item, per_item.get(i - 1, [])))
             else:
                 problems.append(f"{path}:item {i}: expected a JSON object, got {type(item).__name__}")
         if problems:
@@ -102,29 +165,28 @@ def _read_json_rows(path: Path) -> list[Row]:
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
+            item, dups = _parse_json(line)
         except ValueError as e:
             problems.append(f"{path}:{lineno}: not valid JSON: {e}")
             continue
         if not isinstance(item, dict):
             problems.append(f"{path}:{lineno}: expected a JSON object, got {type(item).__name__}")
             continue
-        rows.append(Row(f"{path}:{lineno}", item))
+        rows.append(Row(f"{path}:{lineno}", item, [_duplicate_key_problem(at, key) for at, key in dups]))
     if problems:
         raise UserError(problems_message(f"{path}: {len(problems)} malformed line(s):", problems))
     return rows
 
 
-def _csv_record_lines(path: Path) -> list[int]:
-    """The line each CSV record starts on (records can span lines inside quotes)."""
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
-        next(reader, None)  # header
-        starts, end = [], reader.line_num
-        for record in reader:
-            if record:
-                starts.append(end + 1)
-            end = reader.line_num
+def _csv_record_lines(text: str) -> list[int]:
+    """The line each CSV record of `text` starts on (records can span lines inside quotes)."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    next(reader, None)  # header
+    starts, end = [], reader.line_num
+    for record in reader:
+        if record:
+            starts.append(end + 1)
+        end = reader.line_num
     return starts
 
 
@@ -134,6 +196,11 @@ def _load_hf(name: str, data_files: str | None, revision: str | None, **kwargs: 
     try:
         return datasets.load_dataset(name, data_files=data_files, revision=revision, **kwargs)
     except FileNotFoundError as e:
+        if data_files is None and Path(name).is_dir():
+            raise UserError(
+                f"{name}: a folder with no data files in it; pass a .jsonl/.json/.csv/.parquet file "
+                "or a folder of them"
+            ) from None
         raise UserError(
             f"{name}: not a local file or folder, and not found on the Hugging Face Hub ({e})"
         ) from None
@@ -184,7 +251,10 @@ def _text_problem(value: Any) -> str | None:
         return "empty or whitespace-only text"
     if "\x00" in value:
         return "contains a NUL character"
-    if any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+    control = CONTROL.search(value)
+    if control:
+        return f"contains control character U+{ord(control.group()):04X}"
+    if SURROGATE.search(value):
         return "contains a lone surrogate (broken UTF-16)"
     return None
 
@@ -193,39 +263,87 @@ def _messages_problem(value: Any) -> str | None:
     if not isinstance(value, list) or not value:
         return "expected a non-empty list of {role, content} messages"
     for i, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            return f"message {i}: expected an object with role and content"
+        if not isinstance(m, dict):
+            return f"message {i}: expected an object with role and content, got {type(m).__name__}"
+        missing = [k for k in ("role", "content") if k not in m]
+        if missing:
+            return f"message {i}: missing {' and '.join(missing)}"
         if not isinstance(m["role"], str) or m["role"] not in ROLES:
-            return f"message {i}: unknown role {m['role']!r}"
+            return f"message {i}: unknown role {_short_repr(m['role'])} (expected one of {', '.join(sorted(ROLES))})"
         problem = _text_problem(m["content"])
         if problem:
             return f"message {i}: content {problem}"
     return None
 
 
+def _short_repr(value: Any, limit: int = 40) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _margin_problem(margin: Any) -> str | None:
+    """None (no margin, 0) and finite numbers are fine; bools, strings, NaN and infinities are not."""
+    if margin is None:
+        return None
+    try:
+        ok = not isinstance(margin, bool) and isinstance(margin, (int, float)) and math.isfinite(margin)
+    except OverflowError:  # an integer too large for a float
+        ok = False
+    return None if ok else f"expected a finite number, got {_short_repr(margin)}"
+
+
+MIXED_PROMPT = {  # the prompt's shape differs from chosen's and rejected's, by the dataset's format
+    "explicit": "a message list, but chosen and rejected are text; give all three as text, or all three as "
+    "lists of {role, content} messages",
+    "conversational": "text, but chosen and rejected are message lists; give all three as lists of "
+    "{role, content} messages, or all three as text",
+}
+
+
+def _field_problems(f: dict[str, Any], fmt: str) -> list[str]:
+    """'field: reason' for the prompt, chosen and rejected of one row."""
+    out = []
+    if fmt != "conversational":
+        for name in ("prompt", "chosen", "rejected") if fmt == "explicit" else ("chosen", "rejected"):
+            value = f.get(name)
+            problem = (
+                MIXED_PROMPT[fmt] if name == "prompt" and isinstance(value, list) else _text_problem(value)
+            )
+            if problem:
+                out.append(f"{name}: {problem}")
+        return out
+    prompt = f.get("prompt")
+    if isinstance(prompt, str):
+        out.append(f"prompt: {MIXED_PROMPT[fmt]}")
+    elif prompt is not None and _messages_problem(prompt):
+        out.append(f"prompt: {_messages_problem(prompt)}")
+    turns = {}
+    for name in ("chosen", "rejected"):
+        problem = _messages_problem(f.get(name))
+        if problem:
+            out.append(f"{name}: {problem}")
+        elif f[name][-1]["role"] != "assistant":
+            out.append(f"{name}: last message must be the assistant's")
+        else:
+            turns[name] = f[name][:-1]
+    if prompt is None and len(turns) == 2 and turns["chosen"] != turns["rejected"]:
+        # without a prompt column, the turns before the final answer are the prompt: one per row
+        out.append("rejected: prompt turns differ from chosen's")
+    return out
+
+
 def row_problems(row: Row, fmt: str) -> list[str]:
     """Every problem of one row as 'where: field: reason' (empty when the row is usable)."""
-    f, out = row.fields, []
-    check = _messages_problem if fmt == "conversational" else _text_problem
-    names = ("prompt", "chosen", "rejected") if fmt == "explicit" else ("chosen", "rejected")
-    for name in names:
-        problem = check(f.get(name))
-        if problem:
-            out.append(f"{row.where}: {name}: {problem}")
-    if fmt == "conversational":
-        if f.get("prompt") is not None and _messages_problem(f["prompt"]):
-            out.append(f"{row.where}: prompt: {_messages_problem(f['prompt'])}")
-        for name in ("chosen", "rejected"):
-            if not _messages_problem(f.get(name)) and f[name][-1]["role"] != "assistant":
-                out.append(f"{row.where}: {name}: last message must be the assistant's")
-    if not out and f["chosen"] == f["rejected"]:
-        out.append(f"{row.where}: rejected: identical to chosen")
-    margin = f.get("margin")
-    if margin is not None and (
-        isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin)
-    ):
-        out.append(f"{row.where}: margin: expected a finite number, got {margin!r}")
-    return out
+    f = row.fields
+    out = list(row.problems)
+    fields = _field_problems(f, fmt)
+    if not fields and f["chosen"] == f["rejected"]:
+        fields.append("rejected: identical to chosen")
+    out += fields
+    margin = _margin_problem(f.get("margin"))
+    if margin:
+        out.append(f"margin: {margin}")
+    return [f"{row.where}: {p}" for p in out]
 
 
 def check_rows(
@@ -237,7 +355,7 @@ def check_rows(
     bad = [p for ps in problems.values() for p in ps]
     if not bad:
         return rows
-    reasons = Counter(p.split(": ", 1)[1] for p in bad)
+    reasons = Counter(p[len(where) + 2 :] for where, ps in problems.items() for p in ps)
     counts = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common())
     if not skip_invalid:
         header = f"{source}: {len(bad)} problem(s) in {sum(map(bool, problems.values()))} row(s) [{counts}]:"

@@ -1,131 +1,22 @@
 """Bad input through the real command line: exit code 2, a located `error:` line, no traceback, no output.
 
-Each case runs `scripts/train_lora.py` as `__main__` in a process of its own, and the test reads that
-process's exit status and the bytes it wrote to file descriptor 2. Importing torch and transformers costs
-about 4 s of CPU per process, so to keep the suite fast on two cores:
-
-- one case is a plain `python scripts/train_lora.py ...` subprocess, the exact command a user types;
-- the others are forked from one subprocess that has done those imports once (the script file itself
-  still runs in each fork, from its first line). Set LORA_RM_TEST_CLI_EXEC=1 to run every case as a
-  plain subprocess instead; platforms without fork always do.
-
-All processes start together when the module fixture first runs; each test waits for its own result.
+Each case runs `scripts/train_lora.py` in a process of its own (see cli_runner.py: one case is a plain
+subprocess, the exact command a user types; the others are forked from one process that imported torch
+and transformers once). tests/test_validation.py covers every kind of bad data the same way.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
+import cli_runner
 import pytest
+from cli_runner import ROOT, SCRIPT, Case
 from conftest import preference_rows, write_jsonl
 
-ROOT = Path(__file__).parents[1]
-SCRIPT = ROOT / "scripts" / "train_lora.py"
-TIMEOUT = 240
-EXEC_ALL = os.environ.get("LORA_RM_TEST_CLI_EXEC") == "1" or not hasattr(os, "fork")
 EXEC_CASE = "missing_dataset_file"  # always run as a plain subprocess
-
-# Imports what the scripts import, then forks one child per case. A child points fds 1 and 2 at its own
-# files and runs its script as __main__; an uncaught exception prints its traceback as the interpreter
-# would. The parent prints {case: exit status} as JSON.
-FORK_RUNNER = r"""
-import json, os, runpy, sys, traceback
-cases = json.loads(sys.argv[1])
-import lora_rm.cli, accelerate  # what every case imports, once (transformers imports lazily)
-from transformers import AutoConfig, AutoTokenizer
-children = {}
-for name, (script, argv, out_path, err_path) in cases.items():
-    pid = os.fork()
-    if pid:
-        children[pid] = name
-        continue
-    code = 1
-    try:
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            os.dup2(out.fileno(), 1)
-            os.dup2(err.fileno(), 2)
-        sys.argv = [script, *argv]
-        try:
-            runpy.run_path(script, run_name="__main__")
-            code = 0
-        except SystemExit as e:
-            if e.code is None or isinstance(e.code, int):
-                code = e.code or 0
-            else:
-                print(e.code, file=sys.stderr)
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-codes = {}
-while children:
-    pid, status = os.wait()
-    codes[children.pop(pid)] = os.waitstatus_to_exitcode(status)
-print(json.dumps(codes))
-"""
-
-
-def cli_env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("PYTHONWARNINGS", None)
-    return env
-
-
-def popen(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-@dataclass
-class Case:
-    script: Path  # run as `python script argv...`
-    argv: list[str]
-    output_dir: Path | None = None
-    expected: list[str] = field(default_factory=list)  # substrings of stderr
-    proc: subprocess.Popen | None = None  # a plain subprocess, or None when forked
-    result: Result | None = None
-
-
-@dataclass
-class Runs:
-    cases: dict[str, Case]
-    forked: subprocess.Popen | None
-    tmp: Path
-
-    def result(self, name: str) -> Result:
-        case = self.cases[name]
-        if case.result is None:
-            if case.proc is not None:
-                out, err = case.proc.communicate(timeout=TIMEOUT)
-                case.result = Result(case.proc.returncode, out, err)
-            else:
-                self._collect_forked()
-        return case.result
-
-    def _collect_forked(self) -> None:
-        out, err = self.forked.communicate(timeout=TIMEOUT)
-        assert self.forked.returncode == 0, f"fork runner failed:\n{out}\n{err}"
-        for name, code in json.loads(out.strip().splitlines()[-1]).items():
-            self.cases[name].result = Result(
-                code,
-                (self.tmp / f"{name}.out").read_text(encoding="utf-8", errors="replace"),
-                (self.tmp / f"{name}.err").read_text(encoding="utf-8", errors="replace"),
-            )
 
 
 def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
@@ -209,18 +100,9 @@ def runs(tiny_gpt2, tmp_path_factory):
     cases["lora_rm_no_args"] = Case(lora_rm, [])
     cases["lora_rm_help"] = Case(lora_rm, ["--help"])
 
-    forked = {}
-    for name, case in cases.items():
-        if EXEC_ALL or name == EXEC_CASE:
-            case.proc = popen([sys.executable, str(case.script), *case.argv])
-        else:
-            forked[name] = [str(case.script), case.argv, str(tmp / f"{name}.out"), str(tmp / f"{name}.err")]
-    runner = popen([sys.executable, "-c", FORK_RUNNER, json.dumps(forked)]) if forked else None
-    yield Runs(cases, runner, tmp)
-    for proc in [runner, *(c.proc for c in cases.values())]:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    runs = cli_runner.start(cases, tmp, exec_names=[EXEC_CASE])
+    yield runs
+    runs.stop()
 
 
 @pytest.mark.parametrize(

@@ -166,6 +166,18 @@ def test_csv_keeps_texts_that_look_like_missing_values(tmp_path, text):
     assert rows[0].fields["chosen"] == text
 
 
+def test_csv_invalid_utf8_names_the_line(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(b"prompt,chosen,rejected\nhow ?,sure,no\nhow ?,caf\xe9,no\n")
+    assert user_error(path).startswith(f"{path}:3: not valid UTF-8 (byte 0xe9)")
+
+
+def test_csv_empty_file(tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_text("\n", encoding="utf-8")
+    assert user_error(path) == f"{path}: file is empty"
+
+
 # ---------------------------------------------------------------- file errors
 
 
@@ -275,6 +287,13 @@ def test_one_missing_column(tmp_path):
         ("\u200b\u200d\ufeff", "empty or whitespace-only text"),
         (" \u200b \u2060 ", "empty or whitespace-only text"),
         ("sure\x00first", "contains a NUL character"),
+        ("sure\x07first", "contains control character U+0007"),
+        ("sure\x1b[31mfirst", "contains control character U+001B"),
+        ("page\x0cbreak", "contains control character U+000C"),
+        ("del\x7f", "contains control character U+007F"),
+        ("\x93quoted\x94", "contains control character U+0093"),
+        ("sure \ud800 first", "contains a lone surrogate (broken UTF-16)"),
+        ("\udfff", "contains a lone surrogate (broken UTF-16)"),
     ],
 )
 def test_bad_text_field_is_located(tmp_path, value, reason):
@@ -282,6 +301,70 @@ def test_bad_text_field_is_located(tmp_path, value, reason):
     msg = user_error(path)
     assert f"{path}:2: chosen: {reason}" in msg
     assert f"{path}:1:" not in msg
+
+
+@pytest.mark.parametrize(
+    "text", ["tab\there", "two\nlines", "crlf\r\nend", "next\x85line", "emoji 🍚 \u2028"]
+)
+def test_allowed_whitespace_and_line_breaks(tmp_path, text):
+    path = jsonl_with(tmp_path, {**ROW, "chosen": text})
+    assert load_checked(path)[0][0].fields["chosen"] == text
+
+
+def test_lone_surrogate_escape_in_the_file_is_located(tmp_path):
+    path = write_lines(
+        tmp_path / "utf16.jsonl",
+        [json.dumps(ROW), '{"prompt": "how ?", "chosen": "sure \\ud83d", "rejected": "no"}'],
+    )
+    assert f"{path}:2: chosen: contains a lone surrogate" in user_error(path)
+
+
+def test_surrogate_pair_escape_is_fine(tmp_path):
+    path = write_lines(
+        tmp_path / "pair.jsonl", ['{"prompt": "how ?", "chosen": "rice \\ud83c\\udf5a", "rejected": "no"}']
+    )
+    assert load_checked(path)[0][0].fields["chosen"] == "rice 🍚"
+
+
+def test_duplicate_keys_are_located(tmp_path):
+    path = write_lines(
+        tmp_path / "dups.jsonl",
+        [
+            json.dumps(ROW),
+            '{"prompt": "how ?", "chosen": "sure", "rejected": "no", "chosen": "other"}',
+            '{"prompt": "a", "prompt": "b", "chosen": "sure", "chosen": "x", "rejected": "no"}',
+        ],
+    )
+    msg = user_error(path)
+    assert f"{path}:2: chosen: duplicate key" in msg
+    assert f"{path}:3: prompt: duplicate key" in msg
+    assert f"{path}:3: chosen: duplicate key" in msg
+    assert "2 x chosen: duplicate key" in msg
+    assert f"{path}:1:" not in msg
+
+
+def test_duplicate_key_in_a_message(tmp_path):
+    line = '{"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a", "content": "b"}], '
+    line += '"rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "no"}]}'
+    path = write_lines(tmp_path / "dups.jsonl", [line])
+    assert f"{path}:1: chosen: duplicate key 'content' in chosen[1]" in user_error(path)
+
+
+def test_duplicate_keys_in_a_json_array(tmp_path):
+    path = tmp_path / "dups.json"
+    path.write_text(
+        '[{"prompt": "a", "chosen": "b", "rejected": "c"},\n {"prompt": "a", "chosen": "b", "rejected": "c", "rejected": "d"}]'
+    )
+    msg = user_error(path)
+    assert f"{path}:item 2: rejected: duplicate key" in msg
+    assert f"{path}:item 1:" not in msg
+
+
+def test_deeply_nested_json_is_malformed_not_a_crash(tmp_path):
+    path = write_lines(
+        tmp_path / "deep.jsonl", [json.dumps(ROW), '{"x": ' + "[" * 100_000 + "]" * 100_000 + "}"]
+    )
+    assert f"{path}:2: not valid JSON" in user_error(path)
 
 
 def test_missing_field_in_a_later_row(tmp_path):
@@ -295,7 +378,7 @@ def test_bad_prompt_and_rejected_are_located(tmp_path):
     path = jsonl_with(tmp_path, {**ROW, "prompt": ["how ?"]}, {**ROW, "rejected": ""})
     msg = user_error(path)
     assert f"{path}: 2 problem(s)" in msg
-    assert f"{path}:1: prompt: expected text, got list" in msg
+    assert f"{path}:1: prompt: a message list, but chosen and rejected are text" in msg
     assert f"{path}:2: rejected: empty or whitespace-only text" in msg
 
 
@@ -363,6 +446,8 @@ def test_check_rows_skip_invalid_with_nothing_left():
         ('"margin": true', "True"),
         ('"margin": [1]', "[1]"),
         ('"margin": "0.5"', "'0.5'"),
+        ('"margin": 1' + "0" * 400, "1000000000000000000000000000000000000..."),
+        ('"margin": {"value": 1}', "{'value': 1}"),
     ],
 )
 def test_bad_margin(tmp_path, line, shown):
@@ -412,11 +497,17 @@ def test_conversational_rows_are_accepted(tmp_path):
             conv(chosen=[{"role": "robot", "content": "beep"}, GOOD]),
             "chosen: message 0: unknown role 'robot'",
         ),
+        (conv(chosen=[USER, {"role": "assistant"}]), "chosen: message 1: missing content"),
+        (conv(rejected=[{"content": "hi"}, BAD]), "rejected: message 0: missing role"),
+        (conv(chosen=[USER, {"text": "sure"}]), "chosen: message 1: missing role and content"),
         (
-            conv(chosen=[USER, {"role": "assistant"}]),
-            "chosen: message 1: expected an object with role and content",
+            conv(chosen=[USER, "sure first"]),
+            "chosen: message 1: expected an object with role and content, got str",
         ),
-        (conv(chosen=[USER, "sure first"]), "chosen: message 1: expected an object with role and content"),
+        (
+            conv(chosen=[USER, {"role": "assistant", "content": "sure\x1b[0m"}]),
+            "chosen: message 1: content contains control character U+001B",
+        ),
         (
             conv(chosen=[USER, {"role": "assistant", "content": " "}]),
             "chosen: message 1: content empty or whitespace-only text",
@@ -430,6 +521,18 @@ def test_conversational_rows_are_accepted(tmp_path):
         (conv(prompt=[]), "prompt: expected a non-empty list of {role, content} messages"),
         (conv(prompt=[{"role": "narrator", "content": "x"}]), "prompt: message 0: unknown role 'narrator'"),
         (conv(rejected=[USER, GOOD]), "rejected: identical to chosen"),
+        (
+            conv(rejected=[{"role": "user", "content": "how do i fix bike ?"}, BAD]),
+            "rejected: prompt turns differ from chosen's",
+        ),
+        (
+            conv(rejected=[{"role": "system", "content": "be brief"}, USER, BAD]),
+            "rejected: prompt turns differ from chosen's",
+        ),
+        (
+            conv(prompt="how do i cook rice ?"),
+            "prompt: text, but chosen and rejected are message lists",
+        ),
     ],
 )
 def test_bad_conversational_rows(tmp_path, fields, expected):
@@ -437,6 +540,21 @@ def test_bad_conversational_rows(tmp_path, fields, expected):
     msg = user_error(path)
     assert f"{path}:2: {expected}" in msg
     assert f"{path}:1:" not in msg
+
+
+def test_conversational_with_prompt_column_may_differ_in_earlier_turns(tmp_path):
+    # with a prompt column, chosen and rejected are whole multi-turn responses: they may differ anywhere
+    ask = {"role": "user", "content": "more ?"}
+    path = jsonl_with(tmp_path, {"prompt": [USER], "chosen": [GOOD, ask, GOOD], "rejected": [BAD, ask, BAD]})
+    rows, fmt = load_checked(path)
+    assert fmt == "conversational" and len(rows) == 1
+
+
+def test_conversational_null_prompt_is_no_prompt(tmp_path):
+    path = jsonl_with(
+        tmp_path, conv(prompt=None), conv(prompt=None, rejected=[USER, {**BAD, "content": "no"}])
+    )
+    assert len(load_checked(path)[0]) == 2
 
 
 def test_unhashable_role_is_a_row_problem(tmp_path):
@@ -539,6 +657,15 @@ def test_unknown_hub_dataset_offline_is_a_user_error(name):
     with pytest.raises(UserError) as e:
         load_rows(name)
     assert name in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["empty_folder", "prefs.jsonl"])
+def test_folder_without_data_files(tmp_path, name):
+    folder = tmp_path / name
+    folder.mkdir()
+    with pytest.raises(UserError, match="a folder with no data files in it") as e:
+        load_rows(str(folder))
+    assert str(folder) in str(e.value)
 
 
 def test_dataset_folder_with_splits(tmp_path):
