@@ -51,10 +51,14 @@ def config_from_args(argv: list[str]) -> TrainConfig:
 
 
 def run_train(argv: list[str]) -> int:
+    from accelerate import PartialState
+
     from lora_rm.train import train
 
     cfg = config_from_args(argv)
     result = train(cfg)
+    if not PartialState().is_main_process:  # under accelerate launch / torchrun, one process reports
+        return 0
     m = result.eval_metrics
     if m:
         print(
@@ -67,7 +71,100 @@ def run_train(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": run_train}
+def _model_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument(
+        "--model", required=True, help="an adapter folder (RUN/adapter) or merged model (RUN/merged)"
+    )
+    parser.add_argument("--base", help="base model for an adapter (default: the one recorded in the adapter)")
+    parser.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default: 16)")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from lora_rm.score import RewardModel
+
+    if args.batch_size <= 0:
+        raise UserError(f"--batch-size: must be > 0, got {args.batch_size}")
+    return RewardModel.from_pretrained(args.model, base=args.base, device=args.device)
+
+
+def run_score(argv: list[str]) -> int:
+    from lora_rm.score import read_score_rows, write_jsonl_atomic
+
+    parser = _model_parser("lora-rm score", "Add a `reward` field to every prompt/response row of a file.")
+    parser.add_argument(
+        "--input", required=True, help=".jsonl/.json/.csv/.parquet rows with prompt and response"
+    )
+    parser.add_argument("--output", required=True, help="JSON Lines: each input row plus its reward")
+    parser.add_argument(
+        "--normalize",
+        action="store_true",
+        help="(reward - mean) / std of the eval rewards stored with the model",
+    )
+    args = parser.parse_args(argv)
+    rows = read_score_rows(args.input)  # every bad row reported before the model is loaded
+    model = _load(args)
+    rewards = model.score(
+        [r.fields["prompt"] for r in rows],
+        [r.fields["response"] for r in rows],
+        args.batch_size,
+        args.normalize,
+        progress=True,
+    )
+    write_jsonl_atomic(args.output, [{**r.fields, "reward": x} for r, x in zip(rows, rewards)])
+    print(f"scored {len(rows)} rows into {args.output}")
+    return 0
+
+
+def run_compare(argv: list[str]) -> int:
+    from lora_rm.data import _text_problem
+
+    parser = _model_parser("lora-rm compare", "Score two responses to one prompt and say which is preferred.")
+    parser.add_argument("--prompt", required=True, help="the prompt, formatted as in training")
+    parser.add_argument("a", help="response A")
+    parser.add_argument("b", help="response B")
+    args = parser.parse_args(argv)
+    problems = [
+        f"{n}: {p}"
+        for n, v in (("prompt", args.prompt), ("A", args.a), ("B", args.b))
+        if (p := _text_problem(v))
+    ]
+    if problems:
+        raise UserError("; ".join(problems))
+    result = _load(args).compare(args.prompt, args.a, args.b)
+    print(f"reward A: {result['reward_a']:.4f}")
+    print(f"reward B: {result['reward_b']:.4f}")
+    print(f"P(A preferred): {result['p_a_preferred']:.4f}")
+    return 0
+
+
+def run_eval(argv: list[str]) -> int:
+    parser = _model_parser(
+        "lora-rm eval",
+        "Evaluate a reward model on preference data: eval.json and plots in --output-dir, and the reward "
+        "statistics `score --normalize` uses written into the model folder (reward_stats.json).",
+    )
+    parser.add_argument("--dataset", required=True, help="preference data in any format training accepts")
+    parser.add_argument("--split", default="train", help="dataset split (default: train)")
+    parser.add_argument("--output-dir", required=True, help="where eval.json and the PNGs go")
+    parser.add_argument(
+        "--skip-invalid", action="store_true", help="skip bad rows (counted) instead of stopping"
+    )
+    args = parser.parse_args(argv)
+    report = _load(args).evaluate(
+        args.dataset, args.output_dir, args.split, args.batch_size, args.skip_invalid
+    )
+    top1 = f", top-1 {report['ranking']['top1_accuracy']:.3f}" if "ranking" in report else ""
+    print(
+        f"accuracy {report['accuracy']:.3f} ({report['ties']} ties), loss {report['loss']:.4f}, "
+        f"ECE {report['calibration']['ece']:.3f}{top1}, {report['n_pairs']} pairs; wrote {args.output_dir}"
+    )
+    return 0
+
+
+COMMANDS = {"train": run_train, "score": run_score, "compare": run_compare, "eval": run_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,9 +123,16 @@ def load_base_model(
     return model
 
 
+def _inner(model: Any) -> Any:
+    """The transformers model inside DDP/FSDP (`.module`) and PEFT (`get_base_model()`) wrappers."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def head_name(model: Any) -> str:
-    """Name of the reward head (`score` or `classifier`) on a transformers or PEFT model."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    """Name of the reward head (`score` or `classifier`) on a transformers, PEFT or DDP-wrapped model."""
+    inner = _inner(model)
     for name in HEAD_NAMES:
         if isinstance(getattr(inner, name, None), torch.nn.Module):
             return name
@@ -221,8 +228,7 @@ def compute_rewards(
         lengths = attention_mask.sum(dim=-1)
         if bool((lengths == 0).any()):
             raise ValueError("a row has no attended tokens: empty sequences have no reward")
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    with _capture_output(getattr(inner, head_name(model))) as captured:
+    with _capture_output(getattr(_inner(model), head_name(model))) as captured:
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
     per_token = captured[-1]
     if index is not None:

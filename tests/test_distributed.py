@@ -1,0 +1,120 @@
+"""Two processes (torchrun, gloo on CPU) train to the same weights as one with the same global batch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).parents[1]
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gloo multi-process test runs on Linux and macOS")
+
+
+def _args(base, data, out, accumulation: int, *extra: str) -> list[str]:
+    return [
+        "scripts/train_lora.py",
+        "--base",
+        str(base),
+        "--dataset",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--quant",
+        "none",
+        "--precision",
+        "fp32",
+        "--batch-size",
+        "2",
+        "--gradient-accumulation-steps",
+        str(accumulation),
+        "--max-steps",
+        "6",
+        "--save-steps",
+        "3",
+        "--lora-dropout",
+        "0",
+        "--eval-fraction",
+        "0.2",
+        "--eval-steps",
+        "6",
+        "--learning-rate",
+        "5e-3",
+        "--seed",
+        "3",
+        *extra,
+    ]
+
+
+def _torchrun(n: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, tiny_gpt2):
+    from conftest import preference_rows, write_jsonl
+
+    tmp = tmp_path_factory.mktemp("single")
+    data = write_jsonl(tmp / "prefs.jsonl", preference_rows(40))
+    cmd = [sys.executable, *_args(tiny_gpt2, data, tmp / "one", 4)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return data, tmp / "one"
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_two_processes_match_one(single, tiny_gpt2, tmp_path):
+    data, one = single
+    cmd = [*_torchrun(2), *_args(tiny_gpt2, data, tmp_path / "two", 2)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("final eval") == 1, "one process reports"
+    _assert_same(_weights(one), _weights(tmp_path / "two"))
+
+
+def test_resume_under_two_processes(single, tiny_gpt2, tmp_path):
+    data, one = single
+    out = tmp_path / "two"
+    cmd = [*_torchrun(2), *_args(tiny_gpt2, data, out, 2)]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 240
+    while not (out / "step-000003" / "COMPLETE").is_file():
+        assert proc.poll() is None and time.time() < deadline, (
+            proc.stderr.read()[-2000:] if proc.stderr else ""
+        )
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    resumed = subprocess.run(
+        [*cmd, "--resume"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    _assert_same(_weights(one), _weights(out))
