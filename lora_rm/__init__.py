@@ -5,9 +5,11 @@ from lora_rm.errors import UserError
 from lora_rm.fit import TrainingStopped
 from lora_rm.loss import pairwise_loss
 from lora_rm.model import compute_rewards, load_reward_model
+from lora_rm.score import RewardModel
 from lora_rm.train import TrainResult, train
 
 __all__ = [
+    "RewardModel",
     "TrainConfig",
     "TrainResult",
     "TrainingStopped",

@@ -20,6 +20,8 @@ class PreferenceBatch:
     input_ids: torch.Tensor  # [2B, T] long
     attention_mask: torch.Tensor  # [2B, T] long, 1 on real tokens
     margin: torch.Tensor  # [B] float32
+    weight: torch.Tensor | None = None  # [B] float32, a pair's share of the loss (ranked lists); None: 1
+    group: torch.Tensor | None = None  # [B] long, the ranked list a pair comes from; -1: none
 
     @property
     def num_pairs(self) -> int:
@@ -27,8 +29,32 @@ class PreferenceBatch:
 
     def to(self, device: torch.device | str) -> PreferenceBatch:
         return PreferenceBatch(
-            self.input_ids.to(device), self.attention_mask.to(device), self.margin.to(device)
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.margin.to(device),
+            *_move(device, self.weight, self.group),
         )
+
+
+def _move(device: torch.device | str, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [t if t is None else t.to(device) for t in tensors]
+
+
+def _weights_and_groups(pairs: list[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
+    weight = torch.tensor([p.weight for p in pairs], dtype=torch.float32)
+    group = torch.tensor([-1 if p.group is None else p.group for p in pairs], dtype=torch.long)
+    return weight, group
+
+
+def pad_sequences(seqs: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of single sequences padded on the right, as the collators pad pairs."""
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        attention_mask[i, : len(s)] = 1
+    return input_ids, attention_mask
 
 
 class PreferenceCollator:
@@ -43,14 +69,9 @@ class PreferenceCollator:
 
     def __call__(self, pairs: list[EncodedPair]) -> PreferenceBatch:
         seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-            attention_mask[i, : len(s)] = 1
+        input_ids, attention_mask = pad_sequences(seqs, self.pad_token_id)
         margin = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
-        return PreferenceBatch(input_ids, attention_mask, margin)
+        return PreferenceBatch(input_ids, attention_mask, margin, *_weights_and_groups(pairs))
 
 
 def plan_batches(
@@ -68,6 +89,26 @@ def plan_batches(
     else:
         order = list(range(num_pairs))
     return [order[i : i + batch_size] for i in range(0, num_pairs, batch_size)]
+
+
+def plan_group_batches(groups: list[int | None], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Batches of one epoch that never split a ranked list: consecutive pairs with the same group id
+    (None: a pair on its own) stay together, in order, in one batch of at most `batch_size` pairs (a
+    longer list gets a batch to itself). Lists are shuffled from (seed, epoch) like `plan_batches`."""
+    units: list[list[int]] = []
+    for i, g in enumerate(groups):
+        if units and g is not None and groups[units[-1][-1]] == g:
+            units[-1].append(i)
+        else:
+            units.append([i])
+    order = torch.randperm(len(units), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    batches: list[list[int]] = []
+    for u in order.tolist():
+        if batches and len(batches[-1]) + len(units[u]) <= batch_size:
+            batches[-1].extend(units[u])
+        else:
+            batches.append(list(units[u]))
+    return batches
 
 
 def shard_batches(batches: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
@@ -147,6 +188,8 @@ class PackedBatch:
     chosen_index: torch.Tensor  # [B] flat index into R*T of each chosen side's last token
     rejected_index: torch.Tensor  # [B]
     margin: torch.Tensor  # [B]
+    weight: torch.Tensor | None = None  # [B], as in PreferenceBatch
+    group: torch.Tensor | None = None  # [B]
 
     @property
     def num_pairs(self) -> int:
@@ -155,7 +198,7 @@ class PackedBatch:
     def to(self, device: torch.device | str) -> PackedBatch:
         moved = [t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids)]
         index = [t.to(device) for t in (self.chosen_index, self.rejected_index, self.margin)]
-        return PackedBatch(*moved, *index)
+        return PackedBatch(*moved, *index, *_move(device, self.weight, self.group))
 
 
 class PackedCollator:
@@ -217,4 +260,10 @@ class PackedCollator:
             torch.tensor(chosen_index),
             torch.tensor(rejected_index),
             margin,
+            *_weights_and_groups(pairs),
         )
+
+
+def pair_weights(batch: PreferenceBatch | PackedBatch) -> torch.Tensor:
+    """Each pair's share of the loss: `batch.weight`, or ones when the batch carries none."""
+    return batch.weight if batch.weight is not None else torch.ones_like(batch.margin)

@@ -164,7 +164,13 @@ def run_eval(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": run_train, "score": run_score, "compare": run_compare, "eval": run_eval}
+def run_plan(argv: list[str]) -> int:
+    from lora_rm.plan_report import plan_command
+
+    return plan_command(argv)
+
+
+COMMANDS = {"train": run_train, "score": run_score, "compare": run_compare, "eval": run_eval, "plan": run_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

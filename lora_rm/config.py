@@ -15,6 +15,7 @@ QUANT_CHOICES = ("8bit", "4bit", "none")
 PRECISION_CHOICES = ("auto", "bf16", "fp16", "fp32")
 SCHEDULER_CHOICES = ("cosine", "linear", "constant")
 OPTIMIZER_CHOICES = ("adamw", "paged_adamw_8bit")
+LOSS_CHOICES = ("auto", "pairwise", "all_pairs", "plackett_luce")
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -76,6 +77,12 @@ class TrainConfig:
     center_rewards_coefficient: float = _opt(
         0.0, "weight of the (r_c + r_r)^2 penalty keeping rewards centred"
     )
+    loss: str = _opt(
+        "auto",
+        "objective: pairwise; all_pairs (each ranked list counts once); plackett_luce (listwise); "
+        "auto: pairwise for pairs, all_pairs for ranked lists",
+        choices=LOSS_CHOICES,
+    )
     optimizer: str = _opt(
         "adamw", "adamw, or paged_adamw_8bit (bitsandbytes, CUDA only)", choices=OPTIMIZER_CHOICES
     )
@@ -85,6 +92,7 @@ class TrainConfig:
         choices=PRECISION_CHOICES,
     )
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward: less memory, ~30% slower")
+    report_to: str = _opt("none", "also log metrics to tensorboard or wandb (metrics.jsonl is always written)", choices=("none", "tensorboard", "wandb"))
     seed: int = _opt(42, "seed for the score head init, data split, batch order and dropout")
     merge: bool = _opt(False, "also write merged/: a standalone model with the adapter folded in")
     save_steps: int = _opt(100, "write a resumable checkpoint (step-000100/) every N optimizer steps")
@@ -105,6 +113,11 @@ class TrainConfig:
         False, "allow model code from the hub (off: only transformers' own code runs)"
     )
     revision: str | None = _opt(None, "hub revision (branch, tag or commit) of the base model")
+    vram: str | None = _opt(
+        None, "GPU memory to fit (8GB, 7.5GiB): sets batch size, accumulation and checkpointing (lora-rm plan)"
+    )
+    push_to_hub: str | None = _opt(None, "after saving, upload adapter/ (and merged/) to this hub repo id")
+    private: bool = _opt(False, "create the --push-to-hub repo as private")
 
     def __post_init__(self) -> None:
         problems = self._coerce_types()
@@ -145,6 +158,10 @@ class TrainConfig:
         for n in ("eval_fraction", "warmup_ratio", "lora_dropout"):
             if not 0.0 <= getattr(self, n) < 1.0:
                 problems.append(f"{n}: must be in [0, 1), got {getattr(self, n)}")
+        from lora_rm.hub import repo_id_problems
+        from lora_rm.plan import size_problems
+
+        problems += size_problems("vram", self.vram) + repo_id_problems(self.push_to_hub)
         if problems:
             raise UserError(problems_message("Invalid configuration:", problems))
 

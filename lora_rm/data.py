@@ -3,7 +3,8 @@
 Three formats are accepted, one per dataset:
 - explicit: `prompt`, `chosen`, `rejected` texts (the seed notebook's format);
 - implicit: `chosen`, `rejected` full texts sharing a prefix (Anthropic HH);
-- conversational: `chosen`, `rejected` (and optionally `prompt`) as lists of {role, content} messages.
+- conversational: `chosen`, `rejected` (and optionally `prompt`) as lists of {role, content} messages;
+- ranking: `prompt` text and `responses`, a list of two or more distinct texts, best first.
 An optional numeric `margin` column asks for r_chosen - r_rejected >= margin.
 """
 
@@ -227,10 +228,15 @@ def _unreachable(name: str, kind: str) -> str:
 
 
 def detect_format(rows: list[Row], source: str) -> str:
-    """Return 'explicit', 'implicit' or 'conversational' from the columns; UserError if chosen/rejected are missing."""
+    """Return 'explicit', 'implicit', 'conversational' or 'ranking' from the columns; UserError if
+    chosen/rejected (or prompt/responses) are missing."""
     if not rows:
         raise UserError(f"{source}: no rows")
     columns = set().union(*(r.fields.keys() for r in rows[:100]))
+    if "responses" in columns and "chosen" not in columns:
+        if "prompt" not in columns:
+            raise UserError(f"{source}: ranked lists (a responses column) need a prompt column too")
+        return "ranking"
     missing = [c for c in ("chosen", "rejected") if c not in columns]
     if missing:
         raise UserError(
@@ -300,8 +306,29 @@ MIXED_PROMPT = {  # the prompt's shape differs from chosen's and rejected's, by 
 }
 
 
+def _ranking_problems(f: dict[str, Any]) -> list[str]:
+    """'field: reason' for the prompt and the ranked responses of one row."""
+    out = [f"prompt: {p}" for p in [_text_problem(f.get("prompt"))] if p]
+    responses = f.get("responses")
+    if not isinstance(responses, list) or len(responses) < 2:
+        got = f"{len(responses)}" if isinstance(responses, list) else _short_repr(responses)
+        return [*out, f"responses: expected a list of at least 2 texts, best first, got {got}"]
+    seen: dict[str, int] = {}
+    for k, r in enumerate(responses):
+        problem = _text_problem(r)
+        if problem:
+            out.append(f"responses[{k}]: {problem}")
+        elif r in seen:
+            out.append(f"responses[{k}]: identical to responses[{seen[r]}]")
+        else:
+            seen[r] = k
+    return out
+
+
 def _field_problems(f: dict[str, Any], fmt: str) -> list[str]:
-    """'field: reason' for the prompt, chosen and rejected of one row."""
+    """'field: reason' for the prompt, chosen and rejected (or ranked responses) of one row."""
+    if fmt == "ranking":
+        return _ranking_problems(f)
     out = []
     if fmt != "conversational":
         for name in ("prompt", "chosen", "rejected") if fmt == "explicit" else ("chosen", "rejected"):
@@ -337,7 +364,7 @@ def row_problems(row: Row, fmt: str) -> list[str]:
     f = row.fields
     out = list(row.problems)
     fields = _field_problems(f, fmt)
-    if not fields and f["chosen"] == f["rejected"]:
+    if not fields and fmt != "ranking" and f["chosen"] == f["rejected"]:
         fields.append("rejected: identical to chosen")
     out += fields
     margin = _margin_problem(f.get("margin"))

@@ -4,10 +4,13 @@ Every sequence is `special prefix + prompt + response + special suffix (+ EOS fo
 sequence is too long, the prompt loses tokens from its left so that the end of the response and the
 EOS, where the reward is read, always survive; a response longer than the whole budget keeps its tail.
 Pairs whose two sides become identical are dropped. Every truncation and drop is counted.
+Ranked lists of K responses become weighted pairs of one group (`encode_rankings`), and single
+sequences for scoring are built by the same rules (`encode_sequences`).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +29,8 @@ class EncodedPair:
     chosen: list[int]
     rejected: list[int]
     margin: float = 0.0
+    weight: float = 1.0  # the pair's share of the loss: 1, or 1/(pairs of its ranked list)
+    group: int | None = None  # the ranked list (row) the pair comes from; None for a plain pair
 
 
 @dataclass
@@ -109,6 +114,19 @@ def _render_chat(tokenizer: Any, messages: list[dict[str, str]], where: str) -> 
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
+def _refuse_too_long(too_long: list[str]) -> None:
+    if too_long:
+        header = f"{len(too_long)} sequence(s) over the length limit (--length-policy error):"
+        raise UserError(problems_message(header, too_long))
+
+
+def _budget(max_length: int, prefix: list[int], suffix: list[int]) -> int:
+    budget = max_length - len(prefix) - len(suffix)
+    if budget < 2:
+        raise UserError(f"max_length {max_length} leaves no room for text after the special tokens")
+    return budget
+
+
 def encode_pairs(
     rows: list[Row], fmt: str, tokenizer: Any, max_length: int, policy: str = "truncate"
 ) -> tuple[list[EncodedPair], LengthReport]:
@@ -141,9 +159,7 @@ def encode_pairs(
     if fmt == "conversational" and bos is not None and prompts and all(p[:1] == [bos] for p in prompts):
         prefix, prompts = [bos], [p[1:] for p in prompts]  # the template's BOS must survive prompt truncation
 
-    budget = max_length - len(prefix) - len(suffix)
-    if budget < 2:
-        raise UserError(f"max_length {max_length} leaves no room for text after the special tokens")
+    budget = _budget(max_length, prefix, suffix)
     report, pairs = LengthReport(pairs_in=len(rows)), []
     if policy == "error":
         too_long = [
@@ -152,12 +168,7 @@ def encode_pairs(
             for side, r in (("chosen", rc), ("rejected", rr))
             if len(p) + len(r) > budget
         ]
-        if too_long:
-            raise UserError(
-                problems_message(
-                    f"{len(too_long)} sequence(s) over the length limit (--length-policy error):", too_long
-                )
-            )
+        _refuse_too_long(too_long)
     for row, prompt, resp_c, resp_r in zip(rows, prompts, ids_c, ids_r):
         chosen, cut_c = _fit(prompt, resp_c, budget)
         rejected, cut_r = _fit(prompt, resp_r, budget)
@@ -170,6 +181,101 @@ def encode_pairs(
         margin = float(row.fields.get("margin") or 0.0)
         pairs.append(EncodedPair(prefix + chosen + suffix, prefix + rejected + suffix, margin))
     return pairs, report
+
+
+def encode_rankings(
+    rows: list[Row], tokenizer: Any, max_length: int, policy: str = "truncate", loss: str = "all_pairs"
+) -> tuple[list[EncodedPair], LengthReport]:
+    """Expand ranked lists (`prompt`, `responses` best first) into pairs of one `group` per row; each
+    response is tokenized and cut as an explicit-prompt side is.
+
+    loss "plackett_luce": the chain of adjacent pairs (1, 2), (2, 3), ... that `loss.chain_losses` reads
+    back, each of weight 1/(pairs kept). Otherwise all K-choose-2 pairs (i, j), i < j, in order, each of
+    weight 1/(pairs kept) ("all_pairs": every list counts once) or 1 ("pairwise": every pair counts once).
+    Pairs whose sides become identical are dropped and counted as in `encode_pairs`.
+    """
+    prefix, suffix = special_tokens(tokenizer)
+    budget = _budget(max_length, prefix, suffix)
+    prompts = _ids(tokenizer, [r.fields["prompt"] for r in rows])
+    report, pairs, too_long = LengthReport(), [], []
+    for group, (row, prompt) in enumerate(zip(rows, prompts)):
+        responses = _ids(tokenizer, row.fields["responses"])
+        too_long += [
+            f"{row.where}: responses[{k}]: {len(prompt) + len(r) + len(prefix) + len(suffix)} tokens > "
+            f"max_length {max_length}"
+            for k, r in enumerate(responses)
+            if len(prompt) + len(r) > budget
+        ]
+        fitted = [_fit(prompt, r, budget) for r in responses]
+        if loss == "plackett_luce":
+            links = [(i, i + 1) for i in range(len(fitted) - 1)]
+        else:
+            links = list(itertools.combinations(range(len(fitted)), 2))
+        kept = []
+        for i, j in links:
+            cuts = {fitted[i][1], fitted[j][1]}
+            report.pairs_in += 1
+            report.response_truncated += "response" in cuts
+            report.prompt_truncated += "prompt" in cuts and "response" not in cuts
+            if fitted[i][0] == fitted[j][0]:
+                report.dropped_identical.append(f"{row.where} (responses {i} and {j})")
+            else:
+                kept.append((i, j))
+        weight = 1.0 if loss == "pairwise" else 1.0 / max(len(kept), 1)
+        pairs += [
+            EncodedPair(prefix + fitted[i][0] + suffix, prefix + fitted[j][0] + suffix, 0.0, weight, group)
+            for i, j in kept
+        ]
+    if policy == "error":
+        _refuse_too_long(too_long)
+    return pairs, report
+
+
+def encode_rows(
+    rows: list[Row], fmt: str, tokenizer: Any, max_length: int, policy: str = "truncate", loss: str = "auto"
+) -> tuple[list[EncodedPair], LengthReport]:
+    """`encode_rankings` for ranked lists (loss "auto" meaning all_pairs), else `encode_pairs`."""
+    if fmt == "ranking":
+        return encode_rankings(rows, tokenizer, max_length, policy, "all_pairs" if loss == "auto" else loss)
+    return encode_pairs(rows, fmt, tokenizer, max_length, policy)
+
+
+def encode_sequences(
+    prompts: Sequence[Any], responses: Sequence[Any], tokenizer: Any, max_length: int, fmt: str = "explicit"
+) -> list[list[int]]:
+    """Token ids of single (prompt, response) sequences, each built exactly as one side of a training
+    pair of format `fmt`: same special tokens and EOS, same length policy (the prompt loses tokens from
+    the left; a response over the budget keeps its tail).
+
+    explicit and ranking: prompt and response are tokenized apart and joined. implicit: prompt + response
+    is tokenized as one text (training tokenizes the full text; where the prompt ends does not change
+    what is kept). conversational: the prompt is a list of messages and the response the assistant's
+    text (or a list of messages), rendered with the tokenizer's chat template.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    prefix, suffix = special_tokens(tokenizer)
+    if fmt == "conversational":
+        prefix, suffix = [], []
+        texts = [
+            _render_chat(
+                tokenizer,
+                list(p) + (r if isinstance(r, list) else [{"role": "assistant", "content": r}]),
+                f"sequence {n + 1}",
+            )
+            for n, (p, r) in enumerate(zip(prompts, responses))
+        ]
+        full = _ids(tokenizer, texts)
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if bos is not None and full and all(f[:1] == [bos] for f in full):
+            prefix, full = [bos], [f[1:] for f in full]
+        parts = [([], f) for f in full]
+    elif fmt == "implicit":
+        parts = [([], f) for f in _ids(tokenizer, [p + r for p, r in zip(prompts, responses)])]
+    else:
+        parts = list(zip(_ids(tokenizer, list(prompts)), _ids(tokenizer, list(responses))))
+    budget = _budget(max_length, prefix, suffix)
+    return [prefix + _fit(p, r, budget)[0] + suffix for p, r in parts]
 
 
 def prepare_pairs(
@@ -193,8 +299,13 @@ def prepare_pairs(
     else:
         train_rows, eval_rows = split_rows(train_rows, cfg.eval_fraction, cfg.seed)
         eval_source = f"{cfg.dataset} ({cfg.eval_fraction:.0%} held out)"
-    train_pairs, train_report = encode_pairs(train_rows, fmt, tokenizer, max_length, cfg.length_policy)
-    eval_pairs, eval_report = encode_pairs(eval_rows, fmt, tokenizer, max_length, cfg.length_policy)
+    train_pairs, train_report = encode_rows(
+        train_rows, fmt, tokenizer, max_length, cfg.length_policy, cfg.loss
+    )
+    # eval always sees every pair of a ranked list, whatever the training objective
+    eval_pairs, eval_report = encode_rows(
+        eval_rows, fmt, tokenizer, max_length, cfg.length_policy, "all_pairs"
+    )
     if not train_pairs:
         raise UserError(
             f"{cfg.dataset}: no training pairs left after the length policy ({train_report.summary()})"

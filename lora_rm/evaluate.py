@@ -1,15 +1,29 @@
-"""Pairwise evaluation: loss, accuracy (ties count half) and mean reward margin."""
+"""Evaluation of a reward model on preference pairs.
+
+`evaluate` is the quick one run during training: loss, accuracy (ties count half), mean margin.
+`write_full_eval` is the full one, run at the end of training and by `lora-rm eval`: it adds the margin
+distribution, calibration, length bias, ranked-list metrics and the reward statistics used to normalise
+scores, and writes eval.json, PNG plots and reward_stats.json.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from lora_rm.batch import PreferenceCollator, plan_batches
-from lora_rm.encode import EncodedPair
-from lora_rm.loss import PairStats, pairwise_loss
-from lora_rm.model import pair_rewards
+from lora_rm import metrics, plots
+from lora_rm.batch import PreferenceCollator, pad_sequences, plan_batches
+from lora_rm.encode import EncodedPair, common_prefix_len
+from lora_rm.loss import LN2, PairStats, all_pairs_loss, loss_near_chance, pairwise_loss, plackett_luce_loss
+from lora_rm.model import compute_rewards, pair_rewards
+
+STATS_FILE = "reward_stats.json"
 
 
 @torch.no_grad()
@@ -46,3 +60,154 @@ def evaluate(
         stats = PairStats(int(sums[0]), sums[1], int(sums[2]), int(sums[3]), sums[4])
     model.train(was_training)
     return stats.summary()
+
+
+@torch.no_grad()
+def sequence_rewards(
+    model: Any, seqs: list[list[int]], pad_token_id: int, batch_size: int = 16, progress: Any = None
+) -> torch.Tensor:
+    """Raw rewards [N] (float32, on the CPU) of token-id sequences, in their order.
+
+    Sequences are batched longest first (little padding), padded on the right and pooled by
+    `compute_rewards`, in eval mode. `progress`, if given, is called with the count done after each batch.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    out = torch.empty(len(seqs), dtype=torch.float32)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        ids, mask = pad_sequences([seqs[i] for i in idx], pad_token_id)
+        out[idx] = compute_rewards(model, ids.to(device), mask.to(device)).float().cpu()
+        if progress is not None:
+            progress(len(idx))
+    model.train(was_training)
+    return out
+
+
+def _ranked_lists(pairs: list[EncodedPair], rewards: dict[tuple[int, ...], float]) -> list[list[float]]:
+    """Rewards of each ranked list, best first: a list's pairs come in rank order (i < j), so its
+    responses first appear in rank order (a response identical to a better one is not repeated)."""
+    lists: dict[int, dict[tuple[int, ...], float]] = {}
+    for p in pairs:
+        if p.group is not None:
+            seen = lists.setdefault(p.group, {})
+            for side in (tuple(p.chosen), tuple(p.rejected)):
+                seen.setdefault(side, rewards[side])
+    return [list(v.values()) for v in lists.values()]
+
+
+def full_evaluation(
+    model: Any, pairs: list[EncodedPair], pad_token_id: int, batch_size: int = 16
+) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """(report, chosen rewards, rejected rewards) of `pairs`, each distinct sequence scored once.
+
+    The report has `accuracy` (ties count half), `ties`, `loss` (margins applied), `n_pairs`, the margin
+    mean, std and quantiles, `calibration` (ECE and curve), `length_bias` (response length in tokens after
+    the prefix both sides share), `reward_stats` (mean and std of every scored sequence), `ranking` for
+    ranked lists (top-1 accuracy, Plackett-Luce and all-pairs loss per list) and `warnings`.
+    """
+    index: dict[tuple[int, ...], int] = {}
+    for p in pairs:
+        for side in (p.chosen, p.rejected):
+            index.setdefault(tuple(side), len(index))
+    rewards = sequence_rewards(model, [list(k) for k in index], pad_token_id, batch_size)
+    r_c = rewards[[index[tuple(p.chosen)] for p in pairs]]
+    r_r = rewards[[index[tuple(p.rejected)] for p in pairs]]
+    margin = torch.tensor([p.margin for p in pairs], dtype=torch.float64)
+    report: dict[str, Any] = metrics.pairwise_summary(r_c, r_r)
+    report["loss"] = float(F.softplus(-(r_c.double() - r_r.double() - margin)).mean())
+    shared = [common_prefix_len(p.chosen, p.rejected) for p in pairs]
+    report["calibration"] = metrics.calibration(r_c, r_r)
+    report["length_bias"] = metrics.length_bias(
+        r_c,
+        r_r,
+        [len(p.chosen) - n for p, n in zip(pairs, shared)],
+        [len(p.rejected) - n for p, n in zip(pairs, shared)],
+    )
+    report["reward_stats"] = {
+        "mean": float(rewards.double().mean()),
+        "std": float(rewards.double().std(unbiased=False)),
+        "n_rewards": len(index),
+    }
+    lists = _ranked_lists(pairs, {k: float(rewards[i]) for k, i in index.items()})
+    if lists:
+        tensors = [torch.tensor(v, dtype=torch.float64) for v in lists]
+        report["ranking"] = {
+            "n_lists": len(lists),
+            "top1_accuracy": metrics.top1_accuracy(lists),
+            "plackett_luce_loss": float(sum(plackett_luce_loss(t) for t in tensors)) / len(lists),
+            "all_pairs_loss": float(sum(all_pairs_loss(t) for t in tensors if t.numel() > 1)) / len(lists),
+        }
+    report["warnings"] = []
+    if loss_near_chance(report["loss"]):
+        report["warnings"].append(
+            f"loss {report['loss']:.4f} is ~ln 2 ({LN2:.4f}): chosen and rejected get nearly equal rewards"
+        )
+    return report, r_c, r_r
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities (e.g. an undefined correlation) as null: JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_reward_stats(model_dir: str | Path, stats: dict[str, Any], source: str | None = None) -> Path:
+    """Write `reward_stats.json` (mean and std of raw rewards) into a model folder, for normalised scores."""
+    path = Path(model_dir) / STATS_FILE
+    path.write_text(json.dumps({**stats, "source": source}, indent=2), encoding="utf-8")
+    return path
+
+
+def write_full_eval(
+    model: Any,
+    tokenizer: Any,
+    pairs: list[EncodedPair],
+    out_dir: str | Path,
+    model_dirs: Iterable[str | Path | None] = (),
+    metrics_jsonl: str | Path | None = None,
+    batch_size: int = 16,
+    source: str | None = None,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Run `full_evaluation` and write into `out_dir`: eval.json, reward_hist.png, reliability.png and,
+    when `metrics_jsonl` has training records, training_curves.png; reward_stats.json goes into
+    `out_dir` and every folder of `model_dirs` (None entries skipped). Returns the report ({} without
+    pairs, when only the training curves are drawn)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if metrics_jsonl is not None and Path(metrics_jsonl).is_file():
+        try:
+            plots.training_curves(metrics_jsonl, out / "training_curves.png")
+        except ValueError as e:  # no training records yet
+            log(f"eval: no training curves ({e})")
+    if not pairs:
+        log("eval: no eval pairs, so no eval.json and no reward_stats.json")
+        return {}
+    report, r_c, r_r = full_evaluation(model, pairs, tokenizer.pad_token_id, batch_size)
+    (out / "eval.json").write_text(json.dumps(_json_safe(report), indent=2), encoding="utf-8")
+    plots.reward_histograms(r_c, r_r, out / "reward_hist.png")
+    plots.reliability_curve(
+        report["calibration"]["curve"], report["calibration"]["ece"], out / "reliability.png"
+    )
+    for folder in [out, *model_dirs]:
+        if folder is not None:
+            write_reward_stats(folder, report["reward_stats"], source)
+    bias = report["length_bias"]
+    log(
+        f"eval: accuracy {report['accuracy']:.3f} ({report['ties']} ties), loss {report['loss']:.4f}, "
+        f"ECE {report['calibration']['ece']:.3f}, reward-length spearman {bias['reward_length_spearman']:.3f}, "
+        f"{report['n_pairs']} pairs"
+        + (f"; top-1 {report['ranking']['top1_accuracy']:.3f}" if "ranking" in report else "")
+        + f"; written to {out}"
+    )
+    for warning in report["warnings"]:
+        log(f"warning: {warning}")
+    return report

@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from lora_rm.batch import PreferenceBatch, shard_batches
+from lora_rm.batch import PreferenceBatch, pair_weights, shard_batches
 from lora_rm.checkpoint import save_checkpoint
 from lora_rm.encode import EncodedPair
 from lora_rm.errors import UserError
 from lora_rm.evaluate import evaluate
-from lora_rm.loss import PairStats, pairwise_loss
+from lora_rm.loss import PairStats, batch_losses
 from lora_rm.model import pair_rewards
 
 
@@ -51,9 +51,13 @@ class LoopState:
         return cls(**{**d, "stats": PairStats(**d["stats"])})
 
 
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+def _record(accelerator: Any, path: Path, record: dict[str, Any]) -> None:
+    """Append `record` to metrics.jsonl (always) and send it to the --report-to trackers (if any)."""
+    if accelerator.is_main_process:
+        with path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+    accelerator.log(numbers, step=record["step"])  # a no-op without trackers; main process only
 
 
 def backward_window(
@@ -62,16 +66,19 @@ def backward_window(
     accelerator: Any,
     center_coefficient: float = 0.0,
     stats: PairStats | None = None,
+    loss: str = "pairwise",
 ) -> PairStats:
     """Forward and backward every micro-batch of one accumulation window; grads are left for one step.
 
     Each .backward() adds to the grads, so every micro-batch's summed loss is divided by the pairs in
     the whole window (over all processes): k micro-batches of b pairs give exactly the gradient of one
-    batch of k*b pairs, and a short last window is not under-weighted. Returns `stats` updated.
+    batch of k*b pairs, and a short last window is not under-weighted. Pairs of ranked lists carry
+    weights (1/pairs of their list): the sum is then divided by the weights, so each list counts once.
+    `loss` names the objective (`lora_rm.loss.batch_losses`). Returns `stats` updated.
     """
     batches = list(batches)
     stats = stats if stats is not None else PairStats()
-    local_pairs = torch.tensor(sum(b.num_pairs for b in batches), device=accelerator.device)
+    local_pairs = torch.tensor(sum(float(pair_weights(b).sum()) for b in batches), device=accelerator.device)
     window_pairs = accelerator.reduce(local_pairs, "sum").item()
     world = accelerator.num_processes
     for i, batch in enumerate(batches):
@@ -80,9 +87,9 @@ def backward_window(
         sync = accelerator.no_sync(model) if i < len(batches) - 1 else contextlib.nullcontext()
         with sync:
             r_c, r_r = pair_rewards(model, batch)
-            losses = pairwise_loss(r_c, r_r, batch.margin, center_coefficient)
+            losses = batch_losses(loss, r_c, r_r, batch.margin, batch.group, center_coefficient)
             # DDP averages grads over processes; scale back so the result is a per-pair mean.
-            accelerator.backward(losses.sum() * world / window_pairs)
+            accelerator.backward((losses * pair_weights(batch)).sum() * world / window_pairs)
         stats.add(r_c.detach(), r_r.detach(), losses.detach())
     return stats
 
@@ -121,6 +128,7 @@ def _run_window(model, window, pairs, collator, accelerator, cfg, state: LoopSta
                 accelerator,
                 cfg.center_rewards_coefficient,
                 state.stats,
+                cfg.loss,
             )
             return
         except torch.cuda.OutOfMemoryError:
@@ -184,7 +192,7 @@ def fit(
     eval_metrics: dict[str, Any] = {}
     bar = tqdm(total=total_steps, initial=state.step, disable=not is_main, desc="train", dynamic_ncols=True)
     model.train()
-    with _stop_requests() as stop:
+    with _stop_requests() as stop, contextlib.closing(bar):
         while state.step < total_steps:
             batches = shard_batches(
                 plan_epoch(state.epoch),
@@ -218,16 +226,13 @@ def fit(
                         "skipped_steps": state.skipped_steps,
                     }
                     bar.set_postfix(loss=f"{summary['loss']:.4f}", acc=f"{summary['accuracy']:.3f}")
-                    if is_main:
-                        _append_jsonl(metrics_path, record)
+                    _record(accelerator, metrics_path, record)
                     state.stats = PairStats()
                 if eval_pairs and (state.step % cfg.eval_steps == 0 or state.step == total_steps):
                     eval_metrics = evaluate(model, eval_pairs, collator, cfg.batch_size * 2, accelerator)
-                    if is_main:
-                        _append_jsonl(
-                            metrics_path,
-                            {"step": state.step, **{f"eval_{n}": v for n, v in eval_metrics.items()}},
-                        )
+                    _record(
+                        accelerator, metrics_path, {"step": state.step, **{f"eval_{n}": v for n, v in eval_metrics.items()}}
+                    )
                     log(
                         f"eval @ step {state.step}: loss {eval_metrics['loss']:.4f}, accuracy {eval_metrics['accuracy']:.3f} "
                         f"({eval_metrics['ties']} ties), mean margin {eval_metrics['mean_margin']:.3f}"
@@ -258,7 +263,6 @@ def fit(
                     break
             else:
                 state.epoch, state.window = state.epoch + 1, 0
-    bar.close()
     return eval_metrics
 
 

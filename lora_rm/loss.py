@@ -66,3 +66,66 @@ class PairStats:
 def loss_near_chance(loss: float, tolerance: float = 0.01) -> bool:
     """True when the loss sits at ln 2: the model gives chosen and rejected (almost) the same reward."""
     return abs(loss - LN2) < tolerance
+
+
+# Ranked lists of K responses, best first. Both listwise objectives equal `pairwise_loss` at K = 2.
+
+
+def all_pairs_loss(rewards: torch.Tensor) -> torch.Tensor:
+    """InstructGPT's loss for one ranking `rewards` [K] (best first): the mean over its K-choose-2 pairs
+    (i < j) of `-logsigmoid(r_i - r_j)`, so the ranking counts once whatever K is. Scalar, fp32."""
+    r = rewards.float()
+    i, j = torch.triu_indices(r.numel(), r.numel(), offset=1, device=r.device)
+    return -F.logsigmoid(r[i] - r[j]).mean()
+
+
+def plackett_luce_loss(rewards: torch.Tensor) -> torch.Tensor:
+    """Plackett-Luce negative log-likelihood of the order of `rewards` [K] (best first):
+    `sum_i -log softmax(r_i, ..., r_K)[0]`, i.e. each item in turn is picked among those left. Scalar, fp32."""
+    return plackett_luce_terms(rewards).sum()
+
+
+def plackett_luce_terms(rewards: torch.Tensor) -> torch.Tensor:
+    """The K-1 terms `logsumexp(r_i..r_K) - r_i` of `plackett_luce_loss`, one per choice (the last is 0)."""
+    r = rewards.float()
+    tail_lse = torch.logcumsumexp(r.flip(0), dim=0).flip(0)  # logsumexp of r[i:] for each i
+    return (tail_lse - r)[:-1]
+
+
+def chain_losses(r_chosen: torch.Tensor, r_rejected: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Per-pair Plackett-Luce terms, shape [B], for rankings laid out as chains of adjacent pairs.
+
+    A ranking of K responses arrives as the pairs (1, 2), (2, 3), ..., (K-1, K) in order, all with the
+    same `group` id: its rewards are the chosen sides followed by the last rejected side, and pair i gets
+    the term of choice i. A pair whose group is negative (or unique in the batch) is a ranking of two,
+    whose term is the pairwise loss. A chain cut across batches is treated as the sub-ranking present.
+    """
+    out = torch.empty(r_chosen.shape, dtype=torch.float32, device=r_chosen.device)
+    for g in torch.unique(group).tolist():
+        idx = torch.nonzero(group == g).flatten()
+        if g < 0:
+            out[idx] = pairwise_loss(r_chosen[idx], r_rejected[idx])
+        else:
+            out[idx] = plackett_luce_terms(torch.cat([r_chosen[idx], r_rejected[idx[-1:]]]))
+    return out
+
+
+def batch_losses(
+    kind: str,
+    r_chosen: torch.Tensor,
+    r_rejected: torch.Tensor,
+    margin: torch.Tensor | None = None,
+    group: torch.Tensor | None = None,
+    center_coefficient: float = 0.0,
+) -> torch.Tensor:
+    """Per-pair training losses [B] for the objective `kind`; the caller weights and normalises them.
+
+    "plackett_luce" reads rankings from chains of pairs (see `chain_losses`; margins do not apply);
+    every other kind is `pairwise_loss`: "all_pairs" differs only in the pair weights it is given.
+    """
+    if kind == "plackett_luce" and group is not None:
+        losses = chain_losses(r_chosen, r_rejected, group)
+        if center_coefficient:
+            losses = losses + center_coefficient * (r_chosen.float() + r_rejected.float()) ** 2
+        return losses
+    return pairwise_loss(r_chosen, r_rejected, margin, center_coefficient)

@@ -68,6 +68,31 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
     return tokenizer
 
 
+MIN_CAPABILITY = {"8bit": (7, 5), "4bit": (6, 0)}  # LLM.int8 needs Turing+, NF4 Pascal+
+
+
+def check_quantization(quant: str, device_type: str) -> None:
+    """Raise a UserError that explains the fallback when this machine cannot run `quant`."""
+    if quant == "none":
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # ImportError, or a RuntimeError from a library that cannot find its binary
+        raise UserError(
+            f"quant {quant} needs bitsandbytes, which cannot load here ({type(e).__name__}: {e}). "
+            "Install it (pip install bitsandbytes) or train with --quant none."
+        ) from None
+    if device_type == "cuda":
+        have = torch.cuda.get_device_capability()
+        need = MIN_CAPABILITY[quant]
+        if have < need:
+            fallback = "--quant 4bit" if quant == "8bit" and have >= MIN_CAPABILITY["4bit"] else "--quant none"
+            raise UserError(
+                f"quant {quant} needs a GPU of compute capability {need[0]}.{need[1]} or newer; this one is "
+                f"{have[0]}.{have[1]} ({torch.cuda.get_device_name()}). Use {fallback}."
+            )
+
+
 def quantization_config(quant: str, compute_dtype: torch.dtype) -> Any:
     from transformers import BitsAndBytesConfig
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import time
@@ -17,6 +18,7 @@ from lora_rm.batch import (
     PreferenceCollator,
     pair_cost,
     plan_batches,
+    plan_group_batches,
     plan_grouped_batches,
     shard_batches,
 )
@@ -24,10 +26,11 @@ from lora_rm.checkpoint import complete_checkpoints, fingerprint, load_checkpoin
 from lora_rm.config import TrainConfig
 from lora_rm.encode import EncodedPair, LengthReport, default_max_length, prepare_pairs
 from lora_rm.errors import UserError
+from lora_rm.evaluate import write_full_eval
 from lora_rm.export import merge_adapter, save_adapter
 from lora_rm.fit import LoopState, fit, trim_metrics
 from lora_rm.loss import loss_near_chance
-from lora_rm.model import add_lora, load_base_model, load_tokenizer, packed_layout_works
+from lora_rm.model import add_lora, check_quantization, load_base_model, load_tokenizer, packed_layout_works
 from lora_rm.optim import build_optimizer, resolve_precision
 
 # Options a resume may change freely: they do not change what is trained, or (data paths, split) what
@@ -47,6 +50,9 @@ RESUME_FREE = {
     "skip_invalid",
     "eval_dataset",
     "eval_fraction",
+    "vram",  # what it changes (batch size, accumulation, checkpointing) is in the fingerprint itself
+    "push_to_hub",
+    "private",
 }
 
 
@@ -87,6 +93,14 @@ def _resume_point(cfg: TrainConfig, fingerprints: dict[str, str]) -> Path | None
     return path
 
 
+def tracker(name: str) -> str:
+    """The accelerate tracker for --report-to, or a UserError naming the package to install."""
+    packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}[name]
+    if not any(importlib.util.find_spec(p) for p in packages):
+        raise UserError(f"report_to: {name} is not installed (pip install {packages[0]}); metrics.jsonl is always written")
+    return name
+
+
 def choose_layout(
     cfg: TrainConfig,
     model: Any,
@@ -123,6 +137,8 @@ def choose_layout(
     grouped = cfg.group_by_length or cfg.max_tokens_per_batch is not None
 
     def plan_epoch(epoch: int) -> list[list[int]]:
+        if cfg.loss == "plackett_luce":  # each ranked list's chain of pairs must share a micro-batch
+            return plan_group_batches([p.group for p in pairs], cfg.batch_size, cfg.seed, epoch)
         if not grouped:
             return plan_batches(len(pairs), cfg.batch_size, cfg.seed, epoch)
         return plan_grouped_batches(costs, cfg.batch_size, cfg.seed, epoch, cfg.max_tokens_per_batch, packed)
@@ -148,7 +164,13 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
     started = time.perf_counter()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     mixed_precision = resolve_precision(cfg.precision, device_type)
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device_type == "cpu")
+    check_quantization(cfg.quant, device_type)
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=device_type == "cpu",
+        log_with=None if cfg.report_to == "none" else tracker(cfg.report_to),
+        project_dir=cfg.output_dir,
+    )
     log = log if accelerator.is_main_process else (lambda *_a, **_k: None)
     set_seed(cfg.seed)
 
@@ -160,6 +182,14 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
     except (OSError, ValueError) as e:
         raise UserError(f"{cfg.base}: cannot read the model config ({type(e).__name__})") from None
     max_length = cfg.max_length or default_max_length(model_config, tokenizer)
+    if cfg.vram:  # micro-batch, accumulation and checkpointing that fit the card; the effective batch is kept
+        import dataclasses
+
+        from lora_rm.plan import fit_to_vram
+
+        pairs, steps, ckpt, message = fit_to_vram(cfg, model_config, max_length)
+        cfg = dataclasses.replace(cfg, batch_size=pairs, gradient_accumulation_steps=steps, gradient_checkpointing=ckpt)
+        log(message)
     train_pairs, eval_pairs, reports = prepare_pairs(cfg, tokenizer, max_length, log)
     fingerprints = {
         "data": fingerprint([[p.chosen, p.rejected, p.margin] for p in train_pairs]),
@@ -211,12 +241,14 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
     run_config = {
         **cfg.to_dict(),
         "max_length": max_length,
+        "data_format": reports["format"],  # how `lora_rm.score` builds sequences for this model
         "mixed_precision": mixed_precision,
         "total_steps": total_steps,
     }
     if accelerator.is_main_process:
         (out / "config.json").write_text(json.dumps(run_config, indent=2), encoding="utf-8")
         trim_metrics(out / "metrics.jsonl", state.step)
+    accelerator.init_trackers("lora_rm", config={k: v for k, v in run_config.items() if isinstance(v, (int, float, str, bool))})
     log(
         f"train: {len(train_pairs)} pairs, {total_steps} steps of {cfg.batch_size} x "
         f"{cfg.gradient_accumulation_steps} x {world} pairs; writing to {out}"
@@ -255,7 +287,17 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
             log(
                 f"saved merged model to {merged_dir} (max reward difference vs adapter {check['merge_max_abs_diff']:.2e})"
             )
+        # eval.json, plots, and the reward statistics `score(normalize=True)` uses, beside each model
+        write_full_eval(
+            unwrapped, tokenizer, eval_pairs, out / "eval", [adapter_dir, merged_dir], out / "metrics.jsonl",
+            cfg.batch_size * 2, source=cfg.eval_dataset or cfg.dataset, log=log,
+        )  # fmt: skip
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:  # the model card in adapter/README.md; the upload with --push-to-hub
+        from lora_rm.hub import publish
+
+        publish(out, run_config, eval_metrics, log)  # a failed upload: UserError, local output kept
+    accelerator.end_training()  # after the last barrier: it also ends the process group
     return TrainResult(
         out,
         adapter_dir,

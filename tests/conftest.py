@@ -127,3 +127,29 @@ def preference_rows(n: int) -> list[dict]:
 @pytest.fixture
 def prefs_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "prefs.jsonl", preference_rows(48))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_gpt2):
+    """A short run on the tiny GPT-2 with a merged model, eval outputs and reward statistics (~3 s)."""
+    from lora_rm.config import TrainConfig
+    from lora_rm.train import train
+
+    tmp = tmp_path_factory.mktemp("trained-run")
+    data = write_jsonl(tmp / "prefs.jsonl", preference_rows(48))
+    cfg = TrainConfig(
+        base=str(tiny_gpt2),
+        dataset=str(data),
+        output_dir=str(tmp / "run"),
+        quant="none",
+        batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=5e-3,
+        epochs=4,
+        eval_fraction=0.25,
+        lora_dropout=0.0,
+        precision="fp32",
+        seed=0,
+        merge=True,
+    )
+    return train(cfg, log=lambda *_: None)

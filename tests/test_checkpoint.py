@@ -250,14 +250,14 @@ def test_rng_state_round_trips_without_pickle():
 def test_a_nan_step_is_skipped_and_counted(monkeypatch, tiny_gpt2, prefs_file, tmp_path):
     import lora_rm.fit as fit_module
 
-    real, calls = fit_module.pairwise_loss, []
+    real, calls = fit_module.batch_losses, []
 
     def sometimes_nan(*args, **kwargs):
         calls.append(1)
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(fit_module, "pairwise_loss", sometimes_nan)
+    monkeypatch.setattr(fit_module, "batch_losses", sometimes_nan)
     result = train(_cfg(tiny_gpt2, prefs_file, tmp_path / "run", max_steps=6), log=lambda *_: None)
     records = [
         json.loads(line)
@@ -271,7 +271,9 @@ def test_a_nan_step_is_skipped_and_counted(monkeypatch, tiny_gpt2, prefs_file, t
 def test_repeated_nan_stops_with_a_checkpoint(monkeypatch, tiny_gpt2, prefs_file, tmp_path):
     import lora_rm.fit as fit_module
 
-    monkeypatch.setattr(fit_module, "pairwise_loss", lambda r_c, r_r, *a, **k: (r_c - r_r) * float("nan"))
+    monkeypatch.setattr(
+        fit_module, "batch_losses", lambda _kind, r_c, r_r, *a, **k: (r_c - r_r) * float("nan")
+    )
     with pytest.raises(TrainingStopped, match="non-finite") as stopped:
         train(_cfg(tiny_gpt2, prefs_file, tmp_path / "run", max_bad_steps=3), log=lambda *_: None)
     assert stopped.value.exit_code == 3

@@ -7,7 +7,17 @@ import math
 import pytest
 import torch
 
-from lora_rm.loss import LN2, PairStats, loss_near_chance, pairwise_loss
+from lora_rm.loss import (
+    LN2,
+    PairStats,
+    all_pairs_loss,
+    batch_losses,
+    chain_losses,
+    loss_near_chance,
+    pairwise_loss,
+    plackett_luce_loss,
+    plackett_luce_terms,
+)
 
 # -log(sigmoid(x)) = log(1 + exp(-x)), worked out by hand:
 NLS_1 = 0.31326169  # x = 1
@@ -190,3 +200,51 @@ def test_loss_near_chance(loss, expected):
 def test_loss_near_chance_tolerance():
     assert loss_near_chance(math.log(2) + 0.05, tolerance=0.1)
     assert not loss_near_chance(math.log(2) + 0.05, tolerance=0.01)
+
+
+# Ranked lists, best first. For r = [2, 1, 0]:
+#   Plackett-Luce: [log(e^2 + e^1 + e^0) - 2] + [log(e^1 + e^0) - 1] = 0.40760596 + 0.31326169 = 0.72086765
+#   all pairs: mean of -logsigmoid over (2-1, 2-0, 1-0) = (0.31326169 + 0.12692801 + 0.31326169) / 3 = 0.25115046
+PL_TERMS_210 = (0.40760596, 0.31326169)
+ALL_PAIRS_210 = 0.25115046
+
+
+def test_plackett_luce_hand_worked():
+    r = t(2.0, 1.0, 0.0)
+    torch.testing.assert_close(plackett_luce_terms(r), t(*PL_TERMS_210), rtol=0, atol=1e-6)
+    assert plackett_luce_loss(r).item() == pytest.approx(sum(PL_TERMS_210), abs=1e-6)
+    # the reversed order is far less likely: [log(1 + e + e^2) - 0] + [log(e + e^2) - 1] = 3.72086765
+    assert plackett_luce_loss(t(0.0, 1.0, 2.0)).item() == pytest.approx(3.72086765, abs=1e-6)
+
+
+def test_all_pairs_hand_worked():
+    assert all_pairs_loss(t(2.0, 1.0, 0.0)).item() == pytest.approx(ALL_PAIRS_210, abs=1e-6)
+
+
+@pytest.mark.parametrize("a, b", [(1.0, 0.0), (0.0, 0.0), (-1.0, 0.0), (3.5, -2.25)])
+def test_listwise_losses_reduce_to_pairwise_at_two(a, b):
+    pair = pairwise_loss(t(a), t(b)).item()
+    assert plackett_luce_loss(t(a, b)).item() == pytest.approx(pair, abs=1e-6)
+    assert all_pairs_loss(t(a, b)).item() == pytest.approx(pair, abs=1e-6)
+
+
+def test_chain_losses_read_each_list_back_from_its_adjacent_pairs():
+    # list 7: rewards [2, 1, 0] as pairs (2, 1), (1, 0); a plain pair (group -1); list 3: [0.5, 1.5]
+    r_c, r_r, group = t(2.0, 1.0, 1.0, 0.5), t(1.0, 0.0, 0.0, 1.5), torch.tensor([7, 7, -1, 3])
+    expected = t(*PL_TERMS_210, NLS_1, pairwise_loss(t(0.5), t(1.5)).item())
+    torch.testing.assert_close(chain_losses(r_c, r_r, group), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        batch_losses("plackett_luce", r_c, r_r, group=group), expected, rtol=0, atol=1e-6
+    )
+    # every other objective is the pairwise loss per pair (all_pairs differs in the weights only)
+    torch.testing.assert_close(batch_losses("all_pairs", r_c, r_r, group=group), pairwise_loss(r_c, r_r))
+
+
+def test_chain_losses_have_the_plackett_luce_gradient():
+    ranked = torch.tensor([0.3, -0.2, 0.9, 0.1], requires_grad=True)
+    plackett_luce_loss(ranked).backward()
+    expected = ranked.grad.clone()
+    ranked.grad = None
+    r_c, r_r = ranked[:-1], ranked[1:]  # the chain of pairs (0, 1), (1, 2), (2, 3)
+    chain_losses(r_c, r_r, torch.tensor([0, 0, 0])).sum().backward()
+    torch.testing.assert_close(ranked.grad, expected)

@@ -115,3 +115,37 @@ def test_seeded_head_is_reproducible(tiny_gpt2):
     a = load_base_model(str(tiny_gpt2), 0, seed=3).score.weight
     b = load_base_model(str(tiny_gpt2), 0, seed=3).score.weight
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "quant, capability, fallback",
+    [("8bit", (7, 0), "--quant 4bit"), ("8bit", (5, 2), "--quant none"), ("4bit", (5, 2), "--quant none")],
+)
+def test_old_gpus_get_a_clear_quantization_fallback(monkeypatch, quant, capability, fallback):
+    from lora_rm.model import check_quantization
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Old GPU")
+    with pytest.raises(UserError, match=fallback):
+        check_quantization(quant, "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 6))
+    check_quantization(quant, "cuda")
+    check_quantization(quant, "cpu")
+
+
+def test_missing_bitsandbytes_suggests_quant_none(monkeypatch):
+    import builtins
+
+    from lora_rm.model import check_quantization
+
+    real_import = builtins.__import__
+
+    def no_bnb(name, *args, **kwargs):
+        if name == "bitsandbytes":
+            raise ImportError("No module named 'bitsandbytes'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bnb)
+    with pytest.raises(UserError, match="--quant none"):
+        check_quantization("8bit", "cpu")
+    check_quantization("none", "cpu")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 from lora_rm.batch import PreferenceCollator
 from lora_rm.config import TrainConfig
 from lora_rm.encode import EncodedPair
+from lora_rm.errors import UserError
 from lora_rm.fit import backward_window
 from lora_rm.model import add_lora, compute_rewards, load_base_model, load_reward_model, load_tokenizer
 from lora_rm.optim import resolve_precision
@@ -226,3 +228,44 @@ def test_quickstart_from_the_readme_learns(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = json.loads((out / "adapter" / "lora_rm_config.json").read_text(encoding="utf-8"))["eval"]
     assert final["n_pairs"] == 200 and final["accuracy"] >= 0.85
+
+
+def test_report_to_sends_every_metrics_record_to_the_tracker(monkeypatch, tmp_path, tiny_gpt2, prefs_file):
+    from accelerate.tracking import GeneralTracker
+
+    train_module = importlib.import_module("lora_rm.train")  # `lora_rm.train` the attribute is the function
+
+    class Recorder(GeneralTracker):
+        name, requires_logging_directory = "recorder", False
+        logged: list = []
+
+        def __init__(self):
+            super().__init__()
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            self.config = values
+
+        def log(self, values, step=None, **kwargs):
+            self.logged.append((step, values))
+
+    recorder = Recorder()
+    monkeypatch.setattr(train_module, "tracker", lambda name: [recorder])
+    train(_cfg(tmp_path, tiny_gpt2, prefs_file, max_steps=4, report_to="tensorboard"), log=lambda *_: None)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [step for step, _ in recorder.logged] == [r["step"] for r in lines]
+    assert recorder.logged[0][1]["loss"] == lines[0]["loss"]
+    assert recorder.config["lora_r"] == 16
+
+
+def test_report_to_a_missing_package_is_a_user_error(tmp_path, tiny_gpt2, prefs_file):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb"):
+        pytest.skip("wandb is installed here")
+    with pytest.raises(UserError, match="pip install wandb"):
+        train(_cfg(tmp_path, tiny_gpt2, prefs_file, report_to="wandb"), log=lambda *_: None)
+    assert not (tmp_path / "run").exists()

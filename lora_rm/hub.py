@@ -1,0 +1,276 @@
+"""Publish a trained reward model: a model card in adapter/README.md, and an upload to the Hugging Face Hub."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from lora_rm.errors import UserError
+
+PLACEHOLDER_REPO = "YOUR_NAME/YOUR_REPO"
+METRIC_ORDER = ("accuracy", "loss", "ties", "mean_margin", "ece", "top1_accuracy", "n_pairs")
+
+
+def repo_id_problems(repo_id: str | None) -> list[str]:
+    """The problem with a --push-to-hub repo id ([] when fine or unset), checked before training starts."""
+    if repo_id is None:
+        return []
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        return [
+            f"push_to_hub: {repo_id!r} is not a hub repo id like name or owner/name ({str(e).split('. Use')[0]})"
+        ]
+    return []
+
+
+def _is_hub_id(name: str) -> bool:
+    return bool(name) and not repo_id_problems(name) and not Path(name).expanduser().exists()
+
+
+def _rows(pairs: list[tuple[str, Any]]) -> str:
+    return "\n".join(f"| {k} | {v} |" for k, v in pairs)
+
+
+def render_model_card(
+    run_config: dict[str, Any],
+    eval_metrics: dict[str, Any],
+    repo_id: str,
+    merged: bool,
+    append_eos: bool = True,
+) -> str:
+    """README.md for the adapter folder and the hub repo: YAML front matter (library_name peft, base_model
+    when the base is a hub id, tags), what it is, base, data, settings, eval metrics and usage snippets.
+
+    `append_eos`: whether a plain-transformers user must append the EOS after the response, as training did
+    (False when the tokenizer ends texts itself, as encoders do); lora_rm's loaders build sequences as training did.
+    """
+    base = str(run_config.get("base"))
+    repo = repo_id or PLACEHOLDER_REPO
+    hub_base = _is_hub_id(base)
+    front = ["---", "library_name: peft"] + ([f"base_model: {base}"] if hub_base else [])
+    front += [
+        "pipeline_tag: text-classification",
+        "tags:",
+        "- reward-model",
+        "- lora",
+        "- rlhf",
+        "- lora_rm",
+        "---",
+    ]
+    targets = ", ".join(run_config.get("target_modules") or []) or "PEFT's default for the architecture"
+    settings = [
+        ("LoRA r / alpha / dropout", f"{run_config.get('lora_r')} / {run_config.get('lora_alpha')} / {run_config.get('lora_dropout')}"),
+        ("target modules", targets),
+        ("base weights in training", run_config.get("quant")),
+        ("max length (tokens)", run_config.get("max_length")),
+        ("pairs per step", f"{run_config.get('batch_size')} x {run_config.get('gradient_accumulation_steps')} accumulation steps"),
+        ("learning rate", f"{run_config.get('learning_rate')} ({run_config.get('lr_scheduler')}, warmup {run_config.get('warmup_ratio')})"),
+        ("optimizer steps", run_config.get("total_steps", run_config.get("max_steps"))),
+        ("loss", run_config.get("loss", "pairwise")),
+        ("precision", {"no": "fp32"}.get(run_config.get("mixed_precision"), run_config.get("mixed_precision"))),
+        ("seed", run_config.get("seed")),
+    ]  # fmt: skip
+    scalars = {
+        k: v for k, v in eval_metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    ordered = [k for k in METRIC_ORDER if k in scalars] + sorted(set(scalars) - set(METRIC_ORDER))
+    metric_rows = [(k, f"{scalars[k]:.4f}" if isinstance(scalars[k], float) else scalars[k]) for k in ordered]
+    eval_source = run_config.get("eval_dataset") or (
+        f"{run_config.get('eval_fraction')} of the data held out (or the dataset's test split)"
+    )
+    metrics = (
+        f"On {eval_source}; accuracy counts ties as half.\n\n| metric | value |\n|---|---|\n{_rows(metric_rows)}"
+        if metric_rows
+        else "No evaluation was run (no eval data)."
+    )
+    suffix = (
+        " + tokenizer.eos_token  # the reward is read at the EOS appended in training" if append_eos else ""
+    )
+    merged_lr = (
+        '\nrm = lora_rm.RewardModel.from_pretrained(f"{path}/merged")   # the merged model\n'
+        if merged
+        else ""
+    )
+    merged_tf = (
+        f'\n# Or the merged model, no peft needed:\n# model = AutoModelForSequenceClassification.from_pretrained("{repo}", subfolder="merged")'
+        if merged
+        else ""
+    )
+    what = "a LoRA adapter and a one-output reward head" + (
+        ", and the same model merged into a standalone one in `merged/`" if merged else ""
+    )
+    return f"""{chr(10).join(front)}
+
+# {repo.split("/")[-1]}: a LoRA reward model
+
+A reward model for RLHF, trained with lora_rm on preference pairs with the pairwise loss
+`-log sigmoid(r_chosen - r_rejected)`. It gives one raw score per (prompt, response): higher is preferred, and
+the difference of two scores is the log-odds that the first response is preferred. This repo holds {what}.
+
+## Base model
+
+`{base}`{"" if hub_base else " (a local folder when trained: load your copy of it as the base)"}, as
+`AutoModelForSequenceClassification` with `num_labels=1`; its weights were {run_config.get("quant")} during training.
+
+## Training data
+
+`{run_config.get("dataset")}` (split `{run_config.get("split", "train")}`, format `{run_config.get("data_format", "?")}`).
+
+## Training settings
+
+| setting | value |
+|---|---|
+{_rows(settings)}
+
+## Evaluation
+
+{metrics}
+
+## Usage
+
+With lora_rm installed, which builds sequences exactly as training did:
+
+```python
+import lora_rm
+from huggingface_hub import snapshot_download
+
+path = snapshot_download("{repo}")
+rm = lora_rm.RewardModel.from_pretrained(path)   # the adapter, on the base it records
+rm.score(["Question: How do I boil an egg?\\nAnswer:"], [" Put it in boiling water for 8 minutes."])
+rm.compare("Question: Hi?\\nAnswer:", " Hello!", " Go away.")   # P(A preferred), both rewards
+model, tokenizer = lora_rm.load_reward_model(path)   # or the PeftModel and tokenizer themselves
+{merged_lr}```
+
+With peft and transformers only:
+
+```python
+import torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
+base = AutoModelForSequenceClassification.from_pretrained("{base}", num_labels=1)
+model = PeftModel.from_pretrained(base, "{repo}").eval()
+# One unpadded sequence at a time. pad_token_id=None makes transformers read the last token; with a pad id it
+# reads the last non-pad token, which skips the EOS when pad == EOS (GPT-2, Llama).
+model.config.pad_token_id = None
+text = "Question: Hi?\\nAnswer:" + " Hello!"{suffix}
+with torch.no_grad():
+    reward = model(**tokenizer(text, return_tensors="pt")).logits[0, 0].item(){merged_tf}
+```
+"""
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "0").strip().upper() in ("1", "ON", "YES", "TRUE")
+    return flag or bool(constants.HF_HUB_OFFLINE)
+
+
+def _reason(e: Exception, repo_id: str) -> str:
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if status in (401, 403):
+        return f"the hub refused the token (HTTP {status}): check HF_TOKEN or `hf auth login`, and write access to {repo_id}"
+    kind, text = type(e).__name__, str(e).strip()
+    if any(k in kind for k in ("Connect", "Timeout", "Offline", "Network")):
+        return f"cannot reach the Hugging Face Hub ({kind})"
+    return f"{kind}: {text.splitlines()[0] if text else ''}"
+
+
+def push_to_hub(
+    output_dir: str | Path,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    include_merged: bool | None = None,
+) -> str:
+    """Upload OUTPUT_DIR/adapter to the root of `repo_id` (created if missing) and OUTPUT_DIR/merged, when
+    present (or when `include_merged`), into its merged/ folder; return the repo URL.
+
+    The token is `token`, else HF_TOKEN, else the saved login (`hf auth login`); nothing ever prompts.
+    Raises UserError, saying that the local output is intact and where, when the hub is off
+    (HF_HUB_OFFLINE), there is no token, or the hub refuses or cannot be reached.
+    """
+    out = Path(output_dir)
+    adapter, merged = out / "adapter", out / "merged"
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"{adapter}: no adapter to push (expected a folder written by lora-rm train)")
+    with_merged = merged.is_dir() if include_merged is None else include_merged and merged.is_dir()
+    kept = f"The local output is intact: adapter in {adapter}" + (
+        f", merged model in {merged}" if with_merged else ""
+    )
+    retry = f"python -c \"from lora_rm.hub import push_to_hub; push_to_hub('{out}', '{repo_id}')\""
+
+    def failure(reason: str) -> UserError:
+        return UserError(f"could not push to the hub repo {repo_id}: {reason}. {kept}. To retry: {retry}")
+
+    import huggingface_hub
+
+    if _offline():
+        raise failure("HF_HUB_OFFLINE=1 is set (unset it to push)")
+    token = token or huggingface_hub.get_token()
+    if not token:
+        raise failure("no token; set HF_TOKEN or run `hf auth login`")
+    api = huggingface_hub.HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, private=private or None, exist_ok=True)
+        full_id = getattr(url, "repo_id", None) or repo_id
+        api.upload_folder(
+            repo_id=full_id, folder_path=adapter, commit_message="lora_rm: adapter (LoRA + reward head)"
+        )
+        if with_merged:
+            api.upload_folder(
+                repo_id=full_id,
+                folder_path=merged,
+                path_in_repo="merged",
+                commit_message="lora_rm: merged model",
+            )
+    except Exception as e:  # whatever the network or the account did, the trained model must not be lost
+        raise failure(_reason(e, repo_id)) from None
+    return str(url)
+
+
+def _appends_eos(adapter_dir: Path) -> bool:
+    """Whether training appended an EOS after the response: yes unless the tokenizer ends texts itself."""
+    from lora_rm.model import load_tokenizer
+
+    try:
+        tok = load_tokenizer(str(adapter_dir))
+    except UserError:
+        return True
+    core = tok("reward", add_special_tokens=False)["input_ids"]
+    full = tok("reward")["input_ids"]
+    return bool(tok.eos_token) and full[len(full) - len(core) :] == core
+
+
+def publish(
+    output_dir: str | Path, run_config: dict[str, Any], eval_metrics: dict[str, Any], log: Any = print
+) -> str | None:
+    """Write the model card to OUTPUT_DIR/adapter/README.md; when run_config["push_to_hub"] names a repo,
+    push (see `push_to_hub`, whose UserError this raises). Returns the repo URL or None."""
+    out = Path(output_dir)
+    metrics = dict(eval_metrics or {})
+    report = out / "eval" / "eval.json"
+    if report.is_file():  # the full evaluation adds calibration and ranking
+        full = json.loads(report.read_text(encoding="utf-8"))
+        metrics.setdefault("ece", (full.get("calibration") or {}).get("ece"))
+        if "ranking" in full:
+            metrics.setdefault("top1_accuracy", full["ranking"].get("top1_accuracy"))
+    repo_id, merged = (
+        run_config.get("push_to_hub"),
+        bool(run_config.get("merge")) and (out / "merged").is_dir(),
+    )
+    card = render_model_card(run_config, metrics, repo_id or "", merged, _appends_eos(out / "adapter"))
+    (out / "adapter" / "README.md").write_text(card, encoding="utf-8")
+    if not repo_id:
+        return None
+    url = push_to_hub(out, repo_id, bool(run_config.get("private")), include_merged=merged)
+    log(f"pushed {out / 'adapter'}" + (f" and {out / 'merged'}" if merged else "") + f" to {url}")
+    return url

@@ -1,0 +1,213 @@
+"""Use a trained reward model: load it, score responses, compare two, evaluate it on a dataset.
+
+Sequences are built exactly as in training (`lora_rm.encode.encode_sequences`: same special tokens, EOS
+and length policy, `max_length` from the saved `lora_rm_config.json`) and pooled by `compute_rewards`,
+so a score here is the reward the model gave that text during training. Rewards are raw (no sigmoid).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_rm.data import Row, _messages_problem, _text_problem, check_rows, detect_format, load_rows
+from lora_rm.encode import default_max_length, encode_rows, encode_sequences
+from lora_rm.errors import UserError, problems_message
+from lora_rm.evaluate import STATS_FILE, sequence_rewards, write_full_eval
+from lora_rm.export import CONFIG_FILE
+from lora_rm.model import load_base_model, load_reward_model, load_tokenizer
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that have it, else fp16 on GPUs; fp32 on the CPU (where half precision is slow)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+class RewardModel:
+    """A trained reward model ready to score text: the model (eval mode), its tokenizer, the training's
+    `max_length` and data format, and the reward statistics saved with it (None if there are none)."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        max_length: int,
+        data_format: str = "explicit",
+        reward_stats: dict[str, Any] | None = None,
+        path: Path | None = None,
+    ):
+        self.model, self.tokenizer, self.max_length = model.eval(), tokenizer, max_length
+        self.data_format, self.reward_stats, self.path = data_format, reward_stats, path
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        base: Any = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> RewardModel:
+        """Load an adapter folder (LoRA + head; onto its recorded base, or `base`: a hub id, a path or a
+        loaded `AutoModelForSequenceClassification`) or a merged model folder.
+
+        `device` defaults to CUDA when available, `dtype` to bf16/fp16 on a GPU and fp32 on the CPU.
+        Raises UserError for a folder that holds neither, or a base that cannot be loaded.
+        """
+        path = Path(path)
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        if (path / "adapter_config.json").is_file():
+            from transformers.utils import logging as hf_logging
+
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # the base's "score.weight newly initialized": the adapter brings it
+            try:
+                model, tokenizer = load_reward_model(path, base=base, dtype=dtype, device=device)
+            finally:
+                hf_logging.set_verbosity(verbosity)
+        elif (path / "config.json").is_file():
+            if base is not None:
+                raise UserError(f"{path}: a merged model folder; base= only applies to adapter folders")
+            tokenizer = load_tokenizer(str(path))
+            model = load_base_model(str(path), tokenizer.pad_token_id, dtype=dtype).to(device)
+        else:
+            raise UserError(
+                f"{path}: neither an adapter folder (adapter_config.json) nor a merged model folder "
+                "(config.json); pass the adapter/ or merged/ folder a training run wrote"
+            )
+        saved = _read_json(path / CONFIG_FILE)
+        max_length = saved.get("max_length") or default_max_length(model.config, tokenizer)
+        stats = _read_json(path / STATS_FILE) or None
+        return cls(model, tokenizer, int(max_length), saved.get("data_format", "explicit"), stats, path)
+
+    def _normalizer(self) -> tuple[float, float]:
+        stats = self.reward_stats
+        if not stats or not stats.get("std"):
+            where = self.path or "this model"
+            raise UserError(
+                f"{where}: no reward statistics ({STATS_FILE}) to normalise with; they are written at the end "
+                f"of training when there is eval data, or by `lora-rm eval --model {where} --dataset DATA`"
+            )
+        return float(stats["mean"]), float(stats["std"])
+
+    def score(
+        self,
+        prompts: Sequence[Any],
+        responses: Sequence[Any],
+        batch_size: int = 16,
+        normalize: bool = False,
+        progress: bool = False,
+    ) -> list[float]:
+        """Raw reward of each (prompt, response), in order; with `normalize`, (reward - mean) / std of the
+        stored eval rewards (UserError if none are stored). Prompts and responses are text, or for a model
+        trained on chat messages, a message list and the assistant's text. `progress` shows a tqdm bar."""
+        if isinstance(prompts, str) or isinstance(responses, str):
+            raise TypeError("prompts and responses are lists: score([prompt], [response]) for one")
+        chat = self.data_format == "conversational"
+        if any(isinstance(p, list) != chat for p in prompts):
+            raise UserError(
+                "this model was trained on chat messages: give each prompt as a list of {role, content} messages"
+                if chat
+                else "this model was trained on text: give each prompt as text, formatted as in training"
+            )
+        mean, std = self._normalizer() if normalize else (0.0, 1.0)
+        seqs = encode_sequences(prompts, responses, self.tokenizer, self.max_length, self.data_format)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(seqs), desc="score", unit="seq", disable=not progress) as bar:
+            rewards = sequence_rewards(self.model, seqs, self.tokenizer.pad_token_id, batch_size, bar.update)
+        return [(r - mean) / std for r in rewards.tolist()] if normalize else rewards.tolist()
+
+    def compare(self, prompt: Any, a: Any, b: Any) -> dict[str, float]:
+        """Rewards of two responses to one prompt and the Bradley-Terry probability that `a` is preferred,
+        sigmoid(r_a - r_b): {"p_a_preferred", "reward_a", "reward_b"}."""
+        r_a, r_b = self.score([prompt, prompt], [a, b])
+        p = 0.5 * (1.0 + math.tanh(0.5 * (r_a - r_b)))  # sigmoid without overflow; tanh is exactly odd
+        return {"p_a_preferred": p, "reward_a": r_a, "reward_b": r_b}
+
+    def evaluate(
+        self,
+        dataset: str,
+        output_dir: str | Path,
+        split: str = "train",
+        batch_size: int = 16,
+        skip_invalid: bool = False,
+        save_stats: bool = True,
+        log: Any = print,
+    ) -> dict[str, Any]:
+        """Full evaluation on `dataset` (any format training accepts, every row used): eval.json and PNGs
+        in `output_dir` (training_curves.png too when the run's metrics.jsonl sits beside the model folder),
+        and, with `save_stats`, reward_stats.json in the model folder. Returns the report."""
+        rows = load_rows(dataset, split)[0]
+        fmt = detect_format(rows, dataset)
+        rows = check_rows(rows, fmt, dataset, skip_invalid, log)
+        pairs, report = encode_rows(rows, fmt, self.tokenizer, self.max_length, "truncate", "all_pairs")
+        log(f"data: {fmt} format; {report.summary()}")
+        if not pairs:
+            raise UserError(f"{dataset}: no pairs left after the length policy ({report.summary()})")
+        metrics_jsonl = self.path.parent / "metrics.jsonl" if self.path else None
+        return write_full_eval(
+            self.model,
+            self.tokenizer,
+            pairs,
+            output_dir,
+            [self.path] if save_stats and self.path else [],
+            metrics_jsonl,
+            batch_size,
+            source=dataset,
+            log=log,
+        )
+
+
+def read_score_rows(path: str | Path) -> list[Row]:
+    """Rows with a `prompt` (text, or a message list) and a `response` (text) from a local file.
+
+    Raises UserError listing every bad row as `file:line: field: reason` (first 20 shown).
+    """
+    rows = load_rows(str(path))[0]
+    problems = []
+    for row in rows:
+        prompt = row.fields.get("prompt")
+        checks = [
+            ("prompt", _messages_problem(prompt) if isinstance(prompt, list) else _text_problem(prompt)),
+            ("response", _text_problem(row.fields.get("response"))),
+        ]
+        problems += [f"{row.where}: {p}" for p in row.problems]
+        problems += [f"{row.where}: {name}: {problem}" for name, problem in checks if problem]
+    if problems:
+        raise UserError(
+            problems_message(f"{path}: {len(problems)} problem(s); nothing was scored:", problems)
+        )
+    return rows
+
+
+def write_jsonl_atomic(path: str | Path, records: list[dict[str, Any]]) -> Path:
+    """Write JSON Lines to a temporary file beside `path`, then rename it: no half-written output."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".partial")
+    with staging.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+    staging.replace(path)
+    return path

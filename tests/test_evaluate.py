@@ -1,0 +1,96 @@
+"""lora_rm.evaluate: the full evaluation written at the end of training and by `lora-rm eval`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lora_rm.batch import PreferenceCollator
+from lora_rm.encode import EncodedPair
+from lora_rm.evaluate import _ranked_lists, evaluate, full_evaluation, write_full_eval
+from lora_rm.model import load_base_model, load_tokenizer
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_writes_eval_json_plots_and_reward_stats(trained_run):
+    out = trained_run.output_dir / "eval"
+    report = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+    for key in (
+        "accuracy",
+        "loss",
+        "ties",
+        "n_pairs",
+        "calibration",
+        "length_bias",
+        "reward_stats",
+        "warnings",
+    ):
+        assert key in report, key
+    assert report["n_pairs"] == 12 and report["accuracy"] == pytest.approx(
+        trained_run.eval_metrics["accuracy"]
+    )
+    assert report["loss"] == pytest.approx(trained_run.eval_metrics["loss"], rel=1e-5)
+    assert {"margin_mean", "margin_std", "margin_p05", "margin_p50", "margin_p95"} <= report.keys()
+    assert 0 <= report["calibration"]["ece"] <= 1 and len(report["calibration"]["curve"]) == 10
+    assert report["length_bias"]["n_chosen_longer"] + report["length_bias"]["n_chosen_shorter"] <= 12
+    for name in ("reward_hist.png", "reliability.png", "training_curves.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 1000, name
+    stats = report["reward_stats"]
+    assert stats["n_rewards"] <= 24 and stats["std"] > 0
+    for folder in (trained_run.adapter_dir, trained_run.merged_dir, out):
+        saved = json.loads((folder / "reward_stats.json").read_text(encoding="utf-8"))
+        assert saved["mean"] == stats["mean"] and saved["std"] == stats["std"]
+
+
+def test_full_evaluation_agrees_with_the_training_eval(trained_run):
+    tokenizer, model = trained_run.tokenizer, trained_run.model
+    pairs = [
+        EncodedPair([5, 6, 7, 0], [5, 9, 0]),
+        EncodedPair([8, 0], [8, 10, 11, 12, 0], margin=0.5),
+        EncodedPair([13, 14, 0], [15, 0]),
+    ]
+    report, r_c, r_r = full_evaluation(model, pairs, tokenizer.pad_token_id, batch_size=2)
+    quick = evaluate(model, pairs, PreferenceCollator(tokenizer.pad_token_id), batch_size=3)
+    assert report["accuracy"] == quick["accuracy"] and report["ties"] == quick["ties"]
+    assert report["loss"] == pytest.approx(quick["loss"], rel=1e-5)  # margins applied in both
+    # response lengths are counted after the prefix both sides share: (2, 1), (1, 4), (2, 1)
+    assert report["length_bias"]["n_chosen_longer"] == 2 and report["length_bias"]["n_chosen_shorter"] == 1
+    assert "ranking" not in report
+
+
+def test_a_model_that_has_not_learned_is_flagged(tiny_gpt2, tmp_path):
+    tokenizer = load_tokenizer(str(tiny_gpt2))
+    model = load_base_model(str(tiny_gpt2), tokenizer.pad_token_id, seed=0)
+    torch.nn.init.zeros_(model.score.weight)  # every reward 0: every pair a tie
+    pairs = [EncodedPair([5, 6, 0], [7, 0]), EncodedPair([8, 0], [9, 10, 0])]
+    logs = []
+    report = write_full_eval(model, tokenizer, pairs, tmp_path / "eval", log=logs.append)
+    assert report["ties"] == 2 and report["accuracy"] == 0.5 and report["loss"] == pytest.approx(math.log(2))
+    assert report["warnings"] and "ln 2" in report["warnings"][0]
+    assert any(line.startswith("warning:") for line in logs)
+    saved = json.loads((tmp_path / "eval" / "eval.json").read_text(encoding="utf-8"))
+    assert saved["length_bias"]["reward_length_spearman"] is None  # NaN (constant rewards) as null
+    assert not (tmp_path / "eval" / "training_curves.png").exists()  # no metrics.jsonl given
+
+
+def test_no_eval_pairs_writes_no_report(tmp_path):
+    assert write_full_eval(None, None, [], tmp_path / "eval", log=lambda *_: None) == {}
+    assert not (tmp_path / "eval" / "eval.json").exists()
+
+
+def test_ranked_lists_are_read_back_in_rank_order():
+    a, b, c, d = [1, 0], [2, 0], [3, 0], [4, 0]
+    pairs = [
+        EncodedPair(a, b, group=0),
+        EncodedPair(a, c, group=0),
+        EncodedPair(b, c, group=0),
+        EncodedPair(d, a),  # a plain pair belongs to no list
+        EncodedPair(d, c, group=1),
+    ]
+    rewards = {tuple(a): 1.0, tuple(b): 2.0, tuple(c): 0.0, tuple(d): 5.0}
+    assert _ranked_lists(pairs, rewards) == [[1.0, 2.0, 0.0], [5.0, 0.0]]
