@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -16,8 +17,15 @@ from lora_rm.model import compute_rewards, load_reward_model
 CONFIG_FILE = "lora_rm_config.json"
 
 
-def _replace_dir(staging: Path, final: Path) -> None:
-    """Move a fully written `staging` folder to `final`, so a crash never leaves a half-written `final`."""
+@contextlib.contextmanager
+def _staged(final: Path):
+    """Yield a fresh `<final>.partial` folder to write into; on success it replaces `final` in one rename,
+    so a crash never leaves a half-written `final`."""
+    staging = final.with_name(final.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    yield staging
     if final.exists():
         shutil.rmtree(final)
     staging.rename(final)
@@ -26,21 +34,11 @@ def _replace_dir(staging: Path, final: Path) -> None:
 def save_adapter(model: Any, tokenizer: Any, run_config: dict[str, Any], out_dir: str | Path) -> Path:
     """Save LoRA weights + reward head (safetensors), the tokenizer and the resolved config to `out_dir`."""
     out_dir = Path(out_dir)
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    model.save_pretrained(str(staging), safe_serialization=True)
-    tokenizer.save_pretrained(str(staging))
-    (staging / CONFIG_FILE).write_text(json.dumps(run_config, indent=2, default=str), encoding="utf-8")
-    _replace_dir(staging, out_dir)
+    with _staged(out_dir) as staging:
+        model.save_pretrained(str(staging), safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+        (staging / CONFIG_FILE).write_text(json.dumps(run_config, indent=2, default=str), encoding="utf-8")
     return out_dir
-
-
-def _checkpoint_dtype(base: str) -> torch.dtype:
-    from transformers import AutoConfig
-
-    dtype = getattr(AutoConfig.from_pretrained(base), "dtype", None)
-    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
 def merge_adapter(
@@ -69,20 +67,19 @@ def merge_adapter(
         raise RuntimeError(
             f"merged model disagrees with its adapter: max reward difference {max_diff:.3g} > {tolerance:.3g}"
         )
-    out_dir = Path(out_dir)
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    merged.save_pretrained(str(staging), safe_serialization=True)
-    tokenizer.save_pretrained(str(staging))
-    shutil.copy(Path(adapter_dir) / CONFIG_FILE, staging / CONFIG_FILE)
-    _replace_dir(staging, out_dir)
+    with _staged(Path(out_dir)) as staging:
+        merged.save_pretrained(str(staging), safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+        shutil.copy(Path(adapter_dir) / CONFIG_FILE, staging / CONFIG_FILE)
     return {"merge_max_abs_diff": max_diff, "merge_check_pairs": len(check_pairs)}
 
 
 def _checkpoint_dtype_of(adapter_dir: str | Path, base: str | None) -> torch.dtype:
+    """The dtype the base was saved in (the adapter's recorded base unless `base`): fp16/bf16, else fp32."""
+    from transformers import AutoConfig
+
     if base is None:
-        base = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))[
-            "base_model_name_or_path"
-        ]
-    return _checkpoint_dtype(base)
+        config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
+        base = config["base_model_name_or_path"]
+    dtype = getattr(AutoConfig.from_pretrained(base), "dtype", None)
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
