@@ -46,7 +46,7 @@ def split_data(out: Path, n_train: int, n_heldout: int, seed: int) -> tuple[Path
     return paths
 
 
-def train_lora_rm(args, base: Path, train_file: Path, heldout_file: Path, out: Path):
+def train_lora_rm(args, seed: int, base: Path, train_file: Path, heldout_file: Path, out: Path):
     from lora_rm import TrainConfig, train
 
     cfg = TrainConfig(
@@ -70,12 +70,12 @@ def train_lora_rm(args, base: Path, train_file: Path, heldout_file: Path, out: P
         group_by_length=not args.plain_batches,
         eval_steps=10**6,  # evaluate once, at the end
         save_steps=10**6,
-        seed=args.seed,
+        seed=seed,
     )
     return train(cfg, log=lambda *a: print("  [lora_rm]", *a))
 
 
-def train_trl(args, base: Path, train_pairs, out: Path, steps: int):
+def train_trl(args, seed: int, base: Path, train_pairs, out: Path, steps: int):
     from datasets import Dataset
     from peft import LoraConfig, TaskType
     from trl import RewardConfig, RewardTrainer
@@ -99,7 +99,7 @@ def train_trl(args, base: Path, train_pairs, out: Path, steps: int):
         use_cpu=True,
         bf16=False,
         fp16=False,
-        seed=args.seed,
+        seed=seed,
         save_strategy="no",
         eval_strategy="no",
         logging_steps=max(steps // 5, 1),
@@ -146,7 +146,11 @@ def main() -> None:
     parser.add_argument("--lora-alpha", type=int, default=32)
     parser.add_argument("--target-modules", nargs="+", default=["query", "value"], help="PEFT's BERT default")
     parser.add_argument(
-        "--seed", type=int, default=0, help="training seed: score head, LoRA init, batch order"
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="training seeds (score head, LoRA init, batch order); one run each",
     )
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the train / held-out split")
     parser.add_argument("--plain-batches", action="store_true", help="lora_rm without length-grouped batches")
@@ -156,10 +160,6 @@ def main() -> None:
 
     from transformers.utils import logging as hf_logging
 
-    from lora_rm.data import check_rows, detect_format, load_rows
-    from lora_rm.encode import encode_pairs
-    from lora_rm.evaluate import full_evaluation
-
     hf_logging.set_verbosity_error()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -167,8 +167,40 @@ def main() -> None:
     train_file, heldout_file = split_data(out, args.train, args.heldout, args.data_seed)
     print(f"data: {args.train} train / {args.heldout} held-out pairs of {DATA.name} (seed {args.data_seed})")
 
+    runs = []
+    for seed in args.seeds:
+        reports, seconds, steps = run_seed(args, seed, base, train_file, heldout_file, out / f"seed-{seed}")
+        runs.append({"seed": seed, "reports": reports, "seconds": seconds})
+        print(
+            f"\nall-MiniLM-L6-v2, LoRA r={args.lora_r} alpha={args.lora_alpha} on {' '.join(args.target_modules)} "
+            f"+ classifier; {steps} steps x {args.batch_size} pairs, lr {args.learning_rate} linear, fp32, "
+            f"max_length {args.max_length}, seed {seed}; {args.heldout} held-out pairs"
+        )
+        print(HEADER)
+        for name, report in reports.items():
+            print(row(name, report, seconds[name]))
+    if len(runs) > 1:
+        print(summary(runs))
+    (out / "quality.json").write_text(
+        json.dumps({"args": vars(args), "runs": runs}, indent=2), encoding="utf-8"
+    )
+    print(f"(details in {out / 'quality.json'})")
+
+
+HEADER = (
+    f"{'trainer':<18} {'accuracy':>8} {'ties':>5} {'loss':>7} {'ECE':>6} {'len-rho':>9} "
+    f"{'acc-longer':>10} {'acc-shorter':>11} {'train s':>8}"
+)
+
+
+def run_seed(args, seed: int, base: Path, train_file: Path, heldout_file: Path, out: Path):
+    """Train lora_rm, then TRL (when installed) with the same seed; both reports on the same held-out pairs."""
+    from lora_rm.data import check_rows, detect_format, load_rows
+    from lora_rm.encode import encode_pairs
+    from lora_rm.evaluate import full_evaluation
+
     started = time.perf_counter()
-    result = train_lora_rm(args, base, train_file, heldout_file, out)
+    result = train_lora_rm(args, seed, base, train_file, heldout_file, out)
     seconds = {"lora_rm": time.perf_counter() - started}
 
     # the same encoded pairs for both trainers: training pairs for TRL, held-out pairs for both evaluations
@@ -189,28 +221,42 @@ def main() -> None:
         except ImportError:
             print("trl is not installed: no TRL row (pip install trl)")
         else:
-            print(f"TRL {trl.__version__}: RewardTrainer, {result.steps} steps")
+            print(f"TRL {trl.__version__}: RewardTrainer, {result.steps} steps, seed {seed}")
             started = time.perf_counter()
-            model = train_trl(args, base, encoded["train"], out, result.steps)
-            seconds["trl"] = time.perf_counter() - started
+            model = train_trl(args, seed, base, encoded["train"], out, result.steps)
+            seconds["TRL RewardTrainer"] = time.perf_counter() - started
             reports["TRL RewardTrainer"] = full_evaluation(model, heldout, tokenizer.pad_token_id, 32)[0]
-            seconds["TRL RewardTrainer"] = seconds.pop("trl")
+    return reports, seconds, result.steps
 
-    print(
-        f"\nall-MiniLM-L6-v2, LoRA r={args.lora_r} alpha={args.lora_alpha} on {' '.join(args.target_modules)} "
-        f"+ classifier; {result.steps} steps x {args.batch_size} pairs, lr {args.learning_rate} linear, fp32, "
-        f"max_length {args.max_length}, seed {args.seed}; {len(heldout)} held-out pairs"
-    )
-    print(
-        f"{'trainer':<18} {'accuracy':>8} {'ties':>5} {'loss':>7} {'ECE':>6} {'len-rho':>9} "
-        f"{'acc-longer':>10} {'acc-shorter':>11} {'train s':>8}"
-    )
-    for name, report in reports.items():
-        print(row(name, report, seconds[name]))
-    (out / "quality.json").write_text(
-        json.dumps({"args": vars(args), "reports": reports}, indent=2), encoding="utf-8"
-    )
-    print(f"(details in {out / 'quality.json'})")
+
+def summary(runs: list[dict]) -> str:
+    """Mean and sample standard deviation of accuracy, loss and ECE over seeds, and the paired difference."""
+    names = list(runs[0]["reports"])
+    lines = [f"\nover seeds {' '.join(str(r['seed']) for r in runs)}: mean +- sd"]
+    for name in names:
+        cols = []
+        for key, get in (
+            ("accuracy", lambda r: r["accuracy"]),
+            ("loss", lambda r: r["loss"]),
+            ("ECE", lambda r: r["calibration"]["ece"]),
+        ):
+            mean, sd = _mean_sd([get(run["reports"][name]) for run in runs])
+            cols.append(f"{key} {mean:.3f} +- {sd:.3f}")
+        lines.append(f"{name:<18} " + ", ".join(cols))
+    if len(names) == 2:
+        diffs = [run["reports"][names[0]]["accuracy"] - run["reports"][names[1]]["accuracy"] for run in runs]
+        mean, sd = _mean_sd(diffs)
+        lines.append(
+            f"accuracy {names[0]} - {names[1]}: {mean:+.3f} (sd {sd:.3f}, standard error {sd / len(diffs) ** 0.5:.3f}, "
+            f"{sum(d >= 0 for d in diffs)} of {len(diffs)} seeds >= 0)"
+        )
+    return "\n".join(lines)
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
+    return mean, var**0.5
 
 
 if __name__ == "__main__":

@@ -27,12 +27,19 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "hh_harmless_dev.jsonl.gz"
 CONFIGS = {
     "seed": "seed notebook: pad to 512, chosen and rejected in two forwards",
-    "trl": "TRL RewardTrainer: dynamic padding, one forward",
+    "trl": "TRL RewardTrainer, its defaults: dynamic padding, one forward, gradient checkpointing",
+    "trl-nockpt": "TRL RewardTrainer without gradient checkpointing",
     "plain": "lora_rm, plain rows: dynamic padding, one forward",
     "grouped": "lora_rm + length-grouped batches",
     "shared": "lora_rm + grouped + prefix sharing (default)",
     "packed": "lora_rm + grouped + prefix sharing + packing",
+    "shared-ckpt": "lora_rm default + gradient checkpointing",
+    "packed-ckpt": "lora_rm + packing + gradient checkpointing",
+    "ceiling": "ceiling: forward+backward of the needed tokens only, no padding, no masks",
 }
+# What the 'ceiling' row is: the per-token cost of this model and LoRA with nothing wasted (each pair as one
+# unpadded [prefix | chosen | rejected] row, batch of one row, plain causal attention). Its rewards are not
+# correct (the rejected side sees the chosen side), so it only bounds what any layout can reach.
 
 
 def model_dir(cache: Path, base: str | None) -> Path:
@@ -80,7 +87,11 @@ def run_lora_rm(name: str, base: Path, rows: list[dict], args) -> dict:
     precision = resolve_precision(args.precision, args.device)
     accelerator = Accelerator(mixed_precision=precision, cpu=args.device == "cpu")
     model = load_base_model(str(base), tokenizer.pad_token_id, quant="none", seed=0)
-    model = add_lora(model, r=16, alpha=32, dropout=0.0, target_modules=["c_attn"])
+    checkpointing = name.endswith("-ckpt")
+    name = name.removesuffix("-ckpt")
+    model = add_lora(
+        model, r=16, alpha=32, dropout=0.0, target_modules=["c_attn"], gradient_checkpointing=checkpointing
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
@@ -116,6 +127,7 @@ def run_lora_rm(name: str, base: Path, rows: list[dict], args) -> dict:
     start = time.perf_counter()
     for idx in batches:
         step(idx)
+    _sync(args.device)
     seconds = time.perf_counter() - start
     real = sum(len(p.chosen) + len(p.rejected) for p in pairs)
     shared_real = sum(costs)
@@ -130,6 +142,58 @@ def run_lora_rm(name: str, base: Path, rows: list[dict], args) -> dict:
     }
 
 
+def run_ceiling(base: Path, rows: list[dict], args) -> dict:
+    """Each pair as one unpadded row of the tokens prefix sharing needs, batch of one row: the cost floor."""
+    from lora_rm.data import Row
+    from lora_rm.encode import common_prefix_len, encode_pairs
+    from lora_rm.model import add_lora, load_base_model, load_tokenizer
+    from lora_rm.optim import resolve_precision
+
+    tokenizer = load_tokenizer(str(base))
+    pairs, _ = encode_pairs([Row(f"hh:{i}", r) for i, r in enumerate(rows)], "implicit", tokenizer, 1024)
+    model = add_lora(
+        load_base_model(str(base), tokenizer.pad_token_id, quant="none", seed=0),
+        r=16,
+        alpha=32,
+        dropout=0.0,
+        target_modules=["c_attn"],
+    ).to(args.device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    precision = resolve_precision(args.precision, args.device)
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=precision == "bf16")
+    seqs = [p.chosen + p.rejected[common_prefix_len(p.chosen, p.rejected) :] for p in pairs]
+    model.train()
+
+    def step(batch: list[list[int]]) -> None:
+        for seq in batch:
+            with autocast:
+                out = model(input_ids=torch.tensor([seq], device=args.device)).logits
+            out.float().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(seqs[: args.batch_size])  # warm-up, not timed
+    start = time.perf_counter()
+    for i in range(0, len(seqs), args.batch_size):
+        step(seqs[i : i + args.batch_size])
+    _sync(args.device)
+    seconds = time.perf_counter() - start
+    needed = sum(len(s) for s in seqs)
+    return {
+        "pairs": len(pairs),
+        "seconds": seconds,
+        "real_tokens": sum(len(p.chosen) + len(p.rejected) for p in pairs),
+        "computed_tokens": needed,
+        "needed_tokens": needed,
+        "precision": precision,
+    }
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def run_seed(base: Path, rows: list[dict], args) -> dict:
     """The notebook's loop with the same LoRA model: every sequence padded to 512, two forwards per batch."""
     from lora_rm.model import add_lora, load_base_model, load_tokenizer
@@ -142,7 +206,7 @@ def run_seed(base: Path, rows: list[dict], args) -> dict:
         alpha=32,
         dropout=0.0,
         target_modules=["c_attn"],
-    )
+    ).to(args.device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     precision = resolve_precision(args.precision, args.device)
     autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -153,7 +217,7 @@ def run_seed(base: Path, rows: list[dict], args) -> dict:
             padding="max_length",
             max_length=512,
             return_tensors="pt",
-        )
+        ).to(args.device)
         for side in ("chosen", "rejected")
     }
     model.train()
@@ -176,6 +240,7 @@ def run_seed(base: Path, rows: list[dict], args) -> dict:
     start = time.perf_counter()
     for i in range(0, len(rows), args.batch_size):
         step(slice(i, i + args.batch_size))
+    _sync(args.device)
     seconds = time.perf_counter() - start
     real = int(enc["chosen"]["attention_mask"].sum() + enc["rejected"]["attention_mask"].sum())
     return {
@@ -188,7 +253,7 @@ def run_seed(base: Path, rows: list[dict], args) -> dict:
     }
 
 
-def run_trl(base: Path, rows: list[dict], args) -> dict:
+def run_trl(base: Path, rows: list[dict], args, checkpointing: bool = True) -> dict:
     from datasets import Dataset
     from peft import LoraConfig, TaskType
     from transformers import AutoModelForSequenceClassification
@@ -215,6 +280,7 @@ def run_trl(base: Path, rows: list[dict], args) -> dict:
         save_strategy="no",
         use_cpu=args.device == "cpu",
         dataloader_num_workers=0,
+        gradient_checkpointing=checkpointing,  # RewardConfig's default is True
     )
     peft_config = LoraConfig(
         task_type=TaskType.SEQ_CLS, r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["c_attn"]
@@ -243,9 +309,19 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     base = model_dir(Path(args.cache_dir), args.base)
     rows = read_rows(args.pairs)
-    runner = {"seed": run_seed, "trl": run_trl}.get(args.run)
+    runners = {
+        "seed": run_seed,
+        "trl": run_trl,
+        "trl-nockpt": lambda *a: run_trl(*a, checkpointing=False),
+        "ceiling": run_ceiling,
+    }
+    runner = runners.get(args.run)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     result = runner(base, rows, args) if runner else run_lora_rm(args.run, base, rows, args)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.device.startswith("cuda"):
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(result))
 
 
@@ -272,7 +348,7 @@ def main() -> None:
     model_dir(Path(args.cache_dir), args.base)
     results = {}
     for name in args.only:
-        if name == "trl":
+        if name.startswith("trl"):
             try:
                 import trl  # noqa: F401
             except ImportError:
@@ -290,13 +366,18 @@ def main() -> None:
     print_table(results, args)
 
 
+def _precision(result: dict) -> str:
+    return {"no": "fp32"}.get(result["precision"], result["precision"])
+
+
 def print_table(results: dict, args) -> None:
     any_r = next(iter(results.values()))
     print(
         f"\n{any_r['pairs']} HH pairs, batch {args.batch_size} pairs/step, device {args.device}, "
-        f"precision {any_r['precision']}, {args.threads} threads, LoRA r=16 on c_attn, GPT-2 small\n"
+        f"precision {_precision(any_r)}, {args.threads} threads, LoRA r=16 on c_attn, GPT-2 small\n"
     )
-    print("| configuration | pairs/s | real tokens/s | padding | peak RSS (MB) | vs TRL | vs seed |")
+    memory = "peak CUDA memory allocated" if "peak_cuda_mb" in any_r else "peak RSS"
+    print(f"| configuration | pairs/s | real tokens/s | padding | {memory} (MB) | vs TRL | vs seed |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     speed = {n: r["pairs"] / r["seconds"] for n, r in results.items()}
     for name, r in results.items():
@@ -307,7 +388,7 @@ def print_table(results: dict, args) -> None:
         vs_seed = f"{speed[name] / speed['seed']:.2f}x" if "seed" in speed else "-"
         print(
             f"| {CONFIGS[name]} | {speed[name]:.2f} | {r['real_tokens'] / r['seconds']:.0f} | {padding} | "
-            f"{r['peak_rss_mb']:.0f} | {vs_trl} | {vs_seed} |"
+            f"{r.get('peak_cuda_mb', r['peak_rss_mb']):.0f} | {vs_trl} | {vs_seed} |"
         )
     curves = {n: r["losses"] for n, r in results.items() if n in ("grouped", "shared", "packed")}
     if "grouped" in curves and len(curves) > 1:
