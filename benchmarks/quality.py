@@ -195,7 +195,8 @@ HEADER = (
 
 def run_seed(args, seed: int, base: Path, train_file: Path, heldout_file: Path, out: Path):
     """Train lora_rm, then TRL (when installed) with the same seed; both reports on the same held-out pairs."""
-    from lora_rm.data import check_rows, detect_format, load_rows
+    from lora_rm.checks import check_rows, detect_format
+    from lora_rm.data import load_rows
     from lora_rm.encode import encode_pairs
     from lora_rm.evaluate import full_evaluation
 

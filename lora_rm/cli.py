@@ -119,7 +119,7 @@ def run_score(argv: list[str]) -> int:
 
 
 def run_compare(argv: list[str]) -> int:
-    from lora_rm.data import _text_problem
+    from lora_rm.checks import text_problem
 
     parser = _model_parser("lora-rm compare", "Score two responses to one prompt and say which is preferred.")
     parser.add_argument("--prompt", required=True, help="the prompt, formatted as in training")
@@ -129,7 +129,7 @@ def run_compare(argv: list[str]) -> int:
     problems = [
         f"{n}: {p}"
         for n, v in (("prompt", args.prompt), ("A", args.a), ("B", args.b))
-        if (p := _text_problem(v))
+        if (p := text_problem(v))
     ]
     if problems:
         raise UserError("; ".join(problems))
@@ -170,7 +170,13 @@ def run_plan(argv: list[str]) -> int:
     return plan_command(argv)
 
 
-COMMANDS = {"train": run_train, "score": run_score, "compare": run_compare, "eval": run_eval, "plan": run_plan}
+COMMANDS = {
+    "train": run_train,
+    "score": run_score,
+    "compare": run_compare,
+    "eval": run_eval,
+    "plan": run_plan,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -92,7 +92,11 @@ class TrainConfig:
         choices=PRECISION_CHOICES,
     )
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward: less memory, ~30% slower")
-    report_to: str = _opt("none", "also log metrics to tensorboard or wandb (metrics.jsonl is always written)", choices=("none", "tensorboard", "wandb"))
+    report_to: str = _opt(
+        "none",
+        "also log metrics to tensorboard or wandb (metrics.jsonl is always written)",
+        choices=("none", "tensorboard", "wandb"),
+    )
     seed: int = _opt(42, "seed for the score head init, data split, batch order and dropout")
     merge: bool = _opt(False, "also write merged/: a standalone model with the adapter folded in")
     save_steps: int = _opt(100, "write a resumable checkpoint (step-000100/) every N optimizer steps")
@@ -114,7 +118,8 @@ class TrainConfig:
     )
     revision: str | None = _opt(None, "hub revision (branch, tag or commit) of the base model")
     vram: str | None = _opt(
-        None, "GPU memory to fit (8GB, 7.5GiB): sets batch size, accumulation and checkpointing (lora-rm plan)"
+        None,
+        "GPU memory to fit (8GB, 7.5GiB): sets batch size, accumulation and checkpointing (lora-rm plan)",
     )
     push_to_hub: str | None = _opt(None, "after saving, upload adapter/ (and merged/) to this hub repo id")
     private: bool = _opt(False, "create the --push-to-hub repo as private")

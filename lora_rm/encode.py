@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lora_rm.checks import check_rows, detect_format
 from lora_rm.config import TrainConfig
-from lora_rm.data import Row, check_rows, detect_format, load_rows, split_rows
+from lora_rm.data import Row, load_rows, split_rows
 from lora_rm.errors import UserError, problems_message
 
 MAX_DEFAULT_LENGTH = 1024

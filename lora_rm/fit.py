@@ -231,7 +231,9 @@ def fit(
                 if eval_pairs and (state.step % cfg.eval_steps == 0 or state.step == total_steps):
                     eval_metrics = evaluate(model, eval_pairs, collator, cfg.batch_size * 2, accelerator)
                     _record(
-                        accelerator, metrics_path, {"step": state.step, **{f"eval_{n}": v for n, v in eval_metrics.items()}}
+                        accelerator,
+                        metrics_path,
+                        {"step": state.step, **{f"eval_{n}": v for n, v in eval_metrics.items()}},
                     )
                     log(
                         f"eval @ step {state.step}: loss {eval_metrics['loss']:.4f}, accuracy {eval_metrics['accuracy']:.3f} "

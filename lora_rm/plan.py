@@ -9,7 +9,8 @@ Korthikanti et al. 2022 (34h + 5aT bytes in 16-bit; here no T x T scores with SD
   norms      8h            two norms run in fp32 and keep a 4-byte copy of their input
   attention  8h + 4a + 2T  SDPA keeps q, k, v, out in 16-bit (GQA heads repeated: there is a padding mask),
                            a fp32 logsumexp per head and the 16-bit additive mask made from the padding mask
-  MLP        e*k*f         k f-wide tensors the nonlinearity keeps (1 for gelu/silu, 4 for gelu_new, +2 when
+  MLP        e*k*f         k f-wide tensors the nonlinearity keeps (1 for gelu/silu and for gelu_new, which
+                           lora_rm computes fused (`model.fuse_gelu`), 2-7 for other python GELUs, +2 when
                            gated: act(gate) * up keeps both); e = 2 bytes with a bf16 base, 4 with an 8/4-bit
                            base (its layers return their fp32 input's dtype; PEFT upcasts norms to fp32)
   LoRA       (2+d)*in + 2r per adapted module: lora_A's 16-bit input, a 1-byte dropout mask (d = 1 when
@@ -34,8 +35,9 @@ MIB, GIB = 2**20, 2**30
 CUDA_CONTEXT_BYTES = 512 * MIB  # CUDA context, cuBLAS/cuDNN handles: used on the card, not by tensors
 ALLOCATOR_SLACK = 0.10  # caching-allocator fragmentation and short-lived backward buffers, of all tensors
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "paged_adamw_8bit": 2}  # two moments per trainable param
-# f-wide tensors each MLP nonlinearity keeps for backward (measured with saved_tensors_hooks); others keep 1
-ACTIVATION_SAVES = {"gelu_new": 4, "gelu_accurate": 4, "gelu_fast": 7, "gelu_python": 3, "quick_gelu": 2}
+# f-wide tensors each MLP nonlinearity keeps for backward (measured with saved_tensors_hooks); others keep 1,
+# gelu_new too since `lora_rm.model.fuse_gelu` runs it as one fused op (4 otherwise)
+ACTIVATION_SAVES = {"gelu_accurate": 4, "gelu_fast": 7, "gelu_python": 3, "quick_gelu": 2}
 GATED_MLP_NAMES = ("gate_proj", "gate_up_proj")
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -222,11 +224,9 @@ def activation_bytes(
 ) -> int:
     """Activations alive when backward starts, for `batch_size` pairs (2 * batch_size sequences)."""
     t = token_bytes(shape, quant, r, seq_len, lora_dropout)
-    if checkpointing:
-        per_token = shape.n_layers * (t.layer_input + t.held) + t.layer + t.outside
-    else:
-        per_token = shape.n_layers * t.layer + t.outside
-    return round(2 * batch_size * seq_len * per_token)
+    # checkpointing: each layer keeps its input and int8-held inputs, and one layer is recomputed in full
+    per_layer, recomputed = (t.layer_input + t.held, t.layer) if checkpointing else (t.layer, 0)
+    return round(2 * batch_size * seq_len * (shape.n_layers * per_layer + recomputed + t.outside))
 
 
 def estimate(

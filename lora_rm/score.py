@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from lora_rm.data import Row, _messages_problem, _text_problem, check_rows, detect_format, load_rows
+from lora_rm.checks import check_rows, detect_format, messages_problem, text_problem
+from lora_rm.data import Row, load_rows
 from lora_rm.encode import default_max_length, encode_rows, encode_sequences
 from lora_rm.errors import UserError, problems_message
 from lora_rm.evaluate import STATS_FILE, sequence_rewards, write_full_eval
@@ -189,8 +190,8 @@ def read_score_rows(path: str | Path) -> list[Row]:
     for row in rows:
         prompt = row.fields.get("prompt")
         checks = [
-            ("prompt", _messages_problem(prompt) if isinstance(prompt, list) else _text_problem(prompt)),
-            ("response", _text_problem(row.fields.get("response"))),
+            ("prompt", messages_problem(prompt) if isinstance(prompt, list) else text_problem(prompt)),
+            ("response", text_problem(row.fields.get("response"))),
         ]
         problems += [f"{row.where}: {p}" for p in row.problems]
         problems += [f"{row.where}: {name}: {problem}" for name, problem in checks if problem]

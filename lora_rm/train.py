@@ -97,7 +97,9 @@ def tracker(name: str) -> str:
     """The accelerate tracker for --report-to, or a UserError naming the package to install."""
     packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}[name]
     if not any(importlib.util.find_spec(p) for p in packages):
-        raise UserError(f"report_to: {name} is not installed (pip install {packages[0]}); metrics.jsonl is always written")
+        raise UserError(
+            f"report_to: {name} is not installed (pip install {packages[0]}); metrics.jsonl is always written"
+        )
     return name
 
 
@@ -188,7 +190,9 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
         from lora_rm.plan import fit_to_vram
 
         pairs, steps, ckpt, message = fit_to_vram(cfg, model_config, max_length)
-        cfg = dataclasses.replace(cfg, batch_size=pairs, gradient_accumulation_steps=steps, gradient_checkpointing=ckpt)
+        cfg = dataclasses.replace(
+            cfg, batch_size=pairs, gradient_accumulation_steps=steps, gradient_checkpointing=ckpt
+        )
         log(message)
     train_pairs, eval_pairs, reports = prepare_pairs(cfg, tokenizer, max_length, log)
     fingerprints = {
@@ -248,7 +252,9 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
     if accelerator.is_main_process:
         (out / "config.json").write_text(json.dumps(run_config, indent=2), encoding="utf-8")
         trim_metrics(out / "metrics.jsonl", state.step)
-    accelerator.init_trackers("lora_rm", config={k: v for k, v in run_config.items() if isinstance(v, (int, float, str, bool))})
+    accelerator.init_trackers(
+        "lora_rm", config={k: v for k, v in run_config.items() if isinstance(v, (int, float, str, bool))}
+    )
     log(
         f"train: {len(train_pairs)} pairs, {total_steps} steps of {cfg.batch_size} x "
         f"{cfg.gradient_accumulation_steps} x {world} pairs; writing to {out}"

@@ -1,4 +1,6 @@
-"""Run command-line cases as real processes, fast: shared by test_cli.py and test_validation.py.
+"""Run command-line cases as real processes, fast: shared by test_cli.py and test_validation.py; and the
+command, environment and runner for a tiny training run as a plain subprocess, shared by test_checkpoint.py
+and test_distributed.py.
 
 Each case runs a script (e.g. `scripts/train_lora.py`) as `__main__` in a process of its own, and the
 test reads that process's exit status and the bytes it wrote to file descriptors 1 and 2. Importing
@@ -162,3 +164,26 @@ def start(
         else None
     )
     return Runs(cases, runner, tmp)
+
+
+def train_env() -> dict[str, str]:
+    """cli_env() with one thread per process: torchrun starts several."""
+    return {**cli_env(), "OMP_NUM_THREADS": "1"}
+
+
+def train_command(base, dataset, output_dir, *extra: str, processes: int = 1, **flags) -> list[str]:
+    """`python scripts/train_lora.py ...` (with `processes` > 1: under torchrun) for a tiny run on CPU:
+    no quantization, fp32, batches of 2; then each of `flags` as `--flag-name value`, in the order given;
+    then `extra` as written."""
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    argv = ["--base", str(base), "--dataset", str(dataset), "--output-dir", str(output_dir)]
+    for name, value in {"quant": "none", "precision": "fp32", "batch_size": 2, **flags}.items():
+        argv += [f"--{name.replace('_', '-')}", str(value)]
+    return [*launcher, str(SCRIPT), *argv, *extra]
+
+
+def run_training(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run `cmd` from the repository root to its end (at most 300 s), its output captured as text."""
+    return subprocess.run(cmd, cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)

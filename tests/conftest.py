@@ -49,16 +49,26 @@ def _word_tokenizer(kind: str):
     )
 
 
+def _save_tiny_model(tmp_path_factory, kind: str, model_class, config_class, **config) -> Path:
+    """A new folder `tiny-<kind>`: a `model_class` initialised from seed 0 and `_word_tokenizer(kind)`."""
+    path = tmp_path_factory.mktemp(f"tiny-{kind}")
+    tokenizer = _word_tokenizer(kind)
+    torch.manual_seed(0)
+    model_class(config_class(vocab_size=len(tokenizer), **config)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> Path:
     """A folder like the hub's `gpt2`: a causal-LM checkpoint (no score head) and a tokenizer without pad."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    tokenizer = _word_tokenizer("gpt2")
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
+    return _save_tiny_model(
+        tmp_path_factory,
+        "gpt2",
+        GPT2LMHeadModel,
+        GPT2Config,
         n_positions=64,
         n_embd=32,
         n_layer=2,
@@ -66,9 +76,6 @@ def tiny_gpt2(tmp_path_factory) -> Path:
         bos_token_id=0,
         eos_token_id=0,
     )
-    GPT2LMHeadModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -76,11 +83,11 @@ def tiny_bert(tmp_path_factory) -> Path:
     """A folder like all-MiniLM: a BertModel checkpoint (no classifier) and a WordPiece-style tokenizer."""
     from transformers import BertConfig, BertModel
 
-    path = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = _word_tokenizer("bert")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
+    return _save_tiny_model(
+        tmp_path_factory,
+        "bert",
+        BertModel,
+        BertConfig,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -88,9 +95,6 @@ def tiny_bert(tmp_path_factory) -> Path:
         max_position_embeddings=64,
         pad_token_id=0,
     )
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 GOOD = [

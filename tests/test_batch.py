@@ -171,9 +171,15 @@ def test_collators_work_in_spawned_dataloader_workers():
 
     from lora_rm.batch import PackedCollator
 
-    pairs = [EncodedPair([1, 2, 3, 0], [1, 2, 4, 0], 0.5), EncodedPair([5, 0], [6, 7, 0]), EncodedPair([8, 0], [9, 0])]
+    pairs = [
+        EncodedPair([1, 2, 3, 0], [1, 2, 4, 0], 0.5),
+        EncodedPair([5, 0], [6, 7, 0]),
+        EncodedPair([8, 0], [9, 0]),
+    ]
     for collate in (PreferenceCollator(0), PackedCollator(0, share_prefix=True)):
-        loader = DataLoader(pairs, batch_size=2, collate_fn=collate, num_workers=2, multiprocessing_context="spawn")
+        loader = DataLoader(
+            pairs, batch_size=2, collate_fn=collate, num_workers=2, multiprocessing_context="spawn"
+        )
         got = list(loader)
         expected = [collate(pairs[:2]), collate(pairs[2:])]
         for a, b in zip(got, expected):

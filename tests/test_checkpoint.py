@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import ROOT, run_training, train_command, train_env
 from safetensors.torch import load_file
 
 from lora_rm.checkpoint import complete_checkpoints, restore_rng_state, rng_state
@@ -21,50 +20,25 @@ from lora_rm.errors import UserError
 from lora_rm.fit import TrainingStopped
 from lora_rm.train import train
 
-ROOT = Path(__file__).parents[1]
 STEPS, SAVE = 24, 5
 
 
-def _cmd(base, data, out, *extra) -> list[str]:
-    return [
-        sys.executable,
-        "scripts/train_lora.py",
-        "--base",
-        str(base),
-        "--dataset",
-        str(data),
-        "--output-dir",
-        str(out),
-        "--quant",
-        "none",
-        "--precision",
-        "fp32",
-        "--batch-size",
-        "2",
-        "--gradient-accumulation-steps",
-        "2",
-        "--max-steps",
-        str(STEPS),
-        "--save-steps",
-        str(SAVE),
-        "--save-total-limit",
-        "3",
-        "--logging-steps",
-        "1",
-        "--eval-steps",
-        "1000",
-        "--learning-rate",
-        "5e-3",
-        "--lora-dropout",
-        "0.1",
-        "--seed",
-        "7",
+def _cmd(base, data, out, *extra: str) -> list[str]:
+    return train_command(
+        base,
+        data,
+        out,
         *extra,
-    ]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        gradient_accumulation_steps=2,
+        max_steps=STEPS,
+        save_steps=SAVE,
+        save_total_limit=3,
+        logging_steps=1,
+        eval_steps=1000,
+        learning_rate="5e-3",
+        lora_dropout=0.1,
+        seed=7,
+    )
 
 
 def _losses(out: Path) -> list[tuple[int, float]]:
@@ -83,16 +57,14 @@ def reference(tmp_path_factory, tiny_gpt2):
     tmp = tmp_path_factory.mktemp("reference")
     data = write_jsonl(tmp / "prefs.jsonl", preference_rows(40))
     out = tmp / "run"
-    proc = subprocess.run(
-        _cmd(tiny_gpt2, data, out), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
-    )
+    proc = run_training(_cmd(tiny_gpt2, data, out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return data, out
 
 
 def _start_and_kill(cmd, out: Path, ready, sig=signal.SIGKILL) -> subprocess.Popen:
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd, cwd=ROOT, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     deadline = time.time() + 240
     while not ready(out):
@@ -133,14 +105,7 @@ def test_sigkill_then_resume_is_bit_identical(where, reference, tiny_gpt2, tmp_p
     killed = _start_and_kill(_cmd(tiny_gpt2, data, out), out, ready)
     assert killed.returncode == -signal.SIGKILL
     assert complete_checkpoints(out), "no checkpoint was written before the kill"
-    proc = subprocess.run(
-        _cmd(tiny_gpt2, data, out, "--resume"),
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_training(_cmd(tiny_gpt2, data, out, "--resume"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed from" in proc.stdout
     assert _losses(out) == _losses(ref_out)
@@ -162,14 +127,7 @@ def test_half_written_checkpoints_are_skipped(reference, tiny_gpt2, tmp_path):
     broken.mkdir()
     (broken / "state.json").write_text("{", encoding="utf-8")
     assert complete_checkpoints(out)[-1] == last
-    proc = subprocess.run(
-        _cmd(tiny_gpt2, data, out, "--resume"),
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_training(_cmd(tiny_gpt2, data, out, "--resume"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"resumed from {last}" in proc.stdout
     assert all(torch.equal(a, b) for a, b in zip(_weights(ref_out).values(), _weights(out).values()))
@@ -184,14 +142,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(reference, tiny_gpt2,
     assert "--resume" in stderr and "Traceback" not in stderr
     interrupted_at = _losses(out)[-1][0]
     assert complete_checkpoints(out)[-1].name == f"step-{interrupted_at:06d}"
-    done = subprocess.run(
-        _cmd(tiny_gpt2, data, out, "--resume"),
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_training(_cmd(tiny_gpt2, data, out, "--resume"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert _losses(out) == _losses(ref_out)
 

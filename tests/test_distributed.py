@@ -11,53 +11,30 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import ROOT, run_training, train_command, train_env
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).parents[1]
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gloo multi-process test runs on Linux and macOS")
+pytestmark = pytest.mark.skipif(
+    sys.platform == "win32", reason="gloo multi-process test runs on Linux and macOS"
+)
 
 
-def _args(base, data, out, accumulation: int, *extra: str) -> list[str]:
-    return [
-        "scripts/train_lora.py",
-        "--base",
-        str(base),
-        "--dataset",
-        str(data),
-        "--output-dir",
-        str(out),
-        "--quant",
-        "none",
-        "--precision",
-        "fp32",
-        "--batch-size",
-        "2",
-        "--gradient-accumulation-steps",
-        str(accumulation),
-        "--max-steps",
-        "6",
-        "--save-steps",
-        "3",
-        "--lora-dropout",
-        "0",
-        "--eval-fraction",
-        "0.2",
-        "--eval-steps",
-        "6",
-        "--learning-rate",
-        "5e-3",
-        "--seed",
-        "3",
+def _cmd(base, data, out, accumulation: int, *extra: str, processes: int = 1) -> list[str]:
+    return train_command(
+        base,
+        data,
+        out,
         *extra,
-    ]
-
-
-def _torchrun(n: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        processes=processes,
+        gradient_accumulation_steps=accumulation,
+        max_steps=6,
+        save_steps=3,
+        lora_dropout=0,
+        eval_fraction=0.2,
+        eval_steps=6,
+        learning_rate="5e-3",
+        seed=3,
+    )
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -70,8 +47,7 @@ def single(tmp_path_factory, tiny_gpt2):
 
     tmp = tmp_path_factory.mktemp("single")
     data = write_jsonl(tmp / "prefs.jsonl", preference_rows(40))
-    cmd = [sys.executable, *_args(tiny_gpt2, data, tmp / "one", 4)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = run_training(_cmd(tiny_gpt2, data, tmp / "one", 4))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return data, tmp / "one"
 
@@ -84,8 +60,7 @@ def _assert_same(a: dict, b: dict) -> None:
 
 def test_two_processes_match_one(single, tiny_gpt2, tmp_path):
     data, one = single
-    cmd = [*_torchrun(2), *_args(tiny_gpt2, data, tmp_path / "two", 2)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = run_training(_cmd(tiny_gpt2, data, tmp_path / "two", 2, processes=2))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("final eval") == 1, "one process reports"
     _assert_same(_weights(one), _weights(tmp_path / "two"))
@@ -94,11 +69,11 @@ def test_two_processes_match_one(single, tiny_gpt2, tmp_path):
 def test_resume_under_two_processes(single, tiny_gpt2, tmp_path):
     data, one = single
     out = tmp_path / "two"
-    cmd = [*_torchrun(2), *_args(tiny_gpt2, data, out, 2)]
+    cmd = _cmd(tiny_gpt2, data, out, 2, processes=2)
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
-        env=_env(),
+        env=train_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -112,9 +87,7 @@ def test_resume_under_two_processes(single, tiny_gpt2, tmp_path):
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-    resumed = subprocess.run(
-        [*cmd, "--resume"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
-    )
+    resumed = run_training([*cmd, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     _assert_same(_weights(one), _weights(out))

@@ -84,19 +84,19 @@ def test_lora_count_matches_peft_on_a_real_model(tiny_gpt2):
 
 
 def test_activation_bytes_by_the_documented_formula():
-    shape = model_shape(tiny_config())  # h 64, f 256, a 4; gelu_new keeps k = 4 f-wide tensors
+    shape = model_shape(tiny_config())  # h 64, f 256, a 4; gelu_new (fused) keeps k = 1 f-wide tensor
     tokens = 2 * 2 * 32  # 2 pairs = 4 sequences of 32 tokens
-    # 8bit (e = 4): norms 8h 512 + attention 8h+4a+2T 592 + MLP e*k*f 4096 + LoRA (2+1)*64+2*8 208
-    # + int8-held e*(2h+f) 1536 = 6944 per layer; outside 6h = 384
-    assert activation_bytes(shape, "8bit", 8, 2, 32) == tokens * (2 * 6944 + 384) == 1826816
+    # 8bit (e = 4): norms 8h 512 + attention 8h+4a+2T 592 + MLP e*k*f 1024 + LoRA (2+1)*64+2*8 208
+    # + int8-held e*(2h+f) 1536 = 3872 per layer; outside 6h = 384
+    assert activation_bytes(shape, "8bit", 8, 2, 32) == tokens * (2 * 3872 + 384) == 1040384
     # checkpointing: per layer the input e*h 256 + the held 1536; one layer in full; outside
-    assert activation_bytes(shape, "8bit", 8, 2, 32, True) == tokens * (2 * 1792 + 6944 + 384) == 1396736
-    # bf16 base (e = 2): MLP 2048, nothing held: 3360 per layer
-    assert activation_bytes(shape, "none", 8, 2, 32) == tokens * (2 * 3360 + 384) == 909312
-    assert activation_bytes(shape, "none", 8, 2, 32, True) == tokens * (2 * 128 + 3360 + 384)
-    assert activation_bytes(shape, "4bit", 8, 2, 32) == tokens * (2 * (6944 - 1536) + 384)
+    assert activation_bytes(shape, "8bit", 8, 2, 32, True) == tokens * (2 * 1792 + 3872 + 384) == 1003520
+    # bf16 base (e = 2): MLP 512, nothing held: 1824 per layer
+    assert activation_bytes(shape, "none", 8, 2, 32) == tokens * (2 * 1824 + 384) == 516096
+    assert activation_bytes(shape, "none", 8, 2, 32, True) == tokens * (2 * 128 + 1824 + 384)
+    assert activation_bytes(shape, "4bit", 8, 2, 32) == tokens * (2 * (3872 - 1536) + 384)
     # no LoRA dropout: no 1-byte mask
-    assert activation_bytes(shape, "none", 8, 2, 32, lora_dropout=0.0) == tokens * (2 * 3296 + 384)
+    assert activation_bytes(shape, "none", 8, 2, 32, lora_dropout=0.0) == tokens * (2 * 1760 + 384)
 
 
 def test_bf16_activation_formula_matches_saved_tensors_on_cpu():

@@ -3,44 +3,15 @@
 from __future__ import annotations
 
 import json
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from test_raster import PNG_SIGNATURE, read_png
 
-from lora_rm import plots
+from lora_rm import plots, raster
 from lora_rm.metrics import calibration
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def read_png(path: Path) -> np.ndarray:
-    """A minimal PNG reader for what `write_png` promises: 8-bit RGB, no interlace, filter 0 on every row.
-
-    Checks the signature, every chunk's CRC, IHDR, and that the IDAT data inflates to height * (1 + 3 * width)
-    bytes; returns the (H, W, 3) uint8 pixels.
-    """
-    data = path.read_bytes()
-    assert data[:8] == PNG_SIGNATURE
-    pos, chunks = 8, []
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        tag, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
-        assert crc == zlib.crc32(tag + body) & 0xFFFFFFFF, f"bad CRC in {tag!r}"
-        chunks.append((tag, body))
-        pos += 12 + length
-    assert chunks[0][0] == b"IHDR" and chunks[-1] == (b"IEND", b"")
-    width, height, depth, colour, compression, filtering, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
-    assert (depth, colour, compression, filtering, interlace) == (8, 2, 0, 0, 0)
-    raw = zlib.decompress(b"".join(body for tag, body in chunks if tag == b"IDAT"))
-    assert len(raw) == height * (1 + 3 * width)
-    rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, 1 + 3 * width)
-    assert (rows[:, 0] == 0).all(), "every row uses filter 0"
-    return rows[:, 1:].reshape(height, width, 3)
 
 
 def has_colour(image: np.ndarray, colour) -> bool:
@@ -82,13 +53,6 @@ def write_metrics(path: Path, with_eval: bool) -> Path:
     return path
 
 
-def test_write_png_round_trip(tmp_path):
-    image = np.random.default_rng(0).integers(0, 256, size=(7, 11, 3), dtype=np.uint8)
-    out = plots.write_png(tmp_path / "sub" / "x.png", image)
-    assert out == tmp_path / "sub" / "x.png"
-    np.testing.assert_array_equal(read_png(out), image)
-
-
 def test_reward_histograms(tmp_path):
     g = torch.Generator().manual_seed(0)
     out = plots.reward_histograms(
@@ -98,7 +62,7 @@ def test_reward_histograms(tmp_path):
     image = read_png(out)
     assert image.shape == (500, 800, 3)
     assert n_colours(image) >= 6
-    for colour in (plots.BLUE, plots.ORANGE, blended(plots.BLUE), blended(plots.ORANGE), plots.TEXT):
+    for colour in (plots.BLUE, plots.ORANGE, blended(plots.BLUE), blended(plots.ORANGE), raster.TEXT):
         assert has_colour(image, colour), colour
     assert (image == 255).all(axis=2).mean() > 0.3  # mostly white canvas, not a filled block
 
@@ -170,7 +134,7 @@ def test_nice_scale_ticks_and_labels():
 def test_fit_scale_keeps_labels_apart():
     scale = plots.fit_scale(0, 123457, pixels=630, integer=True)
     spacing = (scale.ticks[1] - scale.ticks[0]) / (scale.hi - scale.lo) * 630
-    assert spacing >= max(plots.text_width(label) for label in scale.labels) + 16
+    assert spacing >= max(raster.text_width(label) for label in scale.labels) + 16
     assert scale.hi >= 123457 and len(scale.ticks) >= 4
 
 
@@ -180,11 +144,3 @@ def test_long_title_is_cut_to_the_canvas(tmp_path):
     write_metrics(run / "metrics.jsonl", with_eval=False)
     image = read_png(plots.training_curves(run / "metrics.jsonl", tmp_path / "t.png"))
     assert (image[:, :4] == 255).all() and (image[:, -4:] == 255).all()  # nothing runs off the sides
-
-
-def test_font_covers_the_promised_characters():
-    promised = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz .,-+:%()/_=<"
-    assert set(promised) <= set(plots.FONT)
-    assert plots.text_mask("ab", scale=1).shape == (9, 11)
-    assert plots.text_mask("ab", scale=2).shape == (18, 22)
-    np.testing.assert_array_equal(plots.text_mask("~", 1), plots.text_mask("?", 1))  # unknown -> "?"

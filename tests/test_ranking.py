@@ -11,8 +11,9 @@ from accelerate import Accelerator
 from conftest import BAD, GOOD, PROMPTS, write_jsonl
 
 from lora_rm.batch import PreferenceCollator, plan_group_batches
+from lora_rm.checks import check_rows, detect_format
 from lora_rm.config import TrainConfig
-from lora_rm.data import Row, check_rows, detect_format, load_rows
+from lora_rm.data import Row, load_rows
 from lora_rm.encode import EncodedPair, encode_rankings
 from lora_rm.errors import UserError
 from lora_rm.fit import backward_window

@@ -255,7 +255,10 @@ def test_report_to_sends_every_metrics_record_to_the_tracker(monkeypatch, tmp_pa
     recorder = Recorder()
     monkeypatch.setattr(train_module, "tracker", lambda name: [recorder])
     train(_cfg(tmp_path, tiny_gpt2, prefs_file, max_steps=4, report_to="tensorboard"), log=lambda *_: None)
-    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    lines = [
+        json.loads(line)
+        for line in (tmp_path / "run" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     assert [step for step, _ in recorder.logged] == [r["step"] for r in lines]
     assert recorder.logged[0][1]["loss"] == lines[0]["loss"]
     assert recorder.config["lora_r"] == 16
