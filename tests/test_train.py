@@ -272,3 +272,23 @@ def test_report_to_a_missing_package_is_a_user_error(tmp_path, tiny_gpt2, prefs_
     with pytest.raises(UserError, match="pip install wandb"):
         train(_cfg(tmp_path, tiny_gpt2, prefs_file, report_to="wandb"), log=lambda *_: None)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["DEEPSPEED", "MEGATRON_LM", "XLA"])
+def test_backends_the_loop_cannot_drive_are_refused(name):
+    from accelerate.utils import DistributedType
+
+    from lora_rm.errors import UserError
+    from lora_rm.train import check_distributed
+
+    with pytest.raises(UserError, match=f"set up for {name}.*does not support"):
+        check_distributed(DistributedType[name])
+
+
+@pytest.mark.parametrize("name", ["NO", "MULTI_CPU", "MULTI_GPU", "FSDP"])
+def test_ddp_and_fsdp_pass_the_backend_check(name):
+    from accelerate.utils import DistributedType
+
+    from lora_rm.train import check_distributed
+
+    check_distributed(DistributedType[name])
