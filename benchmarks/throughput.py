@@ -195,13 +195,20 @@ def _sync(device: str) -> None:
 
 
 def run_seed(base: Path, rows: list[dict], args) -> dict:
-    """The notebook's loop with the same LoRA model: every sequence padded to 512, two forwards per batch."""
-    from lora_rm.model import add_lora, load_base_model, load_tokenizer
+    """The notebook's loop with the same LoRA: every sequence padded to 512, two forwards per batch. The base
+    is loaded by transformers as the notebook does (so GPT-2's gelu_new is not fused, as in TRL's row)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from lora_rm.model import add_lora, load_tokenizer
     from lora_rm.optim import resolve_precision
 
     tokenizer = load_tokenizer(str(base))
+    torch.manual_seed(0)
+    stock = AutoModelForSequenceClassification.from_pretrained(
+        str(base), num_labels=1, pad_token_id=tokenizer.pad_token_id
+    )
     model = add_lora(
-        load_base_model(str(base), tokenizer.pad_token_id, quant="none", seed=0),
+        stock,
         r=16,
         alpha=32,
         dropout=0.0,

@@ -61,7 +61,7 @@ class TrainConfig:
     )
     packing: str = _opt(
         "auto",
-        "several pairs per row, no padding between them (causal decoders)",
+        "several pairs per row, no padding between them (causal decoders; auto: on with prefix sharing)",
         choices=("auto", "on", "off"),
     )
     gradient_accumulation_steps: int = _opt(4, "micro-batches per optimizer step")

@@ -128,8 +128,8 @@ def choose_layout(
 ) -> tuple[Any, Callable[[int], list[list[int]]]]:
     """The collator and the epoch batch plan for this model and config.
 
-    Causal decoders that pass `packed_layout_works` get one row per pair with the prompt shared and, with
-    packing, several pairs per row; other models fall back to plain padded rows (said once in the log).
+    Causal decoders that pass `packed_layout_works` get the prompt shared and several pairs per row (one pair
+    per row with `packing=off`); other models fall back to plain padded rows (said once in the log).
     Forcing a mode on for a model that cannot take it is a UserError.
     """
     wanted = {name: getattr(cfg, name) for name in ("share_prefix", "packing")}
@@ -141,12 +141,14 @@ def choose_layout(
             "4D attention mask (encoders and some architectures cannot); use auto or off"
         )
     share = works and wanted["share_prefix"] != "off"
-    packed = works and wanted["packing"] == "on"
+    # auto packs whenever the prompt is shared: on GPT-2 small it is faster and leaner than one pair per row
+    # (README, Speed); rows hold up to max_length tokens, a longer pair sits alone in its row
+    packed = works and (wanted["packing"] == "on" or (wanted["packing"] == "auto" and share))
     if not works and any(v == "auto" for v in wanted.values()):
         log(f"layout: {cfg.base} cannot take prefix-shared rows (4D mask); using plain padded rows")
     if share or packed:
         collator: Any = PackedCollator(
-            pad_token_id, share_prefix=share, row_tokens=2 * max_length if packed else None
+            pad_token_id, share_prefix=share, row_tokens=max_length if packed else None
         )
     else:
         collator = PreferenceCollator(pad_token_id)
