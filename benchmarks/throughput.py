@@ -31,10 +31,10 @@ CONFIGS = {
     "trl-nockpt": "TRL RewardTrainer without gradient checkpointing",
     "plain": "lora_rm, plain rows: dynamic padding, one forward",
     "grouped": "lora_rm + length-grouped batches",
-    "shared": "lora_rm + grouped + prefix sharing (default)",
-    "packed": "lora_rm + grouped + prefix sharing + packing",
-    "shared-ckpt": "lora_rm default + gradient checkpointing",
-    "packed-ckpt": "lora_rm + packing + gradient checkpointing",
+    "shared": "lora_rm + grouped + prefix sharing, one pair per row (--packing off)",
+    "packed": "lora_rm + grouped + prefix sharing + packing (default)",
+    "shared-ckpt": "lora_rm, --packing off + gradient checkpointing",
+    "packed-ckpt": "lora_rm default + gradient checkpointing",
     "ceiling": "ceiling: forward+backward of the needed tokens only, no padding, no masks",
 }
 # What the 'ceiling' row is: the per-token cost of this model and LoRA with nothing wasted (each pair as one
@@ -108,6 +108,7 @@ def run_lora_rm(name: str, base: Path, rows: list[dict], args) -> dict:
         collator = {
             "grouped": PreferenceCollator(tokenizer.pad_token_id),
             "shared": PackedCollator(tokenizer.pad_token_id, share_prefix=True),
+            # rows of up to max_length (1024 here) tokens, as `lora_rm.train.choose_layout` builds them
             "packed": PackedCollator(tokenizer.pad_token_id, share_prefix=True, row_tokens=1024),
         }[name]
     losses, computed = [], 0
