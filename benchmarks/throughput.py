@@ -15,7 +15,6 @@ import argparse
 import gzip
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -313,6 +312,15 @@ def run_trl(base: Path, rows: list[dict], args, checkpointing: bool = True) -> d
     }
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux: ru_maxrss in KiB); NaN where `resource` is missing (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(args) -> None:
     torch.set_num_threads(args.threads)
     base = model_dir(Path(args.cache_dir), args.base)
@@ -327,7 +335,7 @@ def child(args) -> None:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     result = runner(base, rows, args) if runner else run_lora_rm(args.run, base, rows, args)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     if args.device.startswith("cuda"):
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(result))

@@ -12,7 +12,8 @@ import torch
 
 from lora_rm.batch import PreferenceCollator
 from lora_rm.encode import EncodedPair
-from lora_rm.model import compute_rewards, load_reward_model
+from lora_rm.model import load_reward_model
+from lora_rm.rewards import compute_rewards
 
 CONFIG_FILE = "lora_rm_config.json"
 

@@ -20,7 +20,7 @@ from lora_rm.encode import EncodedPair
 from lora_rm.errors import UserError
 from lora_rm.evaluate import evaluate
 from lora_rm.loss import PairStats, batch_losses
-from lora_rm.model import pair_rewards
+from lora_rm.rewards import pair_rewards
 
 
 class TrainingStopped(Exception):

@@ -30,8 +30,9 @@ from lora_rm.evaluate import write_full_eval
 from lora_rm.export import merge_adapter, save_adapter
 from lora_rm.fit import LoopState, fit, trim_metrics
 from lora_rm.loss import loss_near_chance
-from lora_rm.model import add_lora, check_quantization, load_base_model, load_tokenizer, packed_layout_works
+from lora_rm.model import add_lora, check_quantization, load_base_model, load_tokenizer
 from lora_rm.optim import build_optimizer, resolve_precision
+from lora_rm.rewards import packed_layout_works
 
 # Options a resume may change freely: they do not change what is trained, or (data paths, split) what
 # they change is caught by the fingerprint of the tokenized training pairs itself.

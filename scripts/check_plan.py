@@ -29,7 +29,8 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     """Estimated and measured bytes, in GiB, for one configuration."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from lora_rm.model import add_lora, compute_rewards, load_base_model
+    from lora_rm.model import add_lora, load_base_model
+    from lora_rm.rewards import compute_rewards
 
     config = AutoConfig.from_pretrained(args.base)
     config.num_labels, config.pad_token_id = 1, 0

@@ -8,7 +8,8 @@ import torch
 from lora_rm.batch import PackedCollator, PreferenceCollator, pair_cost, plan_grouped_batches
 from lora_rm.encode import EncodedPair
 from lora_rm.loss import pairwise_loss
-from lora_rm.model import add_lora, load_base_model, load_tokenizer, packed_layout_works, pair_rewards
+from lora_rm.model import add_lora, load_base_model, load_tokenizer
+from lora_rm.rewards import packed_layout_works, pair_rewards
 
 EOS = 0
 MAX_LEN = 64  # the tiny model's n_positions

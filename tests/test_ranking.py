@@ -18,7 +18,8 @@ from lora_rm.encode import EncodedPair, encode_rankings
 from lora_rm.errors import UserError
 from lora_rm.fit import backward_window
 from lora_rm.loss import all_pairs_loss, pairwise_loss, plackett_luce_loss
-from lora_rm.model import add_lora, compute_rewards, load_base_model, load_tokenizer
+from lora_rm.model import add_lora, load_base_model, load_tokenizer
+from lora_rm.rewards import compute_rewards
 from lora_rm.train import train
 
 

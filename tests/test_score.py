@@ -13,7 +13,7 @@ from lora_rm.batch import PreferenceCollator
 from lora_rm.data import Row
 from lora_rm.encode import encode_pairs, encode_sequences
 from lora_rm.errors import UserError
-from lora_rm.model import compute_rewards
+from lora_rm.rewards import compute_rewards
 from lora_rm.score import RewardModel
 
 LONG_PROMPT = " ".join(["question : how do i make a cake ?"] * 12) + " answer :"  # > 64 tokens

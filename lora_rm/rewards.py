@@ -1,0 +1,85 @@
+"""Read rewards from a reward model: one scalar per row at its last attended token, for plain padded rows and
+for prefix-shared / packed rows (4D mask, flat indices), and the probe that decides whether a model can take
+the packed layout."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from lora_rm.batch import PackedBatch, PackedCollator, PreferenceBatch, PreferenceCollator
+from lora_rm.encode import EncodedPair
+from lora_rm.model import _inner, head_name
+
+
+@contextlib.contextmanager
+def _capture_output(module: torch.nn.Module):
+    captured: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def compute_rewards(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One scalar reward per row, read at the row's last attended token. Shape [N].
+
+    Sequence-classification decoders pool the rightmost token that is not `pad_token_id`; when pad ==
+    EOS (GPT-2, Llama) that skips the EOS the reward should be read at, and an all-pad row silently
+    reads position 0. So the head's per-token output is captured and pooled from the attention mask
+    instead. Encoders, whose head already sees one pooled vector, are returned as they are.
+    With a 4D `attention_mask` (packed rows), `index` gives the flat positions (into rows x tokens) to
+    read, one reward each. Raises ValueError for a row with no attended token.
+    """
+    if index is None:
+        lengths = attention_mask.sum(dim=-1)
+        if bool((lengths == 0).any()):
+            raise ValueError("a row has no attended tokens: empty sequences have no reward")
+    with _capture_output(getattr(_inner(model), head_name(model))) as captured:
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    per_token = captured[-1]
+    if index is not None:
+        return per_token.reshape(-1)[index]
+    if per_token.dim() == 3:  # [N, T, 1]: decoder head on every position
+        width = attention_mask.shape[-1]
+        last = width - 1 - attention_mask.flip(-1).argmax(dim=-1)  # rightmost attended position
+        return per_token[torch.arange(per_token.shape[0], device=per_token.device), last, 0]
+    return outputs.logits[:, 0]
+
+
+def pair_rewards(model: Any, batch: PreferenceBatch | PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen rewards, rejected rewards) of a batch in either layout, from one forward."""
+    if isinstance(batch, PackedBatch):
+        index = torch.cat([batch.chosen_index, batch.rejected_index])
+        rewards = compute_rewards(model, batch.input_ids, batch.attention_mask, batch.position_ids, index)
+    else:
+        rewards = compute_rewards(model, batch.input_ids, batch.attention_mask)
+    return rewards[: batch.num_pairs], rewards[batch.num_pairs :]
+
+
+@torch.no_grad()
+def packed_layout_works(model: Any, pairs: list[EncodedPair], pad_token_id: int) -> bool:
+    """Whether `model` gives the same rewards from prefix-shared, packed rows (4D mask + position ids)
+    as from plain padded rows. False for encoders (bidirectional attention) and for models that ignore
+    or reject a 4D mask; checked on a few real pairs, in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        plain = pair_rewards(model, PreferenceCollator(pad_token_id)(pairs))
+        packed = pair_rewards(model, PackedCollator(pad_token_id, share_prefix=True, row_tokens=10**9)(pairs))
+    except Exception:  # a model that cannot take the layout at all
+        return False
+    finally:
+        model.train(was_training)
+    expected = torch.cat(plain).float()
+    scale = float(expected.abs().max()) + 1e-3
+    return bool(torch.allclose(torch.cat(packed).float(), expected, rtol=0, atol=2e-3 * scale))
