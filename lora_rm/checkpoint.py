@@ -49,8 +49,9 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
 
 
-def _rename_with_retry(src: Path, dst: Path, attempts: int = 10) -> None:
-    # On Windows an antivirus or indexer can hold a fresh file open for a moment: retry briefly.
+def rename_with_retry(src: Path, dst: Path, attempts: int = 10) -> None:
+    """`os.replace(src, dst)`, retried on PermissionError: on Windows an antivirus or indexer can hold a fresh
+    file open for a moment. Raises the last PermissionError after `attempts` tries."""
     for i in range(attempts):
         try:
             os.replace(src, dst)
@@ -128,7 +129,7 @@ def save_checkpoint(
     (staging / "state.json").write_text(json.dumps(extra, indent=1), encoding="utf-8")
     if final.exists():  # an unmarked leftover from a killed run
         shutil.rmtree(final)
-    _rename_with_retry(staging, final)
+    rename_with_retry(staging, final)
     (final / MARKER).write_text(str(step), encoding="utf-8")
     if keep_last:
         for old in complete_checkpoints(output_dir)[:-keep_last]:

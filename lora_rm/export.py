@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from lora_rm.batch import PreferenceCollator
+from lora_rm.checkpoint import rename_with_retry
 from lora_rm.encode import EncodedPair
 from lora_rm.model import load_reward_model
 from lora_rm.rewards import compute_rewards
@@ -29,7 +30,7 @@ def _staged(final: Path):
     yield staging
     if final.exists():
         shutil.rmtree(final)
-    staging.rename(final)
+    rename_with_retry(staging, final)
 
 
 def save_adapter(model: Any, tokenizer: Any, run_config: dict[str, Any], out_dir: str | Path) -> Path:

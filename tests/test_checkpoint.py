@@ -267,3 +267,31 @@ def test_no_unsafe_deserialization_in_the_package():
                 assert "weights_only=True" in line, f"{path.name}: {line.strip()}"
             assert "trust_remote_code=True" not in line, f"{path.name}: {line.strip()}"
             assert "import pickle" not in line and "pickle.load" not in line, f"{path.name}: {line.strip()}"
+
+
+def test_rename_retries_while_windows_holds_the_folder(tmp_path, monkeypatch):
+    import os
+
+    from lora_rm import checkpoint
+
+    src, dst = tmp_path / "step-1.partial", tmp_path / "step-1"
+    src.mkdir()
+    real, calls = os.replace, []
+
+    def busy_twice(a, b):
+        calls.append(a)
+        if len(calls) <= 2:
+            raise PermissionError("being scanned")
+        real(a, b)
+
+    monkeypatch.setattr(checkpoint.os, "replace", busy_twice)
+    monkeypatch.setattr(checkpoint.time, "sleep", lambda _s: None)
+    checkpoint.rename_with_retry(src, dst)
+    assert len(calls) == 3 and dst.is_dir() and not src.exists()
+
+    (tmp_path / "other.partial").mkdir()
+    monkeypatch.setattr(
+        checkpoint.os, "replace", lambda a, b: (_ for _ in ()).throw(PermissionError("locked"))
+    )
+    with pytest.raises(PermissionError, match="locked"):
+        checkpoint.rename_with_retry(tmp_path / "other.partial", tmp_path / "other", attempts=3)
