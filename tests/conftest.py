@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora_rm.checks import check_rows, detect_format
+from lora_rm.data import Row, load_rows
+from lora_rm.errors import UserError
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -114,6 +118,34 @@ PROMPTS = [
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+# reading and checking a data file the way training does (test_data.py, test_checks.py)
+ROW = {"prompt": "question : how do i cook rice ?", "chosen": " sure first", "rejected": " whatever"}
+
+
+def load_checked(path: Path) -> tuple[list[Row], str]:
+    """What training does with a local file: read, detect the format, check every row."""
+    rows, held_out = load_rows(str(path))
+    assert held_out == []
+    fmt = detect_format(rows, str(path))
+    check_rows(rows, fmt, str(path))
+    return rows, fmt
+
+
+def user_error(path: Path) -> str:
+    with pytest.raises(UserError) as e:
+        load_checked(path)
+    return str(e.value)
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def jsonl_with(tmp_path: Path, *rows: dict, name: str = "data.jsonl") -> Path:
+    return write_jsonl(tmp_path / name, [*rows])
 
 
 def preference_rows(n: int) -> list[dict]:

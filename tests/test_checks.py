@@ -3,41 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from conftest import write_jsonl
+from conftest import ROW, jsonl_with, load_checked, user_error, write_lines
 
 from lora_rm.checks import check_rows, detect_format, row_problems
-from lora_rm.data import Row, load_rows
+from lora_rm.data import Row
 from lora_rm.errors import UserError
-
-ROW = {"prompt": "question : how do i cook rice ?", "chosen": " sure first", "rejected": " whatever"}
-
-
-def load_checked(path: Path) -> tuple[list[Row], str]:
-    """What training does with a local file: read, detect the format, check every row."""
-    rows, held_out = load_rows(str(path))
-    assert held_out == []
-    fmt = detect_format(rows, str(path))
-    check_rows(rows, fmt, str(path))
-    return rows, fmt
-
-
-def user_error(path: Path) -> str:
-    with pytest.raises(UserError) as e:
-        load_checked(path)
-    return str(e.value)
-
-
-def write_lines(path: Path, lines: list[str]) -> Path:
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def jsonl_with(tmp_path: Path, *rows: dict, name: str = "data.jsonl") -> Path:
-    return write_jsonl(tmp_path / name, [*rows])
-
 
 # ---------------------------------------------------------------- missing columns
 
