@@ -146,23 +146,13 @@ def run_ceiling(base: Path, rows: list[dict], args) -> dict:
     """Each pair as one unpadded row of the tokens prefix sharing needs, batch of one row: the cost floor."""
     from lora_rm.data import Row
     from lora_rm.encode import common_prefix_len, encode_pairs
-    from lora_rm.model import add_lora, load_base_model, load_tokenizer
-    from lora_rm.optim import resolve_precision
+    from lora_rm.model import load_base_model, load_tokenizer
 
     tokenizer = load_tokenizer(str(base))
     pairs, _ = encode_pairs([Row(f"hh:{i}", r) for i, r in enumerate(rows)], "implicit", tokenizer, 1024)
-    model = add_lora(
-        load_base_model(str(base), tokenizer.pad_token_id, quant="none", seed=0),
-        r=16,
-        alpha=32,
-        dropout=0.0,
-        target_modules=["c_attn"],
-    ).to(args.device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    precision = resolve_precision(args.precision, args.device)
-    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=precision == "bf16")
+    base_model = load_base_model(str(base), tokenizer.pad_token_id, quant="none", seed=0)
+    model, optimizer, precision, autocast = _manual_loop_setup(base_model, args)
     seqs = [p.chosen + p.rejected[common_prefix_len(p.chosen, p.rejected) :] for p in pairs]
-    model.train()
 
     def step(batch: list[list[int]]) -> None:
         for seq in batch:
@@ -172,12 +162,9 @@ def run_ceiling(base: Path, rows: list[dict], args) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step(seqs[: args.batch_size])  # warm-up, not timed
-    start = time.perf_counter()
-    for i in range(0, len(seqs), args.batch_size):
-        step(seqs[i : i + args.batch_size])
-    _sync(args.device)
-    seconds = time.perf_counter() - start
+    seconds = _timed_steps(
+        step, [seqs[i : i + args.batch_size] for i in range(0, len(seqs), args.batch_size)], args
+    )
     needed = sum(len(s) for s in seqs)
     return {
         "pairs": len(pairs),
@@ -194,29 +181,42 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _manual_loop_setup(base_model, args):
+    """(model, optimizer, precision, autocast) for the hand-written loops: LoRA r=16 on c_attn, AdamW."""
+    from lora_rm.model import add_lora
+    from lora_rm.optim import resolve_precision
+
+    model = add_lora(base_model, r=16, alpha=32, dropout=0.0, target_modules=["c_attn"]).to(args.device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    precision = resolve_precision(args.precision, args.device)
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=precision == "bf16")
+    model.train()
+    return model, optimizer, precision, autocast
+
+
+def _timed_steps(step, chunks: list, args) -> float:
+    """Seconds for step(chunk) over every chunk, after one untimed warm-up step on the first."""
+    step(chunks[0])
+    start = time.perf_counter()
+    for chunk in chunks:
+        step(chunk)
+    _sync(args.device)
+    return time.perf_counter() - start
+
+
 def run_seed(base: Path, rows: list[dict], args) -> dict:
     """The notebook's loop with the same LoRA: every sequence padded to 512, two forwards per batch. The base
     is loaded by transformers as the notebook does (so GPT-2's gelu_new is not fused, as in TRL's row)."""
     from transformers import AutoModelForSequenceClassification
 
-    from lora_rm.model import add_lora, load_tokenizer
-    from lora_rm.optim import resolve_precision
+    from lora_rm.model import load_tokenizer
 
     tokenizer = load_tokenizer(str(base))
     torch.manual_seed(0)
     stock = AutoModelForSequenceClassification.from_pretrained(
         str(base), num_labels=1, pad_token_id=tokenizer.pad_token_id
     )
-    model = add_lora(
-        stock,
-        r=16,
-        alpha=32,
-        dropout=0.0,
-        target_modules=["c_attn"],
-    ).to(args.device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    precision = resolve_precision(args.precision, args.device)
-    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=precision == "bf16")
+    model, optimizer, precision, autocast = _manual_loop_setup(stock, args)
     enc = {
         side: tokenizer(
             [r[side] for r in rows],
@@ -227,7 +227,6 @@ def run_seed(base: Path, rows: list[dict], args) -> dict:
         ).to(args.device)
         for side in ("chosen", "rejected")
     }
-    model.train()
 
     def step(sl: slice) -> None:
         with autocast:
@@ -243,12 +242,9 @@ def run_seed(base: Path, rows: list[dict], args) -> dict:
         optimizer.step()
         optimizer.zero_grad()
 
-    step(slice(0, args.batch_size))
-    start = time.perf_counter()
-    for i in range(0, len(rows), args.batch_size):
-        step(slice(i, i + args.batch_size))
-    _sync(args.device)
-    seconds = time.perf_counter() - start
+    seconds = _timed_steps(
+        step, [slice(i, i + args.batch_size) for i in range(0, len(rows), args.batch_size)], args
+    )
     real = int(enc["chosen"]["attention_mask"].sum() + enc["rejected"]["attention_mask"].sum())
     return {
         "pairs": len(rows),
