@@ -107,7 +107,7 @@ def run_lora_rm(name: str, base: Path, rows: list[dict], args) -> dict:
         collator = {
             "grouped": PreferenceCollator(tokenizer.pad_token_id),
             "shared": PackedCollator(tokenizer.pad_token_id, share_prefix=True),
-            # rows of up to max_length (1024 here) tokens, as `lora_rm.train.choose_layout` builds them
+            # rows of up to max_length (1024 here) tokens, as `lora_rm.layout.choose_layout` builds them
             "packed": PackedCollator(tokenizer.pad_token_id, share_prefix=True, row_tokens=1024),
         }[name]
     losses, computed = [], 0

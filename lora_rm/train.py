@@ -6,33 +6,24 @@ import importlib.util
 import json
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lora_rm.batch import (
-    PackedCollator,
-    PreferenceCollator,
-    pair_cost,
-    plan_batches,
-    plan_group_batches,
-    plan_grouped_batches,
-    shard_batches,
-)
+from lora_rm.batch import shard_batches
 from lora_rm.checkpoint import complete_checkpoints, fingerprint, load_checkpoint
 from lora_rm.config import TrainConfig
-from lora_rm.encode import EncodedPair, LengthReport, default_max_length, prepare_pairs
+from lora_rm.encode import LengthReport, default_max_length, prepare_pairs
 from lora_rm.errors import UserError
 from lora_rm.evaluate import write_full_eval
 from lora_rm.export import merge_adapter, save_adapter
 from lora_rm.fit import LoopState, fit, trim_metrics
+from lora_rm.layout import choose_layout
 from lora_rm.loss import loss_near_chance
 from lora_rm.model import add_lora, check_quantization, load_base_model, load_tokenizer
 from lora_rm.optim import build_optimizer, resolve_precision
-from lora_rm.rewards import packed_layout_works
 
 # Options a resume may change freely: they do not change what is trained, or (data paths, split) what
 # they change is caught by the fingerprint of the tokenized training pairs itself.
@@ -117,57 +108,6 @@ def check_distributed(distributed_type: Any) -> None:
             f"accelerate is set up for {name}, which lora_rm's training loop does not support; "
             "use DDP (distributed_type: MULTI_GPU) or FSDP (examples/accelerate/)"
         )
-
-
-def choose_layout(
-    cfg: TrainConfig,
-    model: Any,
-    pairs: list[EncodedPair],
-    pad_token_id: int,
-    max_length: int,
-    log: Any = print,
-) -> tuple[Any, Callable[[int], list[list[int]]]]:
-    """The collator and the epoch batch plan for this model and config.
-
-    Causal decoders that pass `packed_layout_works` get the prompt shared and several pairs per row (one pair
-    per row with `packing=off`); other models fall back to plain padded rows (said once in the log).
-    Forcing a mode on for a model that cannot take it is a UserError.
-    """
-    wanted = {name: getattr(cfg, name) for name in ("share_prefix", "packing")}
-    works = any(v != "off" for v in wanted.values()) and packed_layout_works(model, pairs[:4], pad_token_id)
-    forced = [name for name, v in wanted.items() if v == "on" and not works]
-    if forced:
-        raise UserError(
-            f"{' and '.join(forced)} forced on, but {cfg.base} does not give the same rewards with a "
-            "4D attention mask (encoders and some architectures cannot); use auto or off"
-        )
-    share = works and wanted["share_prefix"] != "off"
-    # auto packs whenever the prompt is shared: on GPT-2 small it is faster and leaner than one pair per row
-    # (README, Speed); rows hold up to max_length tokens, a longer pair sits alone in its row
-    packed = works and (wanted["packing"] == "on" or (wanted["packing"] == "auto" and share))
-    if not works and any(v == "auto" for v in wanted.values()):
-        log(f"layout: {cfg.base} cannot take prefix-shared rows (4D mask); using plain padded rows")
-    if share or packed:
-        collator: Any = PackedCollator(
-            pad_token_id, share_prefix=share, row_tokens=max_length if packed else None
-        )
-    else:
-        collator = PreferenceCollator(pad_token_id)
-    costs = [pair_cost(p, share or packed) for p in pairs]
-    grouped = cfg.group_by_length or cfg.max_tokens_per_batch is not None
-
-    def plan_epoch(epoch: int) -> list[list[int]]:
-        if cfg.loss == "plackett_luce":  # each ranked list's chain of pairs must share a micro-batch
-            return plan_group_batches([p.group for p in pairs], cfg.batch_size, cfg.seed, epoch)
-        if not grouped:
-            return plan_batches(len(pairs), cfg.batch_size, cfg.seed, epoch)
-        return plan_grouped_batches(costs, cfg.batch_size, cfg.seed, epoch, cfg.max_tokens_per_batch, packed)
-
-    log(
-        f"layout: {'packed ' if packed else ''}{'prefix-shared' if share else 'plain'} rows, "
-        f"{'length-grouped ' if grouped else ''}{'token-budget' if cfg.max_tokens_per_batch else 'pair-count'} batches"
-    )
-    return collator, plan_epoch
 
 
 def train(cfg: TrainConfig, log: Any = print) -> TrainResult:

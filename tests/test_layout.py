@@ -1,4 +1,4 @@
-"""Prefix-shared and packed rows give the plain path's rewards, loss and gradients; batch planning."""
+"""Prefix-shared and packed rows give the plain path's rewards, loss and gradients; batch planning; the layout a run picks."""
 
 from __future__ import annotations
 
@@ -127,3 +127,59 @@ def test_token_budget_is_respected(packed):
         used = sum(costs[i] for i in b) if packed else len(b) * max(costs[i] for i in b)
         assert used <= 400 or len(b) == 1
     assert sorted(i for b in batches for i in b) == list(range(300))
+
+
+def _layout(base, **options):
+    from lora_rm.encode import EncodedPair
+    from lora_rm.layout import choose_layout
+    from lora_rm.model import add_lora, load_base_model, load_tokenizer
+
+    tokenizer = load_tokenizer(str(base))
+    model = add_lora(load_base_model(str(base), tokenizer.pad_token_id, seed=0), dropout=0.0)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    pairs = [EncodedPair([5, 6, 7, 8 + i, eos], [5, 6, 9, eos]) for i in range(6)]
+    from lora_rm.config import TrainConfig
+
+    cfg = TrainConfig(base=str(base), dataset="unused.jsonl", batch_size=4, **options)
+    lines = []
+    collator, plan_epoch = choose_layout(cfg, model, pairs, tokenizer.pad_token_id, 48, lines.append)
+    return collator, plan_epoch, lines
+
+
+def test_causal_decoders_default_to_packed_prefix_shared_rows(tiny_gpt2):
+    from lora_rm.batch import PackedCollator
+
+    collator, plan_epoch, lines = _layout(tiny_gpt2)
+    assert isinstance(collator, PackedCollator)
+    assert (collator.share_prefix, collator.row_tokens) == (True, 48)  # rows of up to max_length tokens
+    assert "layout: packed prefix-shared rows, length-grouped pair-count batches" in lines
+    assert sorted(i for batch in plan_epoch(0) for i in batch) == list(range(6))
+
+
+@pytest.mark.parametrize(
+    "options, layout",
+    [
+        ({"packing": "off"}, (True, None)),
+        ({"share_prefix": "off"}, "plain"),
+        ({"share_prefix": "off", "packing": "on"}, (False, 48)),
+    ],
+)
+def test_layout_modes_can_be_switched_off_and_on(tiny_gpt2, options, layout):
+    from lora_rm.batch import PreferenceCollator
+
+    collator, _, _ = _layout(tiny_gpt2, **options)
+    if layout == "plain":
+        assert isinstance(collator, PreferenceCollator)
+    else:
+        assert (collator.share_prefix, collator.row_tokens) == layout
+
+
+def test_encoders_fall_back_to_plain_rows_and_refuse_forced_packing(tiny_bert):
+    from lora_rm.batch import PreferenceCollator
+    from lora_rm.errors import UserError
+
+    collator, _, lines = _layout(tiny_bert)
+    assert isinstance(collator, PreferenceCollator)
+    assert any("cannot take prefix-shared rows" in line for line in lines)
+    with pytest.raises(UserError, match="packing forced on"):
+        _layout(tiny_bert, packing="on")
