@@ -139,6 +139,21 @@ class RewardModel:
             rewards = sequence_rewards(self.model, seqs, self.tokenizer.pad_token_id, batch_size, bar.update)
         return [(r - mean) / std for r in rewards.tolist()] if normalize else rewards.tolist()
 
+    def score_texts(
+        self, texts: Sequence[str], batch_size: int = 16, normalize: bool = False, progress: bool = False
+    ) -> list[float]:
+        """Raw reward of each full text (prompt and response already joined, or a chat rendered to text), as
+        `AutoModelForSequenceClassification` reads it; `normalize` as in `score`."""
+        if isinstance(texts, str):
+            raise TypeError("texts is a list: score_texts([text]) for one")
+        mean, std = self._normalizer() if normalize else (0.0, 1.0)
+        seqs = encode_sequences([""] * len(texts), list(texts), self.tokenizer, self.max_length, "implicit")
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(seqs), desc="score", unit="seq", disable=not progress) as bar:
+            rewards = sequence_rewards(self.model, seqs, self.tokenizer.pad_token_id, batch_size, bar.update)
+        return [(r - mean) / std for r in rewards.tolist()]
+
     def compare(self, prompt: Any, a: Any, b: Any) -> dict[str, float]:
         """Rewards of two responses to one prompt and the Bradley-Terry probability that `a` is preferred,
         sigmoid(r_a - r_b): {"p_a_preferred", "reward_a", "reward_b"}."""
