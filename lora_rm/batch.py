@@ -74,6 +74,12 @@ class PreferenceCollator:
         return PreferenceBatch(input_ids, attention_mask, margin, *_weights_and_groups(pairs))
 
 
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator every epoch plan draws its order from: a function of (seed, epoch) alone, never of the
+    global RNG, so a resumed run and an uninterrupted one see the same batches."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
 def plan_batches(
     num_pairs: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True
 ) -> list[list[int]]:
@@ -83,9 +89,7 @@ def plan_batches(
     uninterrupted one see the same batches.
     """
     if shuffle:
-        order = torch.randperm(
-            num_pairs, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)
-        ).tolist()
+        order = torch.randperm(num_pairs, generator=epoch_generator(seed, epoch)).tolist()
     else:
         order = list(range(num_pairs))
     return [order[i : i + batch_size] for i in range(0, num_pairs, batch_size)]
@@ -101,7 +105,7 @@ def plan_group_batches(groups: list[int | None], batch_size: int, seed: int, epo
             units[-1].append(i)
         else:
             units.append([i])
-    order = torch.randperm(len(units), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    order = torch.randperm(len(units), generator=epoch_generator(seed, epoch))
     batches: list[list[int]] = []
     for u in order.tolist():
         if batches and len(batches[-1]) + len(units[u]) <= batch_size:
@@ -148,7 +152,7 @@ def plan_grouped_batches(
     the budget (padded tokens, or the sum of costs when `packed`). The batch order is shuffled again, so
     long and short batches alternate at random. A pair over the budget alone forms its own batch.
     """
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    generator = epoch_generator(seed, epoch)
     order = torch.randperm(len(costs), generator=generator).tolist()
     batches: list[list[int]] = []
     span = mega_batch * batch_size

@@ -3,7 +3,7 @@ on real pairs) and the config, and the batch plan of each epoch that goes with i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from lora_rm.batch import (
@@ -20,6 +20,35 @@ from lora_rm.errors import UserError
 from lora_rm.rewards import packed_layout_works
 
 
+@dataclass
+class Layout:
+    """How a run lays out its pairs: the collator that builds rows, and how each epoch is cut into batches.
+
+    The batches of an epoch depend on (seed, epoch) only (`lora_rm.batch.epoch_generator`), so a resumed run
+    recomputes exactly the plan an uninterrupted one follows.
+    """
+
+    collator: Any  # PreferenceCollator or PackedCollator
+    costs: list[int]  # tokens each pair occupies in this layout
+    groups: list[int | None]  # the ranked list each pair comes from
+    batch_size: int
+    seed: int
+    ranked: bool = False  # plackett_luce: each ranked list's chain of pairs must share a micro-batch
+    grouped: bool = False  # length-grouped batches
+    max_tokens: int | None = None  # cut batches by a token budget instead of a pair count
+    packed: bool = False
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The micro-batches of `epoch`, as lists of pair indices, for all processes together."""
+        if self.ranked:
+            return plan_group_batches(self.groups, self.batch_size, self.seed, epoch)
+        if not self.grouped:
+            return plan_batches(len(self.costs), self.batch_size, self.seed, epoch)
+        return plan_grouped_batches(
+            self.costs, self.batch_size, self.seed, epoch, self.max_tokens, self.packed
+        )
+
+
 def choose_layout(
     cfg: TrainConfig,
     model: Any,
@@ -27,8 +56,8 @@ def choose_layout(
     pad_token_id: int,
     max_length: int,
     log: Any = print,
-) -> tuple[Any, Callable[[int], list[list[int]]]]:
-    """The collator and the epoch batch plan for this model and config.
+) -> Layout:
+    """The layout for this model and config.
 
     Causal decoders that pass `packed_layout_works` get the prompt shared and several pairs per row (one pair
     per row with `packing=off`); other models fall back to plain padded rows (said once in the log).
@@ -54,18 +83,20 @@ def choose_layout(
         )
     else:
         collator = PreferenceCollator(pad_token_id)
-    costs = [pair_cost(p, share or packed) for p in pairs]
-    grouped = cfg.group_by_length or cfg.max_tokens_per_batch is not None
-
-    def plan_epoch(epoch: int) -> list[list[int]]:
-        if cfg.loss == "plackett_luce":  # each ranked list's chain of pairs must share a micro-batch
-            return plan_group_batches([p.group for p in pairs], cfg.batch_size, cfg.seed, epoch)
-        if not grouped:
-            return plan_batches(len(pairs), cfg.batch_size, cfg.seed, epoch)
-        return plan_grouped_batches(costs, cfg.batch_size, cfg.seed, epoch, cfg.max_tokens_per_batch, packed)
-
+    layout = Layout(
+        collator,
+        costs=[pair_cost(p, share or packed) for p in pairs],
+        groups=[p.group for p in pairs],
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        ranked=cfg.loss == "plackett_luce",
+        grouped=cfg.group_by_length or cfg.max_tokens_per_batch is not None,
+        max_tokens=cfg.max_tokens_per_batch,
+        packed=packed,
+    )
     log(
         f"layout: {'packed ' if packed else ''}{'prefix-shared' if share else 'plain'} rows, "
-        f"{'length-grouped ' if grouped else ''}{'token-budget' if cfg.max_tokens_per_batch else 'pair-count'} batches"
+        f"{'length-grouped ' if layout.grouped else ''}"
+        f"{'token-budget' if cfg.max_tokens_per_batch else 'pair-count'} batches"
     )
-    return collator, plan_epoch
+    return layout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -19,7 +20,7 @@ from lora_rm.encode import LengthReport, default_max_length, prepare_pairs
 from lora_rm.errors import UserError
 from lora_rm.evaluate import write_full_eval
 from lora_rm.export import merge_adapter, save_adapter
-from lora_rm.fit import LoopState, fit, trim_metrics
+from lora_rm.fit import LoopState, Run, fit, trim_metrics
 from lora_rm.layout import choose_layout
 from lora_rm.loss import loss_near_chance
 from lora_rm.model import add_lora, check_quantization, load_base_model, load_tokenizer
@@ -117,24 +118,50 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
     is touched; problems raise UserError. Raises TrainingStopped after saving a checkpoint when stopped
     by a signal or by `cfg.max_bad_steps` non-finite steps in a row.
     """
-    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    started = time.perf_counter()
+    try:
+        run, inputs = set_up(cfg, log)
+        eval_metrics = fit(run)
+        return save_outputs(run, inputs, eval_metrics, started)
+    finally:
+        # accelerate keeps the mixed precision process-wide: without this a second train() in the same
+        # process with another --precision would raise
+        AcceleratorState._reset_state()
+
+
+@dataclass
+class Inputs:
+    """What `check_inputs` read and checked: everything a run needs before anything is written."""
+
+    cfg: TrainConfig  # with --vram applied
+    tokenizer: Any
+    max_length: int
+    train_pairs: list
+    eval_pairs: list
+    reports: dict[str, Any]
+    fingerprints: dict[str, str]
+    resume_from: Path | None
+    device_type: str
+    mixed_precision: str
+    trackers: Any
+
+
+def check_inputs(cfg: TrainConfig, log: Any) -> Inputs:
+    """Read and check the config, tokenizer, model config, data and resume checkpoint; raise UserError on
+    any problem. Builds no Accelerator (its precision is process-wide) and writes nothing."""
+    from accelerate.state import PartialState
     from accelerate.utils import set_seed
     from transformers import AutoConfig
 
-    started = time.perf_counter()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     mixed_precision = resolve_precision(cfg.precision, device_type)
     check_quantization(cfg.quant, device_type)
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision,
-        cpu=device_type == "cpu",
-        log_with=None if cfg.report_to == "none" else tracker(cfg.report_to),
-        project_dir=cfg.output_dir,
-    )
-    log = log if accelerator.is_main_process else (lambda *_a, **_k: None)
-    check_distributed(accelerator.distributed_type)
-    if accelerator.num_processes > 1:
-        log(f"processes: {accelerator.num_processes} ({accelerator.distributed_type.value})")
+    trackers = None if cfg.report_to == "none" else tracker(cfg.report_to)
+    processes = PartialState(cpu=device_type == "cpu")  # rank and world only; no precision yet
+    check_distributed(processes.distributed_type)
+    log = log if processes.is_main_process else (lambda *_a, **_k: None)
     set_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.base, cfg.revision, cfg.trust_remote_code)
@@ -146,8 +173,6 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
         raise UserError(f"{cfg.base}: cannot read the model config ({type(e).__name__})") from None
     max_length = cfg.max_length or default_max_length(model_config, tokenizer)
     if cfg.vram:  # micro-batch, accumulation and checkpointing that fit the card; the effective batch is kept
-        import dataclasses
-
         from lora_rm.plan import fit_to_vram
 
         pairs, steps, ckpt, message = fit_to_vram(cfg, model_config, max_length)
@@ -161,12 +186,35 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
         "config": fingerprint({k: v for k, v in cfg.to_dict().items() if k not in RESUME_FREE}),
     }
     resume_from = _resume_point(cfg, fingerprints)
+    return Inputs(
+        cfg, tokenizer, max_length, train_pairs, eval_pairs, reports, fingerprints, resume_from,
+        device_type, mixed_precision, trackers,
+    )  # fmt: skip
+
+
+def set_up(cfg: TrainConfig, log: Any) -> tuple[Run, Inputs]:
+    """Check every input (`check_inputs`), then build the accelerator, model, layout, optimizer and loop
+    state (restored from the resume checkpoint), and start the output folder."""
+    from accelerate import Accelerator
+
+    inputs = check_inputs(cfg, log)
+    cfg, mixed_precision, device_type = inputs.cfg, inputs.mixed_precision, inputs.device_type
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=device_type == "cpu",
+        log_with=inputs.trackers,
+        project_dir=cfg.output_dir,
+    )
+    log = log if accelerator.is_main_process else (lambda *_a, **_k: None)
+    world = accelerator.num_processes
+    if world > 1:
+        log(f"processes: {world} ({accelerator.distributed_type.value})")
 
     quantized = cfg.quant != "none"
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
     model = load_base_model(
         cfg.base,
-        tokenizer.pad_token_id,
+        inputs.tokenizer.pad_token_id,
         quant=cfg.quant,
         # int8/nf4 bases keep their other weights in the compute dtype; an unquantized base stays fp32 on CPU
         dtype=compute_dtype if quantized or device_type == "cuda" else torch.float32,
@@ -185,94 +233,93 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
         f"model: {cfg.base} ({cfg.quant}), {trainable:,} trainable of {total:,} parameters; precision {mixed_precision}"
     )
 
-    world = accelerator.num_processes
-    collator, plan_epoch = choose_layout(cfg, model, train_pairs, tokenizer.pad_token_id, max_length, log)
+    train_pairs = inputs.train_pairs
+    layout = choose_layout(cfg, model, train_pairs, inputs.tokenizer.pad_token_id, inputs.max_length, log)
     k = cfg.gradient_accumulation_steps
     total_steps = cfg.max_steps or sum(
-        math.ceil(len(shard_batches(plan_epoch(e), 0, world)) / k) for e in range(cfg.epochs)
+        math.ceil(len(shard_batches(layout.epoch_batches(e), 0, world)) / k) for e in range(cfg.epochs)
     )
     optimizer, scheduler = build_optimizer(model, cfg, total_steps, device_type)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = LoopState()
-    if resume_from:
+    if inputs.resume_from:
         saved = load_checkpoint(
-            resume_from, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.scaler
+            inputs.resume_from, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.scaler
         )
         state = LoopState.from_dict(saved["loop"])
-        log(f"resumed from {resume_from} at step {state.step}")
+        log(f"resumed from {inputs.resume_from} at step {state.step}")
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run_config = {
-        **cfg.to_dict(),
-        "max_length": max_length,
-        "data_format": reports["format"],  # how `lora_rm.score` builds sequences for this model
-        "mixed_precision": mixed_precision,
-        "total_steps": total_steps,
-    }
+    run = Run(
+        cfg, accelerator, model, optimizer, scheduler, layout, state, out, train_pairs, inputs.eval_pairs,
+        total_steps, inputs.fingerprints, log,
+    )  # fmt: skip
+    config = run_config(run, inputs)
     if accelerator.is_main_process:
-        (out / "config.json").write_text(json.dumps(run_config, indent=2), encoding="utf-8")
-        trim_metrics(out / "metrics.jsonl", state.step)
+        (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        trim_metrics(run.metrics_path, state.step)
     accelerator.init_trackers(
-        "lora_rm", config={k: v for k, v in run_config.items() if isinstance(v, (int, float, str, bool))}
+        "lora_rm", config={k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
     )
     log(
         f"train: {len(train_pairs)} pairs, {total_steps} steps of {cfg.batch_size} x "
         f"{cfg.gradient_accumulation_steps} x {world} pairs; writing to {out}"
     )
+    return run, inputs
 
-    eval_metrics = fit(
-        cfg,
-        accelerator,
-        model,
-        optimizer,
-        scheduler,
-        train_pairs,
-        eval_pairs,
-        collator,
-        plan_epoch,
-        state,
-        total_steps,
-        out,
-        fingerprints,
-        log,
-    )
+
+def run_config(run: Run, inputs: Inputs) -> dict[str, Any]:
+    """The resolved config saved beside the outputs (config.json, the adapter's lora_rm_config.json)."""
+    return {
+        **run.cfg.to_dict(),
+        "max_length": inputs.max_length,
+        "data_format": inputs.reports["format"],  # how `lora_rm.score` builds sequences for this model
+        "mixed_precision": inputs.mixed_precision,
+        "total_steps": run.total_steps,
+    }
+
+
+def save_outputs(run: Run, inputs: Inputs, eval_metrics: dict[str, Any], started: float) -> TrainResult:
+    """Save the adapter (and with --merge the merged model), the full evaluation and the model card."""
+    cfg, accelerator, log, out = run.cfg, run.accelerator, run.log, run.output_dir
     if eval_metrics and loss_near_chance(eval_metrics["loss"]):
         log(
             "warning: eval loss is ~ln 2: the model gives chosen and rejected nearly equal rewards; it has not learned"
         )
-
+    config = run_config(run, inputs)
     accelerator.wait_for_everyone()
     adapter_dir, merged_dir = out / "adapter", None
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(run.model)
     if accelerator.is_main_process:
-        save_adapter(unwrapped, tokenizer, {**run_config, "eval": eval_metrics}, adapter_dir)
+        save_adapter(unwrapped, inputs.tokenizer, {**config, "eval": eval_metrics}, adapter_dir)
         log(f"saved adapter (LoRA + reward head) to {adapter_dir}")
         if cfg.merge:
             merged_dir = out / "merged"
-            check = merge_adapter(adapter_dir, merged_dir, (eval_pairs or train_pairs)[:8], base=cfg.base)
+            some_pairs = (run.eval_pairs or run.train_pairs)[:8]
+            check = merge_adapter(adapter_dir, merged_dir, some_pairs, base=cfg.base)
             log(
                 f"saved merged model to {merged_dir} (max reward difference vs adapter {check['merge_max_abs_diff']:.2e})"
             )
         # eval.json, plots, and the reward statistics `score(normalize=True)` uses, beside each model
         write_full_eval(
-            unwrapped, tokenizer, eval_pairs, out / "eval", [adapter_dir, merged_dir], out / "metrics.jsonl",
-            cfg.batch_size * 2, source=cfg.eval_dataset or cfg.dataset, log=log,
+            unwrapped, inputs.tokenizer, run.eval_pairs, out / "eval", [adapter_dir, merged_dir],
+            run.metrics_path, cfg.batch_size * 2, source=cfg.eval_dataset or cfg.dataset, log=log,
         )  # fmt: skip
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:  # the model card in adapter/README.md; the upload with --push-to-hub
         from lora_rm.hub import publish
 
-        publish(out, run_config, eval_metrics, log)  # a failed upload: UserError, local output kept
+        publish(out, config, eval_metrics, log)  # a failed upload: UserError, local output kept
     accelerator.end_training()  # after the last barrier: it also ends the process group
     return TrainResult(
         out,
         adapter_dir,
         merged_dir,
         eval_metrics,
-        state.step,
+        run.state.step,
         time.perf_counter() - started,
-        reports,
+        inputs.reports,
         unwrapped.eval(),
-        tokenizer,
+        inputs.tokenizer,
     )

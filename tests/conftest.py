@@ -16,6 +16,18 @@ from lora_rm.errors import UserError
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one AcceleratorState per process, fixed by the first `Accelerator(...)`: a test that
+    builds one (or calls train()) must not decide the precision of the next. Reset after every test."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 WORDS = (
     "question answer how do i make a cake cook rice fix bike learn python sure first you should then "
     "mix heat stir check the it is easy good great help whatever no idea figure out yourself go away "

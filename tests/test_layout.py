@@ -142,8 +142,8 @@ def _layout(base, **options):
 
     cfg = TrainConfig(base=str(base), dataset="unused.jsonl", batch_size=4, **options)
     lines = []
-    collator, plan_epoch = choose_layout(cfg, model, pairs, tokenizer.pad_token_id, 48, lines.append)
-    return collator, plan_epoch, lines
+    layout = choose_layout(cfg, model, pairs, tokenizer.pad_token_id, 48, lines.append)
+    return layout.collator, layout.epoch_batches, lines
 
 
 def test_causal_decoders_default_to_packed_prefix_shared_rows(tiny_gpt2):
