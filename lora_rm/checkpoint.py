@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from lora_rm.atomic import staged
 from lora_rm.errors import UserError
 
 MARKER = "COMPLETE"
@@ -47,19 +46,6 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
 def fingerprint(obj: Any) -> str:
     """A short stable hash of JSON-able data (token ids, config values)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
-
-
-def rename_with_retry(src: Path, dst: Path, attempts: int = 10) -> None:
-    """`os.replace(src, dst)`, retried on PermissionError: on Windows an antivirus or indexer can hold a fresh
-    file open for a moment. Raises the last PermissionError after `attempts` tries."""
-    for i in range(attempts):
-        try:
-            os.replace(src, dst)
-            return
-        except PermissionError:
-            if i == attempts - 1:
-                raise
-            time.sleep(0.2 * (i + 1))
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -114,22 +100,16 @@ def save_checkpoint(
 ) -> Path:
     """Write a complete checkpoint for `step` and prune old ones beyond `keep_last`. Returns its folder."""
     final = checkpoint_dir(Path(output_dir), step)
-    staging = final.with_name(final.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    model.save_pretrained(str(staging / "adapter"), safe_serialization=True)
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    extra = {"scheduler": scheduler.state_dict(), "trainer": trainer_state}
-    if scaler is not None:
-        extra["scaler"] = scaler.state_dict()
-    tensors, py_rng = rng_state()
-    save_file(tensors, str(staging / "rng.safetensors"))
-    extra["rng"] = py_rng
-    (staging / "state.json").write_text(json.dumps(extra, indent=1), encoding="utf-8")
-    if final.exists():  # an unmarked leftover from a killed run
-        shutil.rmtree(final)
-    rename_with_retry(staging, final)
+    with staged(final) as staging:  # also replaces an unmarked leftover from a killed run
+        model.save_pretrained(str(staging / "adapter"), safe_serialization=True)
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        extra = {"scheduler": scheduler.state_dict(), "trainer": trainer_state}
+        if scaler is not None:
+            extra["scaler"] = scaler.state_dict()
+        tensors, py_rng = rng_state()
+        save_file(tensors, str(staging / "rng.safetensors"))
+        extra["rng"] = py_rng
+        (staging / "state.json").write_text(json.dumps(extra, indent=1), encoding="utf-8")
     (final / MARKER).write_text(str(step), encoding="utf-8")
     if keep_last:
         for old in complete_checkpoints(output_dir)[:-keep_last]:
@@ -153,9 +133,13 @@ def load_checkpoint(
         )
     weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
     result = set_peft_model_state_dict(model, weights)
-    missing = [k for k in getattr(result, "unexpected_keys", [])]
-    if missing:
-        raise UserError(f"{path}: checkpoint weights do not fit this model ({missing[:3]} ...)")
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = [k for k in getattr(result, "missing_keys", []) if k in trainable]  # the base is not saved
+    if unexpected or missing:
+        raise UserError(
+            f"{path}: checkpoint weights do not fit this model (unexpected {unexpected[:3]}, missing {missing[:3]})"
+        )
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     scheduler.load_state_dict(state["scheduler"])

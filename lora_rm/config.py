@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,9 +164,6 @@ class TrainConfig:
         for n in ("eval_fraction", "warmup_ratio", "lora_dropout"):
             if not 0.0 <= getattr(self, n) < 1.0:
                 problems.append(f"{n}: must be in [0, 1), got {getattr(self, n)}")
-        from lora_rm.hub import repo_id_problems
-        from lora_rm.plan import size_problems
-
         problems += size_problems("vram", self.vram) + repo_id_problems(self.push_to_hub)
         if problems:
             raise UserError(problems_message("Invalid configuration:", problems))
@@ -248,3 +246,46 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if unknown:
         raise UserError(f"{path}: unknown option(s): {', '.join(unknown)}")
     return data
+
+
+# Checks of single option values, here so that config imports nothing else of the package.
+
+MEMORY_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+MEMORY_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str, what: str = "vram") -> int:
+    """Bytes in "8GB" (10^9), "7.5GiB" (2^30), "8000MB", "512MiB"... Raises UserError otherwise."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?b|b)\s*", str(text), re.IGNORECASE)
+    if not match or float(match[1]) <= 0:
+        raise UserError(
+            f"{what}: {text!r} is not a memory size; write it like 8GB, 7.5GiB or 8000MB "
+            "(GB = 10^9 bytes, GiB = 2^30: a card sold as 8 GB has 8 GiB)"
+        )
+    return int(float(match[1]) * MEMORY_UNITS[match[2].lower()])
+
+
+def size_problems(what: str, text: str | None) -> list[str]:
+    """The problem with a size option, for TrainConfig's list of problems ([] when fine or unset)."""
+    try:
+        if text is not None:
+            parse_size(text, what)
+    except UserError as e:
+        return [str(e)]
+    return []
+
+
+def repo_id_problems(repo_id: str | None) -> list[str]:
+    """The problem with a --push-to-hub repo id ([] when fine or unset), checked before training starts."""
+    if repo_id is None:
+        return []
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        return [
+            f"push_to_hub: {repo_id!r} is not a hub repo id like name or owner/name ({str(e).split('. Use')[0]})"
+        ]
+    return []

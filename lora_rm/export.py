@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -10,8 +9,8 @@ from typing import Any
 
 import torch
 
+from lora_rm.atomic import staged
 from lora_rm.batch import PreferenceCollator
-from lora_rm.checkpoint import rename_with_retry
 from lora_rm.encode import EncodedPair
 from lora_rm.model import load_reward_model
 from lora_rm.rewards import compute_rewards
@@ -19,24 +18,10 @@ from lora_rm.rewards import compute_rewards
 CONFIG_FILE = "lora_rm_config.json"
 
 
-@contextlib.contextmanager
-def _staged(final: Path):
-    """Yield a fresh `<final>.partial` folder to write into; on success it replaces `final` in one rename,
-    so a crash never leaves a half-written `final`."""
-    staging = final.with_name(final.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    yield staging
-    if final.exists():
-        shutil.rmtree(final)
-    rename_with_retry(staging, final)
-
-
 def save_adapter(model: Any, tokenizer: Any, run_config: dict[str, Any], out_dir: str | Path) -> Path:
     """Save LoRA weights + reward head (safetensors), the tokenizer and the resolved config to `out_dir`."""
     out_dir = Path(out_dir)
-    with _staged(out_dir) as staging:
+    with staged(out_dir) as staging:
         model.save_pretrained(str(staging), safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
         (staging / CONFIG_FILE).write_text(json.dumps(run_config, indent=2, default=str), encoding="utf-8")
@@ -69,7 +54,7 @@ def merge_adapter(
         raise RuntimeError(
             f"merged model disagrees with its adapter: max reward difference {max_diff:.3g} > {tolerance:.3g}"
         )
-    with _staged(Path(out_dir)) as staging:
+    with staged(Path(out_dir)) as staging:
         merged.save_pretrained(str(staging), safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
         shutil.copy(Path(adapter_dir) / CONFIG_FILE, staging / CONFIG_FILE)

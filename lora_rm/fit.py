@@ -9,25 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import signal
-import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lora_rm.batch import PreferenceBatch, pair_weights, shard_batches
-from lora_rm.checkpoint import checkpoint_dir, save_checkpoint
-from lora_rm.config import TrainConfig
-from lora_rm.encode import EncodedPair
 from lora_rm.errors import UserError
-from lora_rm.evaluate import evaluate
-from lora_rm.layout import Layout
 from lora_rm.loss import PairStats, batch_losses
 from lora_rm.rewards import pair_rewards
+from lora_rm.run import Run, log_evaluation, log_training, progress_bar, save, stop_requested, stop_requests
 
 
 class TrainingStopped(Exception):
@@ -36,49 +28,6 @@ class TrainingStopped(Exception):
     def __init__(self, message: str, checkpoint: Path, exit_code: int):
         super().__init__(message)
         self.checkpoint, self.exit_code = checkpoint, exit_code
-
-
-@dataclass
-class LoopState:
-    """Where the loop is; saved in every checkpoint so a resumed run continues exactly here."""
-
-    step: int = 0
-    epoch: int = 0
-    window: int = 0  # accumulation windows done in this epoch
-    skipped_steps: int = 0  # optimizer steps dropped for a non-finite loss or gradient
-    bad_streak: int = 0
-    micro_split: int = 1  # after a CUDA out-of-memory, micro-batches are cut into this many parts
-    stats: PairStats = field(default_factory=PairStats)  # training pairs since the last log line
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LoopState:
-        return cls(**{**d, "stats": PairStats(**d["stats"])})
-
-
-@dataclass
-class Run:
-    """Everything the loop reads and changes, built by `lora_rm.train.set_up`."""
-
-    cfg: TrainConfig
-    accelerator: Any
-    model: Any  # prepared by accelerate (DDP-wrapped under several processes)
-    optimizer: Any
-    scheduler: Any
-    layout: Layout
-    state: LoopState
-    output_dir: Path
-    train_pairs: list[EncodedPair]
-    eval_pairs: list[EncodedPair]
-    total_steps: int
-    fingerprints: dict[str, str]  # of the data and config, saved in checkpoints to refuse a mismatched resume
-    log: Any = print  # a no-op on every process but the main one
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.output_dir / "metrics.jsonl"
 
 
 def fit(run: Run) -> dict[str, Any]:
@@ -90,7 +39,7 @@ def fit(run: Run) -> dict[str, Any]:
     cfg, accelerator, model, optimizer, state = run.cfg, run.accelerator, run.model, run.optimizer, run.state
     last_eval: dict[str, Any] = {}
     model.train()
-    with _stop_requests() as stop, _progress_bar(run) as bar:
+    with stop_requests() as stop, progress_bar(run) as bar:
         for window in accumulation_windows(run):
             # forward, loss and backward of each micro-batch: the grads add up to the window's per-pair mean
             while True:
@@ -100,10 +49,8 @@ def fit(run: Run) -> dict[str, Any]:
                         cfg.center_rewards_coefficient, loss=cfg.loss,
                     ))  # fmt: skip
                     break
-                except torch.cuda.OutOfMemoryError:
-                    split_micro_batches(
-                        run, window
-                    )  # the same pairs in smaller micro-batches: the same gradient
+                except torch.cuda.OutOfMemoryError:  # the same pairs in smaller micro-batches: same gradient
+                    split_micro_batches(run, window)
 
             # one optimizer step; a non-finite loss or gradient would poison the weights: drop it, and count it
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
@@ -226,112 +173,3 @@ def split_micro_batches(run: Run, window: list[list[int]]) -> None:
 def merge_stats(a: PairStats, b: PairStats) -> PairStats:
     """The statistics of the pairs of `a` and of `b`."""
     return PairStats(**{f.name: getattr(a, f.name) + getattr(b, f.name) for f in dataclasses.fields(a)})
-
-
-def log_training(run: Run, grad_norm: Any, bar: Any) -> None:
-    """Write the training pairs' loss and accuracy since the last line, and start counting afresh."""
-    summary = run.state.stats.summary()
-    record = {
-        "step": run.state.step,
-        "epoch": run.state.epoch,
-        "loss": summary["loss"],
-        "accuracy": summary["accuracy"],
-        "lr": run.scheduler.get_last_lr()[0],
-        "grad_norm": float(grad_norm or 0.0),
-        "skipped_steps": run.state.skipped_steps,
-    }
-    bar.set_postfix(loss=f"{summary['loss']:.4f}", acc=f"{summary['accuracy']:.3f}")
-    record_metrics(run.accelerator, run.metrics_path, record)
-    run.state.stats = PairStats()
-
-
-def log_evaluation(run: Run) -> dict[str, Any]:
-    """Evaluate on the eval pairs (all processes), write the metrics and log one line; returns them."""
-    metrics = evaluate(
-        run.model, run.eval_pairs, run.layout.collator, run.cfg.batch_size * 2, run.accelerator
-    )
-    record = {"step": run.state.step, **{f"eval_{n}": v for n, v in metrics.items()}}
-    record_metrics(run.accelerator, run.metrics_path, record)
-    run.log(
-        f"eval @ step {run.state.step}: loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.3f} "
-        f"({metrics['ties']} ties), mean margin {metrics['mean_margin']:.3f}"
-    )
-    return metrics
-
-
-def save(run: Run) -> Path:
-    """Write a resumable checkpoint of this step (main process), with every process waiting for it."""
-    if run.accelerator.is_main_process:
-        save_checkpoint(
-            run.output_dir,
-            run.state.step,
-            run.accelerator.unwrap_model(run.model),
-            run.optimizer,
-            run.scheduler,
-            {"loop": run.state.to_dict(), "fingerprints": run.fingerprints},
-            run.accelerator.scaler,
-            run.cfg.save_total_limit,
-        )
-    run.accelerator.wait_for_everyone()
-    return checkpoint_dir(run.output_dir, run.state.step)
-
-
-def record_metrics(accelerator: Any, path: Path, record: dict[str, Any]) -> None:
-    """Append `record` to metrics.jsonl (always) and send it to the --report-to trackers (if any)."""
-    if accelerator.is_main_process:
-        with path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-    numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
-    accelerator.log(numbers, step=record["step"])  # a no-op without trackers; main process only
-
-
-def stop_requested(accelerator: Any, requests: list[int]) -> bool:
-    """Whether any process got Ctrl-C or SIGTERM: all stop at the same step."""
-    if accelerator.num_processes == 1:
-        return bool(requests)
-    flag = torch.tensor(len(requests), device=accelerator.device)
-    return bool(accelerator.reduce(flag, "max").item())
-
-
-@contextlib.contextmanager
-def _stop_requests():
-    """Turn Ctrl-C and SIGTERM into a flag the loop checks at each step boundary (main thread only)."""
-    requested: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield requested
-        return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in previous:
-        signal.signal(s, lambda signum, _frame: requested.append(signum))
-    try:
-        yield requested
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-@contextlib.contextmanager
-def _progress_bar(run: Run):
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=run.total_steps,
-        initial=run.state.step,
-        disable=not run.accelerator.is_main_process,
-        desc="train",
-        dynamic_ncols=True,
-    )
-    with contextlib.closing(bar):
-        yield bar
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Keep the metrics of steps <= `step` (those a resumed run has not redone); a fresh run starts empty."""
-    keep = []
-    if step and path.is_file():
-        keep = [
-            line
-            for line in path.read_text(encoding="utf-8").splitlines()
-            if line and json.loads(line)["step"] <= step
-        ]
-    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")

@@ -7,26 +7,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lora_rm.config import repo_id_problems
 from lora_rm.errors import UserError
 
 PLACEHOLDER_REPO = "YOUR_NAME/YOUR_REPO"
 METRIC_ORDER = ("accuracy", "loss", "ties", "mean_margin", "ece", "top1_accuracy", "n_pairs")
-
-
-def repo_id_problems(repo_id: str | None) -> list[str]:
-    """The problem with a --push-to-hub repo id ([] when fine or unset), checked before training starts."""
-    if repo_id is None:
-        return []
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        return [
-            f"push_to_hub: {repo_id!r} is not a hub repo id like name or owner/name ({str(e).split('. Use')[0]})"
-        ]
-    return []
 
 
 def _is_hub_id(name: str) -> bool:

@@ -19,7 +19,8 @@ HEAD_NAMES = ("score", "classifier")  # decoders name their head `score`, encode
 KEEP_FULL_PRECISION = [*HEAD_NAMES, "pooler", "pre_classifier"]
 
 
-def _hub_error(name: str, e: Exception, what: str) -> UserError:
+def hub_load_error(name: str, e: Exception, what: str) -> UserError:
+    """The UserError for a model, tokenizer or config that `name` (a local folder or hub id) did not give."""
     kind, text = type(e).__name__, str(e)
     if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:
         if not Path(name).expanduser().exists():
@@ -56,7 +57,7 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
             name, revision=revision, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as e:
-        raise _hub_error(name, e, "tokenizer") from None
+        raise hub_load_error(name, e, "tokenizer") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if tokenizer.pad_token is None:
@@ -141,7 +142,7 @@ def load_base_model(
             device_map=device_map,
         )
     except (OSError, ValueError) as e:
-        raise _hub_error(name, e, "model") from None
+        raise hub_load_error(name, e, "model") from None
     model.config.pad_token_id = pad_token_id
     head_name(model)  # fail now, with a clear message, for a model without a known head
     fuse_gelu(model)
@@ -168,7 +169,7 @@ def fuse_gelu(model: torch.nn.Module) -> int:
     return swapped
 
 
-def _inner(model: Any) -> Any:
+def inner_model(model: Any) -> Any:
     """The transformers model inside DDP/FSDP (`.module`) and PEFT (`get_base_model()`) wrappers."""
     while isinstance(getattr(model, "module", None), torch.nn.Module):
         model = model.module
@@ -177,7 +178,7 @@ def _inner(model: Any) -> Any:
 
 def head_name(model: Any) -> str:
     """Name of the reward head (`score` or `classifier`) on a transformers, PEFT or DDP-wrapped model."""
-    inner = _inner(model)
+    inner = inner_model(model)
     for name in HEAD_NAMES:
         if isinstance(getattr(inner, name, None), torch.nn.Module):
             return name

@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
+from lora_rm.config import parse_size
 from lora_rm.errors import UserError
 
 MIB, GIB = 2**20, 2**30
@@ -39,8 +39,6 @@ OPTIMIZER_STATE_BYTES = {"adamw": 8, "paged_adamw_8bit": 2}  # two moments per t
 # gelu_new too since `lora_rm.model.fuse_gelu` runs it as one fused op (4 otherwise)
 ACTIVATION_SAVES = {"gelu_accurate": 4, "gelu_fast": 7, "gelu_python": 3, "quick_gelu": 2}
 GATED_MLP_NAMES = ("gate_proj", "gate_up_proj")
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 @dataclass(frozen=True)
@@ -255,27 +253,6 @@ def largest_batch(budget: int, limit: int = 4096, **kwargs: Any) -> int:
     while best < limit and estimate(batch_size=best + 1, **kwargs).total <= budget:
         best += 1
     return best
-
-
-def parse_size(text: str, what: str = "vram") -> int:
-    """Bytes in "8GB" (10^9), "7.5GiB" (2^30), "8000MB", "512MiB"... Raises UserError otherwise."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?b|b)\s*", str(text), re.IGNORECASE)
-    if not match or float(match[1]) <= 0:
-        raise UserError(
-            f"{what}: {text!r} is not a memory size; write it like 8GB, 7.5GiB or 8000MB "
-            "(GB = 10^9 bytes, GiB = 2^30: a card sold as 8 GB has 8 GiB)"
-        )
-    return int(float(match[1]) * _UNITS[match[2].lower()])
-
-
-def size_problems(what: str, text: str | None) -> list[str]:
-    """The problem with a size option, for TrainConfig's list of problems ([] when fine or unset)."""
-    try:
-        if text is not None:
-            parse_size(text, what)
-    except UserError as e:
-        return [str(e)]
-    return []
 
 
 def fit_to_vram(cfg: Any, model_config: Any, max_length: int | None = None) -> tuple[int, int, bool, str]:

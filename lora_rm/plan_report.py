@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from lora_rm.config import OPTIMIZER_CHOICES, QUANT_CHOICES
+from lora_rm.config import OPTIMIZER_CHOICES, QUANT_CHOICES, parse_size
 from lora_rm.errors import UserError
 from lora_rm.plan import (
     ALLOCATOR_SLACK,
@@ -17,7 +17,6 @@ from lora_rm.plan import (
     largest_batch,
     lora_params,
     model_shape,
-    parse_size,
     token_bytes,
 )
 
@@ -144,7 +143,7 @@ def plan_command(argv: list[str]) -> int:
     from transformers import AutoConfig
 
     from lora_rm.encode import default_max_length
-    from lora_rm.model import _hub_error
+    from lora_rm.model import hub_load_error
 
     args = plan_parser().parse_args(argv)
     problems = [
@@ -162,7 +161,7 @@ def plan_command(argv: list[str]) -> int:
             args.base, revision=args.revision, trust_remote_code=args.trust_remote_code
         )
     except (OSError, ValueError) as e:
-        raise _hub_error(args.base, e, "model config") from None
+        raise hub_load_error(args.base, e, "model config") from None
     shape = model_shape(config, args.target_modules)
     seq_len = args.max_length or default_max_length(config, None)
     print(

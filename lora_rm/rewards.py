@@ -11,7 +11,7 @@ import torch
 
 from lora_rm.batch import PackedBatch, PackedCollator, PreferenceBatch, PreferenceCollator
 from lora_rm.encode import EncodedPair
-from lora_rm.model import _inner, head_name
+from lora_rm.model import head_name, inner_model
 
 
 @contextlib.contextmanager
@@ -44,7 +44,7 @@ def compute_rewards(
         lengths = attention_mask.sum(dim=-1)
         if bool((lengths == 0).any()):
             raise ValueError("a row has no attended tokens: empty sequences have no reward")
-    with _capture_output(getattr(_inner(model), head_name(model))) as captured:
+    with _capture_output(getattr(inner_model(model), head_name(model))) as captured:
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
     per_token = captured[-1]
     if index is not None:

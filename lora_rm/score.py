@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lora_rm.atomic import staged
 from lora_rm.checks import check_rows, detect_format, messages_problem, text_problem
 from lora_rm.data import Row, load_rows
 from lora_rm.encode import default_max_length, encode_rows, encode_sequences
@@ -220,10 +221,7 @@ def read_score_rows(path: str | Path) -> list[Row]:
 def write_jsonl_atomic(path: str | Path, records: list[dict[str, Any]]) -> Path:
     """Write JSON Lines to a temporary file beside `path`, then rename it: no half-written output."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(path.name + ".partial")
-    with staging.open("w", encoding="utf-8") as f:
+    with staged(path, folder=False) as staging, staging.open("w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
-    staging.replace(path)
     return path

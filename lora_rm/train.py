@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import json
 import math
 import time
@@ -14,39 +12,18 @@ from typing import Any
 import torch
 
 from lora_rm.batch import shard_batches
-from lora_rm.checkpoint import complete_checkpoints, fingerprint, load_checkpoint
+from lora_rm.checkpoint import load_checkpoint
 from lora_rm.config import TrainConfig
-from lora_rm.encode import LengthReport, default_max_length, prepare_pairs
-from lora_rm.errors import UserError
+from lora_rm.encode import LengthReport
 from lora_rm.evaluate import write_full_eval
 from lora_rm.export import merge_adapter, save_adapter
-from lora_rm.fit import LoopState, Run, fit, trim_metrics
+from lora_rm.fit import fit
+from lora_rm.inputs import Inputs, check_inputs
 from lora_rm.layout import choose_layout
 from lora_rm.loss import loss_near_chance
-from lora_rm.model import add_lora, check_quantization, load_base_model, load_tokenizer
-from lora_rm.optim import build_optimizer, resolve_precision
-
-# Options a resume may change freely: they do not change what is trained, or (data paths, split) what
-# they change is caught by the fingerprint of the tokenized training pairs itself.
-RESUME_FREE = {
-    "dataset",
-    "split",
-    "output_dir",
-    "resume",
-    "force_resume",
-    "eval_steps",
-    "logging_steps",
-    "save_steps",
-    "save_total_limit",
-    "merge",
-    "max_bad_steps",
-    "skip_invalid",
-    "eval_dataset",
-    "eval_fraction",
-    "vram",  # what it changes (batch size, accumulation, checkpointing) is in the fingerprint itself
-    "push_to_hub",
-    "private",
-}
+from lora_rm.model import add_lora, load_base_model
+from lora_rm.optim import build_optimizer
+from lora_rm.run import LoopState, Run, trim_metrics
 
 
 @dataclass
@@ -62,53 +39,6 @@ class TrainResult:
     reports: dict[str, LengthReport] = field(default_factory=dict)
     model: Any = None  # the trained PEFT model, unwrapped, in eval mode
     tokenizer: Any = None
-
-
-def _resume_point(cfg: TrainConfig, fingerprints: dict[str, str]) -> Path | None:
-    if not cfg.resume:
-        return None
-    if cfg.resume == "latest":
-        found = complete_checkpoints(cfg.output_dir)
-        if not found:
-            raise UserError(f"{cfg.output_dir}: no complete checkpoint to resume from")
-        path = found[-1]
-    else:
-        path = Path(cfg.resume)
-        if not (path / "state.json").is_file():
-            raise UserError(f"{path}: not a checkpoint folder (no state.json)")
-    saved = json.loads((path / "state.json").read_text(encoding="utf-8"))["trainer"]["fingerprints"]
-    changed = [k for k in fingerprints if saved.get(k) != fingerprints[k]]
-    if changed and not cfg.force_resume:
-        raise UserError(
-            f"{path}: the {' and '.join(changed)} differ from the checkpoint's; "
-            "resuming would not continue the same run (--force-resume to do it anyway)"
-        )
-    return path
-
-
-def tracker(name: str) -> str:
-    """The accelerate tracker for --report-to, or a UserError naming the package to install."""
-    packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}[name]
-    if not any(importlib.util.find_spec(p) for p in packages):
-        raise UserError(
-            f"report_to: {name} is not installed (pip install {packages[0]}); metrics.jsonl is always written"
-        )
-    return name
-
-
-def check_distributed(distributed_type: Any) -> None:
-    """Refuse the accelerate back-ends this loop does not drive correctly, before anything is written.
-
-    DeepSpeed steps the optimizer inside `accelerator.backward` unless accumulation goes through
-    `accelerator.accumulate`, which this loop's pair-normalised windows do not use: every micro-batch would
-    become an optimizer step. DDP (several GPUs, machines or CPU processes) and FSDP are supported.
-    """
-    name = getattr(distributed_type, "value", str(distributed_type))
-    if name in ("DEEPSPEED", "MEGATRON_LM", "XLA"):
-        raise UserError(
-            f"accelerate is set up for {name}, which lora_rm's training loop does not support; "
-            "use DDP (distributed_type: MULTI_GPU) or FSDP (examples/accelerate/)"
-        )
 
 
 def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
@@ -129,67 +59,6 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
         # accelerate keeps the mixed precision process-wide: without this a second train() in the same
         # process with another --precision would raise
         AcceleratorState._reset_state()
-
-
-@dataclass
-class Inputs:
-    """What `check_inputs` read and checked: everything a run needs before anything is written."""
-
-    cfg: TrainConfig  # with --vram applied
-    tokenizer: Any
-    max_length: int
-    train_pairs: list
-    eval_pairs: list
-    reports: dict[str, Any]
-    fingerprints: dict[str, str]
-    resume_from: Path | None
-    device_type: str
-    mixed_precision: str
-    trackers: Any
-
-
-def check_inputs(cfg: TrainConfig, log: Any) -> Inputs:
-    """Read and check the config, tokenizer, model config, data and resume checkpoint; raise UserError on
-    any problem. Builds no Accelerator (its precision is process-wide) and writes nothing."""
-    from accelerate.state import PartialState
-    from accelerate.utils import set_seed
-    from transformers import AutoConfig
-
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    mixed_precision = resolve_precision(cfg.precision, device_type)
-    check_quantization(cfg.quant, device_type)
-    trackers = None if cfg.report_to == "none" else tracker(cfg.report_to)
-    processes = PartialState(cpu=device_type == "cpu")  # rank and world only; no precision yet
-    check_distributed(processes.distributed_type)
-    log = log if processes.is_main_process else (lambda *_a, **_k: None)
-    set_seed(cfg.seed)
-
-    tokenizer = load_tokenizer(cfg.base, cfg.revision, cfg.trust_remote_code)
-    try:
-        model_config = AutoConfig.from_pretrained(
-            cfg.base, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-        )
-    except (OSError, ValueError) as e:
-        raise UserError(f"{cfg.base}: cannot read the model config ({type(e).__name__})") from None
-    max_length = cfg.max_length or default_max_length(model_config, tokenizer)
-    if cfg.vram:  # micro-batch, accumulation and checkpointing that fit the card; the effective batch is kept
-        from lora_rm.plan import fit_to_vram
-
-        pairs, steps, ckpt, message = fit_to_vram(cfg, model_config, max_length)
-        cfg = dataclasses.replace(
-            cfg, batch_size=pairs, gradient_accumulation_steps=steps, gradient_checkpointing=ckpt
-        )
-        log(message)
-    train_pairs, eval_pairs, reports = prepare_pairs(cfg, tokenizer, max_length, log)
-    fingerprints = {
-        "data": fingerprint([[p.chosen, p.rejected, p.margin] for p in train_pairs]),
-        "config": fingerprint({k: v for k, v in cfg.to_dict().items() if k not in RESUME_FREE}),
-    }
-    resume_from = _resume_point(cfg, fingerprints)
-    return Inputs(
-        cfg, tokenizer, max_length, train_pairs, eval_pairs, reports, fingerprints, resume_from,
-        device_type, mixed_precision, trackers,
-    )  # fmt: skip
 
 
 def set_up(cfg: TrainConfig, log: Any) -> tuple[Run, Inputs]:

@@ -17,7 +17,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """accelerate keeps one AcceleratorState per process, fixed by the first `Accelerator(...)`: a test that

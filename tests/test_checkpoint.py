@@ -272,7 +272,7 @@ def test_no_unsafe_deserialization_in_the_package():
 def test_rename_retries_while_windows_holds_the_folder(tmp_path, monkeypatch):
     import os
 
-    from lora_rm import checkpoint
+    from lora_rm import atomic
 
     src, dst = tmp_path / "step-1.partial", tmp_path / "step-1"
     src.mkdir()
@@ -284,14 +284,12 @@ def test_rename_retries_while_windows_holds_the_folder(tmp_path, monkeypatch):
             raise PermissionError("being scanned")
         real(a, b)
 
-    monkeypatch.setattr(checkpoint.os, "replace", busy_twice)
-    monkeypatch.setattr(checkpoint.time, "sleep", lambda _s: None)
-    checkpoint.rename_with_retry(src, dst)
+    monkeypatch.setattr(atomic.os, "replace", busy_twice)
+    monkeypatch.setattr(atomic.time, "sleep", lambda _s: None)
+    atomic.rename_with_retry(src, dst)
     assert len(calls) == 3 and dst.is_dir() and not src.exists()
 
     (tmp_path / "other.partial").mkdir()
-    monkeypatch.setattr(
-        checkpoint.os, "replace", lambda a, b: (_ for _ in ()).throw(PermissionError("locked"))
-    )
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: (_ for _ in ()).throw(PermissionError("locked")))
     with pytest.raises(PermissionError, match="locked"):
-        checkpoint.rename_with_retry(tmp_path / "other.partial", tmp_path / "other", attempts=3)
+        atomic.rename_with_retry(tmp_path / "other.partial", tmp_path / "other", attempts=3)

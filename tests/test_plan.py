@@ -10,7 +10,7 @@ from conftest import preference_rows, write_jsonl
 from transformers import GPT2Config, LlamaConfig
 
 from lora_rm.cli import main
-from lora_rm.config import TrainConfig
+from lora_rm.config import TrainConfig, parse_size
 from lora_rm.errors import UserError
 from lora_rm.plan import (
     GIB,
@@ -19,7 +19,6 @@ from lora_rm.plan import (
     fit_to_vram,
     lora_params,
     model_shape,
-    parse_size,
     trainable_bytes,
     weight_bytes,
 )

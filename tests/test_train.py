@@ -234,7 +234,7 @@ def test_quickstart_from_the_readme_learns(tmp_path):
 def test_report_to_sends_every_metrics_record_to_the_tracker(monkeypatch, tmp_path, tiny_gpt2, prefs_file):
     from accelerate.tracking import GeneralTracker
 
-    train_module = importlib.import_module("lora_rm.train")  # `lora_rm.train` the attribute is the function
+    inputs_module = importlib.import_module("lora_rm.inputs")
 
     class Recorder(GeneralTracker):
         name, requires_logging_directory = "recorder", False
@@ -254,7 +254,7 @@ def test_report_to_sends_every_metrics_record_to_the_tracker(monkeypatch, tmp_pa
             self.logged.append((step, values))
 
     recorder = Recorder()
-    monkeypatch.setattr(train_module, "tracker", lambda name: [recorder])
+    monkeypatch.setattr(inputs_module, "tracker", lambda name: [recorder])
     train(_cfg(tmp_path, tiny_gpt2, prefs_file, max_steps=4, report_to="tensorboard"), log=lambda *_: None)
     lines = [
         json.loads(line)
@@ -280,7 +280,7 @@ def test_backends_the_loop_cannot_drive_are_refused(name):
     from accelerate.utils import DistributedType
 
     from lora_rm.errors import UserError
-    from lora_rm.train import check_distributed
+    from lora_rm.inputs import check_distributed
 
     with pytest.raises(UserError, match=f"set up for {name}.*does not support"):
         check_distributed(DistributedType[name])
@@ -290,6 +290,6 @@ def test_backends_the_loop_cannot_drive_are_refused(name):
 def test_ddp_and_fsdp_pass_the_backend_check(name):
     from accelerate.utils import DistributedType
 
-    from lora_rm.train import check_distributed
+    from lora_rm.inputs import check_distributed
 
     check_distributed(DistributedType[name])

@@ -1,0 +1,45 @@
+"""Atomic writes: a folder or file is written beside its final path and renamed into place in one step, so a
+crash or kill never leaves a half-written output that a later read (or a resume) would trust."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def rename_with_retry(src: Path, dst: Path, attempts: int = 10) -> None:
+    """`os.replace(src, dst)`, retried on PermissionError: on Windows an antivirus or indexer can hold a fresh
+    file open for a moment. Raises the last PermissionError after `attempts` tries."""
+    for i in range(attempts):
+        try:
+            os.replace(src, dst)
+            return
+        except PermissionError:
+            if i == attempts - 1:
+                raise
+            time.sleep(0.2 * (i + 1))
+
+
+@contextlib.contextmanager
+def staged(final: str | Path, folder: bool = True) -> Iterator[Path]:
+    """Yield `<final>.partial` to write into: a fresh empty folder, or with `folder=False` a file path.
+
+    When the block ends, the staged output replaces `final` in one rename. When it raises, `final` is left as
+    it was and the `.partial` stays behind (the next write clears it; readers never look at it).
+    """
+    final = Path(final)
+    staging = final.with_name(final.name + ".partial")
+    if staging.is_dir():
+        shutil.rmtree(staging)
+    if folder:
+        staging.mkdir(parents=True)
+    else:
+        staging.parent.mkdir(parents=True, exist_ok=True)
+    yield staging
+    if final.is_dir():  # a folder cannot be renamed onto a non-empty one
+        shutil.rmtree(final)
+    rename_with_retry(staging, final)
