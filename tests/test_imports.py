@@ -1,0 +1,98 @@
+"""The package's layers point one way: no import cycle (lazy imports inside functions included), config at
+the bottom, no private name imported from another module, and every module importable on its own."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "lora_rm"
+MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+
+
+def _imports(module: str) -> list[tuple[str, list[str]]]:
+    """(imported lora_rm module, names taken from it) for every import statement in `module`, at any depth."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "lora_rm":
+            if node.module == "lora_rm":  # from lora_rm import metrics, plots
+                found += [(f"lora_rm.{a.name}", []) for a in node.names if a.name in MODULES]
+            else:
+                found.append((node.module, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            found += [(a.name, []) for a in node.names if a.name.split(".")[0] == "lora_rm"]
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    return {m: {target.removeprefix("lora_rm.") for target, _ in _imports(m)} - {m} for m in MODULES}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle as [a, b, ..., a], or [] when the graph is acyclic (depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = 2
+        path.pop()
+        return []
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return []
+
+
+def test_the_cycle_finder_sees_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_no_import_cycle_in_the_package():
+    assert _cycle(_graph()) == []
+
+
+def test_config_is_the_bottom_layer():
+    """config (and the leaf modules it may use) import nothing else of the package."""
+    graph = _graph()
+    assert graph["config"] <= {"errors"}, graph["config"]
+    assert graph["errors"] == set() and graph["atomic"] == set()
+
+
+def test_no_private_name_crosses_a_module():
+    crossing = [
+        f"{m} imports {name} from {target}"
+        for m in MODULES
+        for target, names in _imports(m)
+        for name in names
+        if name.startswith("_")
+    ]
+    assert crossing == []
+
+
+def test_every_module_imports_on_its_own():
+    """Each module imported first, in a package where nothing else is loaded yet (one interpreter: torch
+    and transformers are imported once, the lora_rm modules are dropped between imports)."""
+    script = (
+        "import importlib, sys\n"
+        f"for name in {MODULES!r}:\n"
+        "    for loaded in [m for m in sys.modules if m == 'lora_rm' or m.startswith('lora_rm.')]:\n"
+        "        del sys.modules[loaded]\n"
+        "    importlib.import_module('lora_rm.' + name)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
