@@ -4,41 +4,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import types
-import typing
 from typing import Any
 
-from lora_rm.config import TrainConfig, config_fields, read_config_file
+from lora_rm.config import TrainConfig, read_config_file
 from lora_rm.errors import UserError
 from lora_rm.fit import TrainingStopped
-
-
-def _flag_type(f: Any) -> tuple[Any, dict[str, Any]]:
-    hint = typing.get_type_hints(TrainConfig)[f.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        hint = args[0]
-    if hint is bool:
-        return None, {"action": argparse.BooleanOptionalAction}
-    if typing.get_origin(hint) is list:
-        return str, {"nargs": "+"}
-    return hint, {}
+from lora_rm.flags import add_config_flags
 
 
 def train_parser(prog: str = "lora-rm train") -> argparse.ArgumentParser:
     """Every TrainConfig field as a flag; defaults are None so a --config file can fill the rest."""
     parser = argparse.ArgumentParser(prog=prog, description="Train a LoRA reward model on preference pairs.")
     parser.add_argument("--config", help="YAML or JSON file of options; flags given here override it")
-    for f in config_fields():
-        kind, extra = _flag_type(f)
-        default = f.default if f.default is not None else "model/data dependent"
-        help_text = f"{f.metadata['help']} (default: {default})"
-        if kind is not None:
-            extra["type"] = kind
-        extra |= {k: f.metadata[k] for k in ("choices", "nargs", "const") if k in f.metadata}
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"), dest=f.name, default=None, help=help_text, **extra
-        )
+    add_config_flags(parser)
     return parser
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from lora_rm.config import OPTIMIZER_CHOICES, QUANT_CHOICES, parse_size
+from lora_rm.config import parse_size
 from lora_rm.errors import UserError
+from lora_rm.flags import add_config_flags
 from lora_rm.plan import (
     ALLOCATOR_SLACK,
     CUDA_CONTEXT_BYTES,
@@ -105,23 +106,19 @@ def format_plan(
     return "\n".join(lines)
 
 
+# The TrainConfig options an estimate reads; their flags are TrainConfig's own (lora_rm.flags).
+PLAN_OPTIONS = (
+    "base", "max_length", "quant", "lora_r", "lora_dropout", "target_modules", "gradient_checkpointing",
+    "optimizer", "vram", "revision", "trust_remote_code",
+)  # fmt: skip
+
+
 def plan_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lora-rm plan",
         description="Estimate the peak GPU memory of training from the model config alone (no weights are read).",
     )
-    parser.add_argument(
-        "--base", required=True, help="base model: hub id or local folder (only config.json is read)"
-    )
-    parser.add_argument(
-        "--max-length", type=int, help="tokens per sequence (default: the model's limit, at most 1024)"
-    )
-    parser.add_argument("--quant", choices=QUANT_CHOICES, default="8bit", help="base weights (default: 8bit)")
-    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default: 16)")
-    parser.add_argument(
-        "--target-modules", nargs="+", help="modules to adapt (default: PEFT's for the architecture)"
-    )
-    parser.add_argument("--vram", help="GPU memory to fit, e.g. 8GB, 7.5GiB, 8000MB: adds a fits column")
+    add_config_flags(parser, PLAN_OPTIONS, field_defaults=True)
     parser.add_argument(
         "--batch-sizes",
         type=int,
@@ -129,12 +126,6 @@ def plan_parser() -> argparse.ArgumentParser:
         default=[1, 2, 4, 8, 16],
         help="pairs per micro-batch, one row each",
     )
-    parser.add_argument(
-        "--gradient-checkpointing", action="store_true", help="estimate with checkpointing on"
-    )
-    parser.add_argument("--optimizer", choices=OPTIMIZER_CHOICES, default="adamw", help="(default: adamw)")
-    parser.add_argument("--revision", help="hub revision of the base model")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow config code from the hub")
     return parser
 
 
@@ -152,6 +143,8 @@ def plan_command(argv: list[str]) -> int:
         if (getattr(args, n) or 1) <= 0
     ]
     problems += ["--batch-sizes: must all be > 0"] if min(args.batch_sizes) <= 0 else []
+    problems += [] if 0 <= args.lora_dropout < 1 else ["--lora-dropout: must be in [0, 1)"]
+    problems += [] if args.base else ["--base: required (a hub id or a local model folder)"]
     if args.vram:
         parse_size(args.vram)
     if problems:
@@ -175,6 +168,7 @@ def plan_command(argv: list[str]) -> int:
             args.gradient_checkpointing,
             args.vram,
             args.optimizer,
+            args.lora_dropout,
         )  # fmt: skip
     )
     return 0

@@ -272,3 +272,22 @@ def test_estimate_against_a_gpu(tmp_path, quant, checkpointing):
         subprocess.run(argv, capture_output=True, text=True, check=True).stdout.splitlines()[-1]
     )
     assert result["measured_peak_allocated_gib"] == pytest.approx(result["estimated_tensors_gib"], rel=0.25)
+
+
+def test_plan_flags_are_train_configs_own(tmp_path, capsys):
+    from lora_rm.config import config_fields
+    from lora_rm.plan_report import PLAN_OPTIONS, plan_parser
+
+    fields = {f.name: f for f in config_fields()}
+    actions = {a.dest: a for a in plan_parser()._actions}
+    for name in PLAN_OPTIONS:
+        assert actions[name].default == fields[name].default, name
+        assert fields[name].metadata["help"] in actions[name].help, name
+    tiny_config().save_pretrained(tmp_path)
+    tables = []
+    for dropout in ("0.0", "0.1"):
+        assert main(["plan", "--base", str(tmp_path), "--max-length", "64", "--lora-dropout", dropout]) == 0
+        tables.append(capsys.readouterr().out)
+    assert tables[0] != tables[1], "dropout keeps an extra mask per LoRA input: the estimate must change"
+    assert main(["plan", "--base", str(tmp_path), "--lora-dropout", "1.5"]) == 2
+    assert "--lora-dropout: must be in [0, 1)" in capsys.readouterr().err
