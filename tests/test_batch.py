@@ -163,24 +163,3 @@ def test_shard_lengths_equal_and_cover_all(n_batches, world_size):
 def test_shard_fewer_batches_than_processes_still_even():
     shards = [shard_batches([[0, 1]], rank, 4) for rank in range(4)]
     assert [len(s) for s in shards] == [1, 1, 1, 1]
-
-
-def test_collators_work_in_spawned_dataloader_workers():
-    """Windows starts DataLoader workers with spawn: collators must pickle and give the same batches."""
-    from torch.utils.data import DataLoader
-
-    from lora_rm.batch import PackedCollator
-
-    pairs = [
-        EncodedPair([1, 2, 3, 0], [1, 2, 4, 0], 0.5),
-        EncodedPair([5, 0], [6, 7, 0]),
-        EncodedPair([8, 0], [9, 0]),
-    ]
-    for collate in (PreferenceCollator(0), PackedCollator(0, share_prefix=True)):
-        loader = DataLoader(
-            pairs, batch_size=2, collate_fn=collate, num_workers=2, multiprocessing_context="spawn"
-        )
-        got = list(loader)
-        expected = [collate(pairs[:2]), collate(pairs[2:])]
-        for a, b in zip(got, expected):
-            assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.margin, b.margin)

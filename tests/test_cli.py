@@ -165,13 +165,14 @@ def test_main_invalid_config_lists_all_problems(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_main_bad_eval_dataset(tiny_gpt2, tmp_path, capsys):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_main_bad_eval_dataset(tiny_gpt2, tmp_path, capsys, precision):
     good = write_jsonl(tmp_path / "good.jsonl", preference_rows(8))
     bad = write_jsonl(tmp_path / "eval.jsonl", [{**preference_rows(1)[0], "rejected": None}])
     out = tmp_path / "out"
     code, err = _main(
         capsys, "train", "--base", str(tiny_gpt2), "--quant", "none", "--max-steps", "1",
-        "--dataset", str(good), "--eval-dataset", str(bad), "--output-dir", str(out),
+        "--precision", precision, "--dataset", str(good), "--eval-dataset", str(bad), "--output-dir", str(out),
     )  # fmt: skip
     assert code == 2
     assert f"{bad}:1: rejected: missing or null" in err

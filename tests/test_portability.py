@@ -1,7 +1,6 @@
 """Windows-safe sources: text files opened as UTF-8, a __main__ guard on every script, no POSIX-only calls.
 
-Static checks over the package, scripts/ and benchmarks/ (the spawned-worker DataLoader test is in
-test_batch.py): a user on Windows gets cp1252 from open() without an encoding, and spawned workers re-import
+Static checks over the package, scripts/ and benchmarks/: a user on Windows gets cp1252 from open() without an encoding, and spawned workers re-import
 a script that has no guard.
 """
 

@@ -182,40 +182,10 @@ def test_8bit_training_and_its_adapter_on_the_full_precision_base(tmp_path, tiny
     torch.testing.assert_close(fp, int8, rtol=0.05, atol=0.05 * float(int8.abs().max()) + 1e-3)
 
 
-def test_cli_end_to_end_writes_the_expected_files(tmp_path, tiny_gpt2, prefs_file):
-    out = tmp_path / "cli-run"
-    cmd = [
-        sys.executable,
-        "scripts/train_lora.py",
-        "--base",
-        str(tiny_gpt2),
-        "--dataset",
-        str(prefs_file),
-        "--output-dir",
-        str(out),
-        "--max-steps",
-        "3",
-        "--batch-size",
-        "4",
-        "--merge",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "final eval: accuracy" in proc.stdout
-    for rel in (
-        "adapter/adapter_model.safetensors",
-        "adapter/lora_rm_config.json",
-        "merged/model.safetensors",
-        "metrics.jsonl",
-        "config.json",
-    ):
-        assert (out / rel).is_file(), rel
-    assert json.loads((out / "config.json").read_text(encoding="utf-8"))["quant"] == "8bit"
-
-
 @pytest.mark.slow
 def test_quickstart_from_the_readme_learns(tmp_path):
-    """The README's offline main job: tiny local GPT-2, example data, 8-bit, eval accuracy well above 50%."""
+    """The README's offline main job, as a user types it: tiny local GPT-2, example data, 8-bit, merged; every
+    output written and eval accuracy well above 50%."""
     out = tmp_path / "quickstart"
     cmd = [
         sys.executable,
@@ -227,6 +197,17 @@ def test_quickstart_from_the_readme_learns(tmp_path):
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "final eval: accuracy" in proc.stdout
+    for rel in (
+        "adapter/adapter_model.safetensors",
+        "adapter/lora_rm_config.json",
+        "merged/model.safetensors",
+        "metrics.jsonl",
+        "config.json",
+        "eval/eval.json",
+    ):
+        assert (out / rel).is_file(), rel
+    assert json.loads((out / "config.json").read_text(encoding="utf-8"))["quant"] == "8bit"
     final = json.loads((out / "adapter" / "lora_rm_config.json").read_text(encoding="utf-8"))["eval"]
     assert final["n_pairs"] == 200 and final["accuracy"] >= 0.85
 

@@ -1,0 +1,140 @@
+"""lora_rm.fit: the loop's windows, micro-batches, out-of-memory split and statistics, and whole runs in fp32
+and bf16 (forced, so every machine exercises both whatever `--precision auto` picks on it)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import preference_rows, write_jsonl
+
+from lora_rm.config import TrainConfig
+from lora_rm.encode import EncodedPair
+from lora_rm.errors import UserError
+from lora_rm.fit import accumulation_windows, merge_stats, micro_batches, split_micro_batches
+from lora_rm.loss import PairStats
+from lora_rm.run import LoopState, stop_requested
+from lora_rm.train import train
+
+
+@dataclass
+class FakeLayout:
+    """Epoch e is the batches [[10e], [10e+1], ..., [10e+4]]: five single-pair batches."""
+
+    collator: object = list
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        return [[10 * epoch + i] for i in range(5)]
+
+
+def _run(state: LoopState, accumulation: int = 2, processes: int = 1, rank: int = 0, batch_size: int = 4):
+    cfg = TrainConfig(
+        base="b", dataset="d.jsonl", gradient_accumulation_steps=accumulation, batch_size=batch_size
+    )
+    accelerator = SimpleNamespace(process_index=rank, num_processes=processes, device="cpu")
+    model = torch.nn.Linear(1, 1)
+    return SimpleNamespace(
+        cfg=cfg, accelerator=accelerator, layout=FakeLayout(), state=state, model=model, log=lambda *_: None,
+        train_pairs=[EncodedPair([i, 0], [i + 1, 0]) for i in range(8)],
+    )  # fmt: skip
+
+
+def test_windows_continue_from_the_state_and_roll_over_epochs():
+    state = LoopState(epoch=1, window=1)
+    windows = accumulation_windows(_run(state))
+    # epoch 1 in windows of 2: [[10],[11]] [[12],[13]] [[14]]; one window already done
+    assert next(windows) == [[12], [13]]
+    state.window += 1  # the loop moves the window on after each step
+    assert next(windows) == [[14]]
+    state.window += 1
+    assert next(windows) == [[20], [21]]
+    assert (state.epoch, state.window) == (2, 0)
+
+
+def test_windows_of_two_processes_are_even_shards():
+    first = [next(accumulation_windows(_run(LoopState(), processes=2, rank=r))) for r in (0, 1)]
+    assert first == [[[0], [2]], [[1], [3]]]
+
+
+def test_micro_batches_are_cut_after_an_out_of_memory():
+    state = LoopState(micro_split=2)
+    parts = list(micro_batches(_run(state), [[0, 1, 2], [3]]))
+    assert [len(p) for p in parts] == [2, 1, 1]  # the collator here is `list`: the pairs themselves
+
+
+def test_out_of_memory_split_halves_then_gives_up_at_one_pair():
+    state = LoopState()
+    run = _run(state)
+    split_micro_batches(run, [[0, 1], [2, 3]])
+    assert state.micro_split == 2
+    with pytest.raises(UserError, match="1 pair per micro-batch"):
+        split_micro_batches(run, [[0, 1], [2, 3]])
+
+
+def test_out_of_memory_under_several_processes_is_a_clear_error():
+    """Retrying on one rank while the others wait in the all-reduce would hang: refuse instead."""
+    state = LoopState()
+    with pytest.raises(UserError, match="on one process only; lower --batch-size"):
+        split_micro_batches(_run(state, processes=2, rank=1), [[0, 1]])
+    assert state.micro_split == 1
+
+
+def test_merge_stats_adds_every_count():
+    a = PairStats(n_pairs=2, loss_sum=1.5, correct=1, ties=1, margin_sum=0.25)
+    b = PairStats(n_pairs=3, loss_sum=0.5, correct=3, ties=0, margin_sum=1.0)
+    assert merge_stats(a, b) == PairStats(n_pairs=5, loss_sum=2.0, correct=4, ties=1, margin_sum=1.25)
+
+
+def test_stop_requested_on_one_process():
+    accelerator = SimpleNamespace(num_processes=1)
+    assert not stop_requested(accelerator, [])
+    assert stop_requested(accelerator, [15])
+
+
+def _cfg(tmp_path, base, precision: str, **kw) -> TrainConfig:
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(24))
+    options = dict(
+        base=str(base), dataset=str(data), output_dir=str(tmp_path / precision), quant="none", batch_size=4,
+        gradient_accumulation_steps=2, max_steps=3, logging_steps=1, eval_steps=3, learning_rate=5e-3,
+        eval_fraction=0.25, lora_dropout=0.0, precision=precision, seed=0,
+    )  # fmt: skip
+    return TrainConfig(**{**options, **kw})
+
+
+@pytest.mark.parametrize("precision, mixed", [("fp32", "no"), ("bf16", "bf16")])
+def test_a_short_run_in_each_precision(tmp_path, tiny_gpt2, precision, mixed):
+    result = train(_cfg(tmp_path, tiny_gpt2, precision), log=lambda *_: None)
+    assert result.steps == 3
+    config = json.loads((result.output_dir / "config.json").read_text(encoding="utf-8"))
+    assert config["mixed_precision"] == mixed
+    lines = (result.output_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    losses = [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert result.eval_metrics["n_pairs"] == 6
+    # LoRA and head weights stay fp32 whatever the forward's precision
+    assert all(p.dtype == torch.float32 for p in result.model.parameters() if p.requires_grad)
+
+
+def test_train_twice_in_one_process_with_other_precisions(tmp_path, tiny_gpt2):
+    """accelerate's state is process-wide; train() must not leave the first run's precision fixed."""
+    train(_cfg(tmp_path, tiny_gpt2, "bf16", max_steps=1), log=lambda *_: None)
+    result = train(_cfg(tmp_path, tiny_gpt2, "fp32", max_steps=1), log=lambda *_: None)
+    config = json.loads((result.output_dir / "config.json").read_text(encoding="utf-8"))
+    assert config["mixed_precision"] == "no"
+
+
+def test_bad_input_builds_no_accelerator(tmp_path, tiny_gpt2, monkeypatch):
+    """The input checks come first: a bad dataset is reported before accelerate's precision is decided."""
+    import accelerate
+
+    def no_accelerator(*_a, **_k):
+        raise AssertionError("Accelerator built before the input checks")
+
+    monkeypatch.setattr(accelerate, "Accelerator", no_accelerator)
+    cfg = _cfg(tmp_path, tiny_gpt2, "bf16", dataset=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(UserError, match="no such file"):
+        train(cfg, log=lambda *_: None)
+    assert not (tmp_path / "bf16").exists()
