@@ -151,8 +151,8 @@ def _field_problems(f: dict[str, Any], fmt: str) -> list[str]:
     prompt = f.get("prompt")
     if isinstance(prompt, str):
         out.append(f"prompt: {MIXED_PROMPT[fmt]}")
-    elif prompt is not None and messages_problem(prompt):
-        out.append(f"prompt: {messages_problem(prompt)}")
+    elif prompt is not None and (problem := messages_problem(prompt)):
+        out.append(f"prompt: {problem}")
     turns = {}
     for name in ("chosen", "rejected"):
         problem = messages_problem(f.get(name))

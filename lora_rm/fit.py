@@ -129,13 +129,17 @@ def backward_window(
 
 def accumulation_windows(run: Run) -> Iterator[list[list[int]]]:
     """This process's accumulation windows (lists of micro-batches of pair indices), from where the run
-    is (`state.epoch`, `state.window`) on, epoch after epoch. The loop moves `state.window` on."""
+    is (`state.epoch`, `state.window`) on, epoch after epoch, until `total_steps`. The loop moves
+    `state.step` and `state.window` on; a run resumed at its last step gets no window."""
     state, k = run.state, run.cfg.gradient_accumulation_steps
-    while True:
+    while state.step < run.total_steps:
         epoch = run.layout.epoch_batches(state.epoch)
         batches = shard_batches(epoch, run.accelerator.process_index, run.accelerator.num_processes)
         windows = [batches[i : i + k] for i in range(0, len(batches), k)]
-        yield from windows[state.window :]
+        for window in windows[state.window :]:
+            if state.step >= run.total_steps:
+                return
+            yield window
         state.epoch, state.window = state.epoch + 1, 0
 
 

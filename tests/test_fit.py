@@ -30,7 +30,7 @@ class FakeLayout:
         return [[10 * epoch + i] for i in range(5)]
 
 
-def _run(state: LoopState, accumulation: int = 2, processes: int = 1, rank: int = 0, batch_size: int = 4):
+def _run(state: LoopState, accumulation=2, processes=1, rank=0, batch_size=4, total_steps=100):
     cfg = TrainConfig(
         base="b", dataset="d.jsonl", gradient_accumulation_steps=accumulation, batch_size=batch_size
     )
@@ -38,6 +38,7 @@ def _run(state: LoopState, accumulation: int = 2, processes: int = 1, rank: int 
     model = torch.nn.Linear(1, 1)
     return SimpleNamespace(
         cfg=cfg, accelerator=accelerator, layout=FakeLayout(), state=state, model=model, log=lambda *_: None,
+        total_steps=total_steps,
         train_pairs=[EncodedPair([i, 0], [i + 1, 0]) for i in range(8)],
     )  # fmt: skip
 
@@ -52,6 +53,16 @@ def test_windows_continue_from_the_state_and_roll_over_epochs():
     state.window += 1
     assert next(windows) == [[20], [21]]
     assert (state.epoch, state.window) == (2, 0)
+
+
+def test_no_window_past_the_last_step():
+    """A run resumed from its final checkpoint trains no further."""
+    assert list(accumulation_windows(_run(LoopState(step=6), total_steps=6))) == []
+    state = LoopState(step=5)
+    windows = accumulation_windows(_run(state, total_steps=6))
+    assert next(windows) == [[0], [1]]
+    state.step += 1
+    assert list(windows) == []
 
 
 def test_windows_of_two_processes_are_even_shards():
