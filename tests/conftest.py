@@ -178,7 +178,8 @@ def prefs_file(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, tiny_gpt2):
-    """A short run on the tiny GPT-2 with a merged model, eval outputs and reward statistics (~3 s)."""
+    """The one trained model the suite shares (test_train, test_score, test_evaluate, test_export, test_hub, ...):
+    a short run on the tiny GPT-2 with a merged model, eval outputs and reward statistics (~3 s idle)."""
     from lora_rm.config import TrainConfig
     from lora_rm.train import train
 
@@ -192,8 +193,10 @@ def trained_run(tmp_path_factory, tiny_gpt2):
         batch_size=4,
         gradient_accumulation_steps=2,
         learning_rate=5e-3,
-        epochs=4,
+        epochs=8,
         eval_fraction=0.25,
+        eval_steps=1000,  # once, at the end
+        logging_steps=2,
         lora_dropout=0.0,
         precision="fp32",
         seed=0,

@@ -86,13 +86,10 @@ def _cfg(tmp_path, base, data, **kw) -> TrainConfig:
     return TrainConfig(**{**options, **kw})
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_gpt2):
-    from conftest import preference_rows, write_jsonl
-
-    tmp = tmp_path_factory.mktemp("trained")
-    data = write_jsonl(tmp / "prefs.jsonl", preference_rows(48))
-    return train(_cfg(tmp, tiny_gpt2, data, merge=True, epochs=8), log=lambda *_: None)
+@pytest.fixture
+def trained(trained_run):
+    """The suite's shared run (conftest.trained_run): 8 epochs, accumulation 2, logging every 2 steps, merged."""
+    return trained_run
 
 
 def test_training_learns_and_writes_its_outputs(trained):
