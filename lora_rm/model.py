@@ -19,6 +19,41 @@ HEAD_NAMES = ("score", "classifier")  # decoders name their head `score`, encode
 KEEP_FULL_PRECISION = [*HEAD_NAMES, "pooler", "pre_classifier"]
 
 
+CONFIG_FILE = "lora_rm_config.json"  # the resolved run config, saved beside every adapter and merged model
+# Version of the sequence rule in `lora_rm.encode`. 2: the text as `tokenizer(text)` gives it, read at its last
+# non-pad token, as transformers reads it. Models saved before (no version) had an EOS appended and were read
+# there, a token transformers, pipeline and TRL skip whenever pad == EOS.
+SEQUENCE_FORMAT = 2
+
+
+def check_sequence_format(folder: str | Path) -> None:
+    """Refuse a model folder that lora_rm saved under an older sequence rule: every reader would misread it.
+
+    Folders without lora_rm's config (a model trained by TRL's RewardTrainer or any plain transformers
+    reward model) pass: they are read exactly as transformers reads them.
+    """
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if saved.get("sequence_format") != SEQUENCE_FORMAT:
+        raise UserError(
+            f"{folder}: saved by an older lora_rm that read the reward at an EOS it appended, a token that "
+            "transformers, pipeline and TRL skip when pad == EOS, so its rewards would be misread everywhere. "
+            "Retrain it with this version (the same command), or score it with lora_rm 0.1"
+        )
+
+
+def resolve_base(name: str) -> str:
+    """A local base folder as an absolute path (so that an adapter recording it loads from any working
+    directory); a hub id unchanged."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
+
+
 def _hub_error(name: str, e: Exception, what: str) -> UserError:
     kind, text = type(e).__name__, str(e)
     if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:
@@ -127,6 +162,7 @@ def load_base_model(
     """
     from transformers import AutoModelForSequenceClassification
 
+    name = resolve_base(name)  # PEFT records model.name_or_path as the adapter's base: make it absolute
     if seed is not None:
         torch.manual_seed(seed)
     try:
@@ -168,7 +204,7 @@ def fuse_gelu(model: torch.nn.Module) -> int:
     return swapped
 
 
-def _inner(model: Any) -> Any:
+def unwrap_model(model: Any) -> Any:
     """The transformers model inside DDP/FSDP (`.module`) and PEFT (`get_base_model()`) wrappers."""
     while isinstance(getattr(model, "module", None), torch.nn.Module):
         model = model.module
@@ -177,7 +213,7 @@ def _inner(model: Any) -> Any:
 
 def head_name(model: Any) -> str:
     """Name of the reward head (`score` or `classifier`) on a transformers, PEFT or DDP-wrapped model."""
-    inner = _inner(model)
+    inner = unwrap_model(model)
     for name in HEAD_NAMES:
         if isinstance(getattr(inner, name, None), torch.nn.Module):
             return name
@@ -261,13 +297,23 @@ def load_reward_model(
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / "adapter_config.json"
     if not config_path.is_file():
-        raise UserError(
-            f"{adapter_dir}: no adapter_config.json; expected an adapter folder written by lora_rm"
-        )
-    tokenizer = load_tokenizer(str(adapter_dir))
+        raise UserError(f"{adapter_dir}: no adapter_config.json; expected a PEFT adapter folder")
+    check_sequence_format(adapter_dir)
+    recorded = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    # lora_rm saves the tokenizer with the adapter; TRL's RewardTrainer usually does; else it is the base's
+    has_tokenizer = any((adapter_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    if has_tokenizer:
+        tokenizer = load_tokenizer(str(adapter_dir))
+    elif isinstance(base, (str, Path)) or (base is None and recorded):
+        tokenizer = load_tokenizer(str(base or recorded))
+    elif base is not None:
+        tokenizer = load_tokenizer(base.config.name_or_path)
+    else:
+        raise UserError(f"{adapter_dir}: no tokenizer in the folder and no base recorded; pass base=")
     if base is None or isinstance(base, (str, Path)):
-        name = str(base or json.loads(config_path.read_text(encoding="utf-8"))["base_model_name_or_path"])
-        base = load_base_model(name, tokenizer.pad_token_id, quant=quant, dtype=dtype)
+        if not (base or recorded):
+            raise UserError(f"{adapter_dir}: adapter_config.json records no base model; pass --base / base=")
+        base = load_base_model(str(base or recorded), tokenizer.pad_token_id, quant=quant, dtype=dtype)
     else:
         head_name(base)
         base.config.pad_token_id = tokenizer.pad_token_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -22,7 +23,14 @@ from lora_rm.export import merge_adapter, save_adapter
 from lora_rm.fit import LoopState, fit, trim_metrics
 from lora_rm.layout import choose_layout
 from lora_rm.loss import loss_near_chance
-from lora_rm.model import add_lora, check_quantization, load_base_model, load_tokenizer
+from lora_rm.model import (
+    SEQUENCE_FORMAT,
+    add_lora,
+    check_quantization,
+    load_base_model,
+    load_tokenizer,
+    resolve_base,
+)
 from lora_rm.optim import build_optimizer, resolve_precision
 
 # Options a resume may change freely: they do not change what is trained, or (data paths, split) what
@@ -122,6 +130,7 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
     from transformers import AutoConfig
 
     started = time.perf_counter()
+    cfg = dataclasses.replace(cfg, base=resolve_base(cfg.base))  # recorded so it loads from anywhere
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     mixed_precision = resolve_precision(cfg.precision, device_type)
     check_quantization(cfg.quant, device_type)
@@ -146,8 +155,6 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
         raise UserError(f"{cfg.base}: cannot read the model config ({type(e).__name__})") from None
     max_length = cfg.max_length or default_max_length(model_config, tokenizer)
     if cfg.vram:  # micro-batch, accumulation and checkpointing that fit the card; the effective batch is kept
-        import dataclasses
-
         from lora_rm.plan import fit_to_vram
 
         pairs, steps, ckpt, message = fit_to_vram(cfg, model_config, max_length)
@@ -206,7 +213,8 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
     run_config = {
         **cfg.to_dict(),
         "max_length": max_length,
-        "data_format": reports["format"],  # how `lora_rm.score` builds sequences for this model
+        "data_format": reports["format"],
+        "sequence_format": SEQUENCE_FORMAT,  # tokenizer(text), read at its last non-pad token
         "mixed_precision": mixed_precision,
         "total_steps": total_steps,
     }
