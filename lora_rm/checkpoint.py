@@ -137,6 +137,8 @@ def save_checkpoint(
 
 
 def _write_checkpoint(staging, final, step, model, optimizer, scheduler, trainer_state, scaler) -> None:
+    from lora_rm.outdir import respect_umask
+
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
@@ -149,6 +151,7 @@ def _write_checkpoint(staging, final, step, model, optimizer, scheduler, trainer
     save_file(tensors, str(staging / "rng.safetensors"))
     extra["rng"] = py_rng
     (staging / "state.json").write_text(json.dumps(extra, indent=1), encoding="utf-8")
+    respect_umask(staging)
     write_manifest(staging)
     if final.exists():  # an unmarked leftover from a killed run, or a damaged one
         shutil.rmtree(final)

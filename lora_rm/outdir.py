@@ -193,6 +193,7 @@ def claim_output_dir(cfg: Any, main_process: bool = True) -> Iterator[Path]:
         with write_errors(out):
             yield out
     finally:
+        respect_umask(out)
         with contextlib.suppress(OSError):
             lock.unlink()
         if created:  # a run refused before writing leaves no empty folder behind
@@ -205,3 +206,32 @@ def umask_mode(mode: int = 0o666) -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mode & ~mask
+
+
+def respect_umask(root: Path) -> None:
+    """Give the files under `root` that safetensors created mode 0600 the mode the umask asks for, so another
+    user (a serving account) can read the model; files a user restricted on purpose keep their mode."""
+    mode = umask_mode()
+    if mode == 0o600:
+        return
+    for p in root.rglob("*.safetensors"):
+        with contextlib.suppress(OSError):
+            if p.is_file() and p.stat().st_mode & 0o777 == 0o600 and p.stat().st_uid == os.getuid():
+                p.chmod(mode)
+
+
+class Terminated(Exception):
+    """SIGTERM arrived outside the training loop (which turns it into a checkpoint and a clean stop)."""
+
+
+def terminate_on_sigterm() -> None:
+    """Make SIGTERM raise Terminated (main thread only), so the CLI prints a message and exits 143, and the
+    output-dir lock is released on the way out."""
+    import signal
+    import threading
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise Terminated("terminated (SIGTERM)")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
