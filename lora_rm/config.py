@@ -172,13 +172,7 @@ class TrainConfig:
 
     def _number_problems(self) -> list[str]:
         """Finiteness and range of the float options, and the seed's range (numpy and torch take 32 bits)."""
-        problems = [
-            f"{n}: must be a finite number, got {getattr(self, n)}"
-            for n in _FLOAT_FIELDS
-            if not math.isfinite(getattr(self, n))
-        ]
-        if problems:
-            return problems
+        nonfinite = [n for n in _FLOAT_FIELDS if not math.isfinite(getattr(self, n))]
         checks = {
             "learning_rate": (self.learning_rate > 0, "must be > 0"),
             "weight_decay": (self.weight_decay >= 0, "must be >= 0"),
@@ -187,7 +181,12 @@ class TrainConfig:
             "seed": (0 <= self.seed < 2**32, "must be in [0, 2**32)"),
         }
         checks |= {n: (0.0 <= getattr(self, n) < 1.0, "must be in [0, 1)") for n in _FRACTIONS}
-        return [f"{n}: {rule}, got {getattr(self, n)}" for n, (ok, rule) in checks.items() if not ok]
+        problems = [f"{n}: must be a finite number, got {getattr(self, n)}" for n in nonfinite]
+        return problems + [
+            f"{n}: {rule}, got {getattr(self, n)}"
+            for n, (ok, rule) in checks.items()
+            if not ok and n not in nonfinite
+        ]
 
     def _coerce_types(self) -> list[str]:
         """Convert numbers given as text (YAML reads `1e-4` as a string) and list every value of the wrong type."""

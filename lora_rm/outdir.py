@@ -57,8 +57,12 @@ def run_outputs(out: Path) -> list[Path]:
 def resume_command() -> str:
     """The command line of this process with --resume added: what to type to continue the run."""
     argv = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite-output-dir")]
-    prog = "lora-rm" if Path(sys.argv[0]).name in ("lora-rm", "__main__.py", "cli.py") else sys.argv[0]
-    return shlex.join([prog, *argv, "--resume"])
+    script = sys.argv[0] if sys.argv and sys.argv[0] else "lora-rm"
+    if Path(script).name in ("__main__.py", "cli.py", "-c"):
+        prog = ["lora-rm", "train"]
+    else:
+        prog = ["python", script] if script.endswith(".py") else [script]
+    return shlex.join([*prog, *argv, "--resume"])
 
 
 def clear_previous_run(out: Path, cfg: Any, log: Any = print) -> None:
