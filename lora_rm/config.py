@@ -174,7 +174,8 @@ class TrainConfig:
         """Finiteness and range of the float options, and the seed's range (numpy and torch take 32 bits)."""
         nonfinite = [n for n in _FLOAT_FIELDS if not math.isfinite(getattr(self, n))]
         checks = {
-            "learning_rate": (self.learning_rate > 0, "must be > 0"),
+            # an Adam step moves each weight by about the learning rate: above 1 no run learns anything
+            "learning_rate": (0 < self.learning_rate <= 1, "must be in (0, 1]"),
             "weight_decay": (self.weight_decay >= 0, "must be >= 0"),
             "max_grad_norm": (self.max_grad_norm >= 0, "must be >= 0 (0 disables clipping)"),
             "center_rewards_coefficient": (self.center_rewards_coefficient >= 0, "must be >= 0"),
