@@ -48,7 +48,9 @@ def detect_format(rows: list[Row], source: str) -> str:
             f"{source}: missing column(s) {', '.join(missing)}; found {', '.join(sorted(columns)) or 'none'}. "
             "Expected prompt/chosen/rejected, chosen/rejected, or chat-message lists."
         )
-    if any(isinstance(r.fields.get("chosen"), list) for r in rows[:100]):
+    # the majority decides: one odd row is then reported as that row's problem, not every other row's
+    lists = sum(isinstance(r.fields.get("chosen"), list) for r in rows[:100])
+    if lists > sum(isinstance(r.fields.get("chosen"), str) for r in rows[:100]):
         return "conversational"
     return "explicit" if "prompt" in columns else "implicit"
 

@@ -293,3 +293,21 @@ def test_detect_format_missing_columns_no_columns():
 
 def test_row_problems_of_a_good_row_is_empty():
     assert row_problems(Row("x:1", dict(ROW)), "explicit") == []
+
+
+def test_one_odd_row_does_not_flip_the_format_of_the_others(tmp_path):
+    from conftest import preference_rows, write_jsonl
+
+    rows = preference_rows(36)
+    rows[5]["chosen"] = [{"role": "assistant", "content": "sure"}]
+    message = user_error(write_jsonl(tmp_path / "data.jsonl", rows))
+    assert (
+        "1 problem(s) in 1 row(s)" in message
+        and f"{tmp_path / 'data.jsonl'}:6: chosen: expected text" in message
+    )
+
+
+def test_a_margin_that_would_overflow_the_loss_is_refused():
+    assert row_problems(Row("x:1", {**ROW, "margin": 1e39}), "explicit") == [
+        "margin: expected a number in [-1e+06, 1e+06], got 1e+39"
+    ]
