@@ -309,5 +309,5 @@ def test_one_odd_row_does_not_flip_the_format_of_the_others(tmp_path):
 
 def test_a_margin_that_would_overflow_the_loss_is_refused():
     assert row_problems(Row("x:1", {**ROW, "margin": 1e39}), "explicit") == [
-        "margin: expected a number in [-1e+06, 1e+06], got 1e+39"
+        "x:1: margin: expected a number in [-1e+06, 1e+06], got 1e+39"
     ]
