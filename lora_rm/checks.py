@@ -8,6 +8,7 @@ its prompts and responses.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections import Counter
@@ -209,3 +210,41 @@ def check_rows(
     if not kept:
         raise UserError(f"{source}: every row is invalid [{counts}]")
     return kept
+
+
+def check_csv_records(text: str, path: Any) -> None:
+    """UserError, with the line, for a CSV that has only a header or a record whose field count is not the
+    header's (the CSV reader would otherwise fail with no line)."""
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(text, newline=""))
+    problems, rows = [], 0
+    try:
+        header = next(reader, [])
+        start = reader.line_num + 1
+        for record in reader:
+            if record:
+                rows += 1
+                if len(record) != len(header):
+                    problems.append(
+                        f"{path}:{start}: expected {len(header)} fields (as the header), got {len(record)}"
+                    )
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise UserError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+    if problems:
+        raise UserError(problems_message(f"{path}: {len(problems)} malformed record(s):", problems))
+    if not rows:
+        raise UserError(f"{path}: only a header line ({', '.join(header)}), no rows")
+
+
+def csv_margins(rows: list[Row]) -> list[Row]:
+    """Margins read as text (a CSV whose margin column has one non-number makes the whole column text) become
+    numbers again where they are: only the bad cell is then reported, not every row."""
+    for row in rows:
+        margin = row.fields.get("margin")
+        if isinstance(margin, str):
+            with contextlib.suppress(ValueError):
+                row.fields["margin"] = float(margin)
+    return rows
