@@ -8,6 +8,7 @@ its prompts and responses.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections import Counter
@@ -48,7 +49,9 @@ def detect_format(rows: list[Row], source: str) -> str:
             f"{source}: missing column(s) {', '.join(missing)}; found {', '.join(sorted(columns)) or 'none'}. "
             "Expected prompt/chosen/rejected, chosen/rejected, or chat-message lists."
         )
-    if any(isinstance(r.fields.get("chosen"), list) for r in rows[:100]):
+    # the majority decides: one odd row is then reported as that row's problem, not every other row's
+    lists = sum(isinstance(r.fields.get("chosen"), list) for r in rows[:100])
+    if lists > sum(isinstance(r.fields.get("chosen"), str) for r in rows[:100]):
         return "conversational"
     return "explicit" if "prompt" in columns else "implicit"
 
@@ -96,14 +99,20 @@ def _short_repr(value: Any, limit: int = 40) -> str:
     return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
+MAX_MARGIN = 1e6  # rewards are float32: far larger margins overflow the loss, and no reward scale needs them
+
+
 def _margin_problem(margin: Any) -> str | None:
-    """None (no margin, 0) and finite numbers are fine; bools, strings, NaN and infinities are not."""
+    """None (no margin, 0) and finite numbers up to MAX_MARGIN in size are fine; bools, strings, NaN,
+    infinities and margins that would overflow the float32 loss are not."""
     if margin is None:
         return None
     try:
         ok = not isinstance(margin, bool) and isinstance(margin, (int, float)) and math.isfinite(margin)
     except OverflowError:  # an integer too large for a float
         ok = False
+    if ok and abs(margin) > MAX_MARGIN:
+        return f"expected a number in [-{MAX_MARGIN:g}, {MAX_MARGIN:g}], got {_short_repr(margin)}"
     return None if ok else f"expected a finite number, got {_short_repr(margin)}"
 
 
@@ -201,3 +210,41 @@ def check_rows(
     if not kept:
         raise UserError(f"{source}: every row is invalid [{counts}]")
     return kept
+
+
+def check_csv_records(text: str, path: Any) -> None:
+    """UserError, with the line, for a CSV that has only a header or a record whose field count is not the
+    header's (the CSV reader would otherwise fail with no line)."""
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(text, newline=""))
+    problems, rows = [], 0
+    try:
+        header = next(reader, [])
+        start = reader.line_num + 1
+        for record in reader:
+            if record:
+                rows += 1
+                if len(record) != len(header):
+                    problems.append(
+                        f"{path}:{start}: expected {len(header)} fields (as the header), got {len(record)}"
+                    )
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise UserError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+    if problems:
+        raise UserError(problems_message(f"{path}: {len(problems)} malformed record(s):", problems))
+    if not rows:
+        raise UserError(f"{path}: only a header line ({', '.join(header)}), no rows")
+
+
+def csv_margins(rows: list[Row]) -> list[Row]:
+    """Margins read as text (a CSV whose margin column has one non-number makes the whole column text) become
+    numbers again where they are: only the bad cell is then reported, not every row."""
+    for row in rows:
+        margin = row.fields.get("margin")
+        if isinstance(margin, str):
+            with contextlib.suppress(ValueError):
+                row.fields["margin"] = float(margin)
+    return rows

@@ -11,6 +11,7 @@ from typing import Any
 from lora_rm.config import TrainConfig, config_fields, read_config_file
 from lora_rm.errors import UserError
 from lora_rm.fit import TrainingStopped
+from lora_rm.outdir import Terminated, check_output_file, check_output_folder, terminate_on_sigterm
 
 
 def _flag_type(f: Any) -> tuple[Any, dict[str, Any]]:
@@ -104,6 +105,7 @@ def run_score(argv: list[str]) -> int:
         help="(reward - mean) / std of the eval rewards stored with the model",
     )
     args = parser.parse_args(argv)
+    check_output_file(args.output, "--output")
     rows = read_score_rows(args.input)  # every bad row reported before the model is loaded
     model = _load(args)
     rewards = model.score(
@@ -153,6 +155,7 @@ def run_eval(argv: list[str]) -> int:
         "--skip-invalid", action="store_true", help="skip bad rows (counted) instead of stopping"
     )
     args = parser.parse_args(argv)
+    check_output_folder(args.output_dir, "--output-dir")
     report = _load(args).evaluate(
         args.dataset, args.output_dir, args.split, args.batch_size, args.skip_invalid
     )
@@ -192,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The base's "score.weight newly initialized" report is expected: the reward head is new by design.
     transformers.logging.set_verbosity_error()
+    terminate_on_sigterm()  # outside the training loop (which saves a checkpoint first) too
     try:
         return COMMANDS[argv[0]](argv[1:])
     except UserError as e:
@@ -200,9 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as e:
         print(str(e), file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as e:
+        print(str(e) or "interrupted", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":

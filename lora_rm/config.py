@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,9 @@ class TrainConfig:
         const="latest",
     )
     force_resume: bool = _opt(False, "resume even if the data or config differ from the checkpoint's")
+    overwrite_output_dir: bool = _opt(
+        False, "start a fresh run in an --output-dir that holds another run, deleting that run's outputs"
+    )
     max_bad_steps: int = _opt(5, "stop (with a checkpoint) after this many non-finite steps in a row")
     skip_invalid: bool = _opt(False, "skip bad rows (counted) instead of stopping with the list of problems")
     length_policy: str = _opt(
@@ -158,17 +162,32 @@ class TrainConfig:
             problems.append(f"max_steps: must be > 0, got {self.max_steps}")
         if self.max_length is not None and self.max_length < 4:
             problems.append(f"max_length: must be at least 4, got {self.max_length}")
-        if self.learning_rate <= 0:
-            problems.append(f"learning_rate: must be > 0, got {self.learning_rate}")
-        for n in ("eval_fraction", "warmup_ratio", "lora_dropout"):
-            if not 0.0 <= getattr(self, n) < 1.0:
-                problems.append(f"{n}: must be in [0, 1), got {getattr(self, n)}")
+        problems += self._number_problems()
         from lora_rm.hub import repo_id_problems
         from lora_rm.plan import size_problems
 
         problems += size_problems("vram", self.vram) + repo_id_problems(self.push_to_hub)
         if problems:
             raise UserError(problems_message("Invalid configuration:", problems))
+
+    def _number_problems(self) -> list[str]:
+        """Finiteness and range of the float options, and the seed's range (numpy and torch take 32 bits)."""
+        nonfinite = [n for n in _FLOAT_FIELDS if not math.isfinite(getattr(self, n))]
+        checks = {
+            # an Adam step moves each weight by about the learning rate: above 1 no run learns anything
+            "learning_rate": (0 < self.learning_rate <= 1, "must be in (0, 1]"),
+            "weight_decay": (self.weight_decay >= 0, "must be >= 0"),
+            "max_grad_norm": (self.max_grad_norm >= 0, "must be >= 0 (0 disables clipping)"),
+            "center_rewards_coefficient": (self.center_rewards_coefficient >= 0, "must be >= 0"),
+            "seed": (0 <= self.seed < 2**32, "must be in [0, 2**32)"),
+        }
+        checks |= {n: (0.0 <= getattr(self, n) < 1.0, "must be in [0, 1)") for n in _FRACTIONS}
+        problems = [f"{n}: must be a finite number, got {getattr(self, n)}" for n in nonfinite]
+        return problems + [
+            f"{n}: {rule}, got {getattr(self, n)}"
+            for n, (ok, rule) in checks.items()
+            if not ok and n not in nonfinite
+        ]
 
     def _coerce_types(self) -> list[str]:
         """Convert numbers given as text (YAML reads `1e-4` as a string) and list every value of the wrong type."""
@@ -181,7 +200,7 @@ class TrainConfig:
             kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
             try:
                 setattr(self, f.name, _coerce(value, kind))
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 problems.append(
                     f"{f.name}: expected {_KIND_NAMES.get(kind, 'a list of names')}, got {value!r}"
                 )
@@ -190,6 +209,9 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+_FRACTIONS = ("eval_fraction", "warmup_ratio", "lora_dropout")
+_FLOAT_FIELDS = ("learning_rate", "weight_decay", "max_grad_norm", "center_rewards_coefficient", *_FRACTIONS)
 
 _KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
 
@@ -248,3 +270,41 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if unknown:
         raise UserError(f"{path}: unknown option(s): {', '.join(unknown)}")
     return data
+
+
+# Models whose learned position table starts after the pad index (RoBERTa's padding_idx + 1 offset).
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "ernie_m")
+CPU_4BIT_BLOCK = 64  # bitsandbytes packs NF4 weights for its CPU kernel in blocks of 64 inputs
+
+
+def model_positions(model_config: Any) -> int | None:
+    """How many positions the model's position table holds, or None if it does not say."""
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            if getattr(model_config, "model_type", "") in _OFFSET_POSITIONS:
+                value -= (getattr(model_config, "pad_token_id", None) or 0) + 1
+            return value
+    return None
+
+
+def check_against_model(cfg: TrainConfig, model_config: Any, device_type: str) -> None:
+    """Raise a UserError for options this model or device cannot run: checked before anything is written,
+    where they would otherwise fail mid-run (an IndexError on the first long pair, a RuntimeError at eval)."""
+    problems = []
+    positions = model_positions(model_config)
+    if cfg.max_length is not None and positions is not None and cfg.max_length > positions:
+        problems.append(
+            f"max_length: must be in [4, {positions}] for {cfg.base} (its position table), got {cfg.max_length}"
+        )
+    hidden = next(
+        (getattr(model_config, n) for n in ("hidden_size", "n_embd", "d_model") if hasattr(model_config, n)),
+        None,
+    )
+    if cfg.quant == "4bit" and device_type == "cpu" and isinstance(hidden, int) and hidden % CPU_4BIT_BLOCK:
+        problems.append(
+            f"quant: 4bit on CPU needs a hidden size that is a multiple of {CPU_4BIT_BLOCK} (bitsandbytes packs "
+            f"NF4 weights for CPU in blocks of {CPU_4BIT_BLOCK}); {cfg.base} has {hidden}. Use --quant none or 8bit"
+        )
+    if problems:
+        raise UserError(problems_message("Invalid configuration:", problems))

@@ -45,10 +45,14 @@ def load_rows(source: str, split: str = "train", revision: str | None = None) ->
         if suffix in (".jsonl", ".json") or suffix not in LOCAL_SUFFIXES:
             return _read_json_rows(path), []
         if suffix == ".csv":
-            lines = _csv_record_lines(_read_text(path))
+            from lora_rm.checks import check_csv_records, csv_margins
+
+            text = _read_text(path)
+            check_csv_records(text, path)  # a header-only or ragged file: told with its line
+            lines = _csv_record_lines(text)
             # only an empty cell is missing: pandas would also read "NA", "None" or "null" answers as null
             ds = _load_hf("csv", str(path), None, keep_default_na=False, na_values=[""])["train"]
-            return [Row(f"{path}:{lines[i]}", dict(r)) for i, r in enumerate(ds)], []
+            return csv_margins([Row(f"{path}:{lines[i]}", dict(r)) for i, r in enumerate(ds)]), []
         ds = _load_hf(LOCAL_SUFFIXES[suffix], str(path), None)["train"]
         return [Row(f"{path}:row {i + 1}", dict(r)) for i, r in enumerate(ds)], []
     splits = _load_hf(source, None, revision)

@@ -19,6 +19,7 @@ from lora_rm.checkpoint import save_checkpoint
 from lora_rm.encode import EncodedPair
 from lora_rm.errors import UserError
 from lora_rm.evaluate import evaluate
+from lora_rm.guards import guarded_step
 from lora_rm.loss import PairStats, batch_losses
 from lora_rm.rewards import pair_rewards
 
@@ -201,13 +202,12 @@ def fit(
             )
             windows = [batches[i : i + k] for i in range(0, len(batches), k)]
             for window in windows[state.window :]:
+                bad_losses = state.stats.nonfinite
                 _run_window(model, window, train_pairs, collator, accelerator, cfg, state)
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-                finite = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)))
-                if finite or accelerator.scaler is not None:
-                    optimizer.step()  # with fp16 the grad scaler skips inf steps itself and lowers its scale
-                finite = finite and not accelerator.optimizer_step_was_skipped
-                # a non-finite loss or gradient would poison the weights: the step is dropped, and counted
+                # a non-finite loss, gradient or updated weight would poison the weights: the step is dropped, and counted
+                finite, grad_norm = guarded_step(
+                    accelerator, model, optimizer, cfg.max_grad_norm, state.stats.nonfinite == bad_losses
+                )
                 state.skipped_steps += not finite
                 state.bad_streak = 0 if finite else state.bad_streak + 1
                 scheduler.step()
@@ -274,7 +274,15 @@ def trim_metrics(path: Path, step: int) -> None:
     if step and path.is_file():
         keep = [
             line
-            for line in path.read_text(encoding="utf-8").splitlines()
-            if line and json.loads(line)["step"] <= step
-        ]
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+            if (record := _json_or_none(line)) and record.get("step", step + 1) <= step
+        ]  # a torn last line (the run was killed mid-write) is dropped: its step is redone
     path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def _json_or_none(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None

@@ -6,6 +6,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,11 +15,11 @@ from typing import Any
 import torch
 
 from lora_rm.batch import shard_batches
-from lora_rm.checkpoint import complete_checkpoints, fingerprint, load_checkpoint
-from lora_rm.config import TrainConfig
+from lora_rm.checkpoint import fingerprint, load_checkpoint, resume_checkpoint
+from lora_rm.config import TrainConfig, check_against_model
 from lora_rm.encode import LengthReport, default_max_length, prepare_pairs
 from lora_rm.errors import UserError
-from lora_rm.evaluate import write_full_eval
+from lora_rm.evaluate import evaluate, write_full_eval
 from lora_rm.export import merge_adapter, save_adapter
 from lora_rm.fit import LoopState, fit, trim_metrics
 from lora_rm.layout import choose_layout
@@ -32,6 +33,7 @@ from lora_rm.model import (
     resolve_base,
 )
 from lora_rm.optim import build_optimizer, resolve_precision
+from lora_rm.outdir import claim_output_dir, clear_previous_run
 
 # Options a resume may change freely: they do not change what is trained, or (data paths, split) what
 # they change is caught by the fingerprint of the tokenized training pairs itself.
@@ -41,6 +43,7 @@ RESUME_FREE = {
     "output_dir",
     "resume",
     "force_resume",
+    "overwrite_output_dir",
     "eval_steps",
     "logging_steps",
     "save_steps",
@@ -71,18 +74,10 @@ class TrainResult:
     tokenizer: Any = None
 
 
-def _resume_point(cfg: TrainConfig, fingerprints: dict[str, str]) -> Path | None:
+def _resume_point(cfg: TrainConfig, fingerprints: dict[str, str], log: Any = print) -> Path | None:
     if not cfg.resume:
         return None
-    if cfg.resume == "latest":
-        found = complete_checkpoints(cfg.output_dir)
-        if not found:
-            raise UserError(f"{cfg.output_dir}: no complete checkpoint to resume from")
-        path = found[-1]
-    else:
-        path = Path(cfg.resume)
-        if not (path / "state.json").is_file():
-            raise UserError(f"{path}: not a checkpoint folder (no state.json)")
+    path = resume_checkpoint(cfg.output_dir, cfg.resume, log)  # the newest intact one; damaged ones reported
     saved = json.loads((path / "state.json").read_text(encoding="utf-8"))["trainer"]["fingerprints"]
     changed = [k for k in fingerprints if saved.get(k) != fingerprints[k]]
     if changed and not cfg.force_resume:
@@ -121,10 +116,17 @@ def check_distributed(distributed_type: Any) -> None:
 def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
     """Train a LoRA reward model as `cfg` says and save it under `cfg.output_dir`.
 
-    All input (config, data, tokenizer, model, resume checkpoint) is checked before the output directory
-    is touched; problems raise UserError. Raises TrainingStopped after saving a checkpoint when stopped
-    by a signal or by `cfg.max_bad_steps` non-finite steps in a row.
+    All input (config, data, tokenizer, model, resume checkpoint) is checked before anything but a lock file
+    is written to the output directory; problems raise UserError, as do a second run into the same folder, a
+    fresh run over another run's outputs (without --overwrite-output-dir) and failed writes. Raises
+    TrainingStopped after saving a checkpoint when stopped by a signal or by `cfg.max_bad_steps` non-finite
+    steps in a row.
     """
+    with claim_output_dir(cfg, main_process=os.environ.get("RANK", "0") == "0"):
+        return _train(cfg, log)
+
+
+def _train(cfg: TrainConfig, log: Any = print) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import AutoConfig
@@ -153,6 +155,7 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
         )
     except (OSError, ValueError) as e:
         raise UserError(f"{cfg.base}: cannot read the model config ({type(e).__name__})") from None
+    check_against_model(cfg, model_config, device_type)
     max_length = cfg.max_length or default_max_length(model_config, tokenizer)
     if cfg.vram:  # micro-batch, accumulation and checkpointing that fit the card; the effective batch is kept
         from lora_rm.plan import fit_to_vram
@@ -167,7 +170,7 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
         "data": fingerprint([[p.chosen, p.rejected, p.margin] for p in train_pairs]),
         "config": fingerprint({k: v for k, v in cfg.to_dict().items() if k not in RESUME_FREE}),
     }
-    resume_from = _resume_point(cfg, fingerprints)
+    resume_from = _resume_point(cfg, fingerprints, log)
 
     quantized = cfg.quant != "none"
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
@@ -209,6 +212,8 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
         log(f"resumed from {resume_from} at step {state.step}")
 
     out = Path(cfg.output_dir)
+    if accelerator.is_main_process:  # --overwrite-output-dir: the old run goes only now, all input checked
+        clear_previous_run(out, cfg, log)
     out.mkdir(parents=True, exist_ok=True)
     run_config = {
         **cfg.to_dict(),
@@ -245,6 +250,8 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
         fingerprints,
         log,
     )
+    if not eval_metrics and eval_pairs:  # resumed from the final checkpoint: the loop ran no eval
+        eval_metrics = evaluate(model, eval_pairs, collator, cfg.batch_size * 2, accelerator)
     if eval_metrics and loss_near_chance(eval_metrics["loss"]):
         log(
             "warning: eval loss is ~ln 2: the model gives chosen and rejected nearly equal rewards; it has not learned"
