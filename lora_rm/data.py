@@ -276,31 +276,31 @@ def _csv_record_lines(text: str) -> list[int]:
     return starts
 
 
-def _load_hf(name: str, data_files: str | None, revision: str | None, **kwargs: Any) -> Any:
+def _load_hf(source: str, data_files: str | None, revision: str | None, **kwargs: Any) -> Any:
     import datasets
 
-    if data_files is None and not Path(name).is_dir():
-        require_hub(name, "dataset")  # seconds, not a minute of retries, when the hub is out of reach
+    if data_files is None and not Path(source).is_dir():
+        require_hub(source, "dataset")  # seconds, not a minute of retries, when the hub is out of reach
     try:
-        return datasets.load_dataset(name, data_files=data_files, revision=revision, **kwargs)
+        return datasets.load_dataset(source, data_files=data_files, revision=revision, **kwargs)
     except FileNotFoundError as e:
-        if data_files is None and Path(name).is_dir():
+        if data_files is None and Path(source).is_dir():
             raise UserError(
-                f"{name}: a folder with no data files in it; pass a .jsonl/.json/.csv/.parquet file "
+                f"{source}: a folder with no data files in it; pass a .jsonl/.json/.csv/.parquet file "
                 "or a folder of them"
             ) from None
         raise UserError(
-            f"{name}: not a local file or folder, and not found on the Hugging Face Hub ({e})"
+            f"{source}: not a local file or folder, and not found on the Hugging Face Hub ({e})"
         ) from None
     except (ConnectionError, TimeoutError) as e:
-        raise UserError(unreachable_message(name, "dataset", type(e).__name__)) from None
+        raise UserError(unreachable_message(source, "dataset", type(e).__name__)) from None
     except Exception as e:  # datasets and huggingface_hub wrap failures in many exception types
         kind = type(e).__name__
         if "NotFound" in kind or "Repository" in kind:
-            raise UserError(f"{name}: dataset not found (not a local path, not on the hub)") from None
+            raise UserError(f"{source}: dataset not found (not a local path, not on the hub)") from None
         if any(k in kind for k in ("Offline", "Connection", "Timeout", "HTTP")):
-            raise UserError(unreachable_message(name, "dataset", kind)) from None
-        raise UserError(f"{name}: cannot load dataset ({kind}: {e})") from None
+            raise UserError(unreachable_message(source, "dataset", kind)) from None
+        raise UserError(f"{source}: cannot load dataset ({kind}: {e})") from None
 
 
 def split_rows(rows: list[Row], eval_fraction: float, seed: int) -> tuple[list[Row], list[Row]]:

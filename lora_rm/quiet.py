@@ -7,7 +7,9 @@ Each filter names one message we have seen and why it is harmless here; anything
 from __future__ import annotations
 
 import logging
+import os
 import re
+import sys
 import warnings
 
 # (category, message regex): Python warnings that are expected for a reward model.
@@ -25,7 +27,8 @@ EXPECTED_LOGS = [
     # LLM.int8 casts matmul inputs to fp16 by design and says so on every call
     ("bitsandbytes.autograd._functions", r"MatMul8bitLt: inputs will be cast"),
 ]
-LOAD_REPORT_LOGGER = "transformers.utils.loading_report"
+# transformers logs the report on the caller's logger (modeling_utils), or its own by default
+LOAD_REPORT_LOGGERS = ("transformers.modeling_utils", "transformers.utils.loading_report")
 # Keys a reward model is expected to lack (the new head) or to drop (the pre-training head) when it is built
 # from a base checkpoint.
 EXPECTED_MISSING = re.compile(r"^(score|classifier|pooler|pre_classifier)\.")
@@ -66,20 +69,26 @@ class _DropExpectedLoadReport(logging.Filter):
 
 
 def quiet_third_party() -> None:
-    """Install the filters (idempotent; before bitsandbytes is imported, since it warns at import) and turn
-    off transformers' per-file progress bars ("Loading weights", "Writing model shards")."""
+    """Install the filters (idempotent; before bitsandbytes is imported, since it warns at import). When
+    stderr is not a terminal, also turn off transformers' and datasets' progress bars ("Loading weights",
+    "Generating train split"): in a log file they are lines of carriage returns."""
     for category, message in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
     for name, message in EXPECTED_LOGS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) and f.pattern.pattern == message for f in logger.filters):
             logger.addFilter(_DropMessages(message))
-    report_logger = logging.getLogger(LOAD_REPORT_LOGGER)
-    if not any(isinstance(f, _DropExpectedLoadReport) for f in report_logger.filters):
-        report_logger.addFilter(_DropExpectedLoadReport())
-    from transformers.utils import logging as hf_logging
+    for name in LOAD_REPORT_LOGGERS:
+        report_logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropExpectedLoadReport) for f in report_logger.filters):
+            report_logger.addFilter(_DropExpectedLoadReport())
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets is imported
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].disable_progress_bars()
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()
 
 
 def progress(total: int, desc: str, unit: str = "it", enabled: bool = True):
