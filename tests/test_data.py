@@ -466,8 +466,8 @@ def test_hub_dataset_with_data_dir_config_and_split(monkeypatch):
 
     calls = []
 
-    def fake_load_dataset(name, **kwargs):
-        calls.append((name, kwargs))
+    def fake_load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
         rows = datasets.Dataset.from_list(preference_rows(2))
         return datasets.DatasetDict({"train": rows, "test": rows})
 
