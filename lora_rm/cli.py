@@ -3,15 +3,78 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
-from lora_rm.config import TrainConfig, config_fields, read_config_file
+from lora_rm.config import (
+    ALIASES,
+    FLAG_ALIASES,
+    TrainConfig,
+    config_fields,
+    read_config_file,
+    resolve_aliases,
+)
 from lora_rm.errors import UserError
 from lora_rm.fit import TrainingStopped
+from lora_rm.offline import require_hub
 from lora_rm.outdir import Terminated, check_output_file, check_output_folder, terminate_on_sigterm
+from lora_rm.quiet import quiet_third_party
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Lists each flag once (its dash spelling) plus its TRL / Trainer alias, not every underscore twin."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        strings = action.option_strings
+        if len(strings) > 1:
+
+            def twin(o: str) -> str:
+                return "--" + o[2:].replace("_", "-") if "_" in o else "--" + o[2:].replace("-", "_")
+
+            first = strings[0]
+            shown = [first] + [
+                o
+                for o in strings[1:]
+                if o != twin(first) and not ("_" not in o and twin(o) in strings and twin(o) != o)
+            ]
+            shown_action = argparse.Action(shown, action.dest, action.nargs, help=action.help)
+            shown_action.metavar, shown_action.choices = action.metavar, action.choices
+            action = shown_action
+        return super()._format_action_invocation(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse as lora-rm uses it: no abbreviations (`--lr` is not `--lr-scheduler`), every `--long-flag`
+    also answers to `--long_flag` (the spelling of TRL and transformers' HfArgumentParser), and `--verbose`."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(allow_abbrev=False, formatter_class=_HelpFormatter, **kwargs)
+        self.add_argument(
+            "--verbose",
+            action="store_true",
+            help="also show third-party warnings, load reports and progress bars",
+        )
+
+    def add_argument(self, *names: Any, **kwargs: Any) -> argparse.Action:
+        twins = [
+            "--" + n[2:].replace("-", "_")
+            for n in names
+            if isinstance(n, str) and n.startswith("--") and "-" in n[2:]
+        ]
+        return super().add_argument(*names, *[t for t in twins if t not in names], **kwargs)
 
 
 def _flag_type(f: Any) -> tuple[Any, dict[str, Any]]:
@@ -19,35 +82,66 @@ def _flag_type(f: Any) -> tuple[Any, dict[str, Any]]:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         hint = args[0]
-    if hint is bool:
-        return None, {"action": argparse.BooleanOptionalAction}
+    if hint is bool:  # `--merge`, `--merge true` (HfArgumentParser style); `--no-merge`
+        return _parse_bool, {"nargs": "?", "const": True, "metavar": "BOOL"}
     if typing.get_origin(hint) is list:
-        return str, {"nargs": "+"}
+        return str, {"nargs": "+", "metavar": "NAME"}
     return hint, {}
 
 
 def train_parser(prog: str = "lora-rm train") -> argparse.ArgumentParser:
-    """Every TrainConfig field as a flag; defaults are None so a --config file can fill the rest."""
-    parser = argparse.ArgumentParser(prog=prog, description="Train a LoRA reward model on preference pairs.")
+    """Every TrainConfig field as a flag, plus the TRL / TrainingArguments names of `ALIASES` and
+    `FLAG_ALIASES`; defaults are None so a --config file can fill the rest."""
+    parser = Parser(
+        prog=prog,
+        usage=f"{prog} --base MODEL --dataset DATA [options]   (or --config FILE)",
+        description="Train a LoRA reward model on preference pairs. Every option also works as a key in a "
+        "--config file; a switch takes no value, true/false, or a --no- prefix (--no-merge).",
+    )
     parser.add_argument("--config", help="YAML or JSON file of options; flags given here override it")
+    aliases: dict[str, list[str]] = {}
+    for alias, name in ALIASES.items():
+        aliases.setdefault(name, []).append("--" + alias.replace("_", "-"))
     for f in config_fields():
         kind, extra = _flag_type(f)
-        default = f.default if f.default is not None else "model/data dependent"
-        help_text = f"{f.metadata['help']} (default: {default})"
-        if kind is not None:
-            extra["type"] = kind
-        extra |= {k: f.metadata[k] for k in ("choices", "nargs", "const") if k in f.metadata}
+        help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
+        if f.default is not None:
+            default = (
+                {True: "on", False: "off"}.get(f.default, f.default)
+                if isinstance(f.default, bool)
+                else f.default
+            )
+            help_text += f" (default: {default})"
+        extra |= {"type": kind} | {k: f.metadata[k] for k in ("choices", "nargs", "const") if k in f.metadata}
+        flag = "--" + f.name.replace("_", "-")
         parser.add_argument(
-            "--" + f.name.replace("_", "-"), dest=f.name, default=None, help=help_text, **extra
+            flag, *aliases.get(f.name, []), dest=f.name, default=None, help=help_text, **extra
+        )
+        if kind is _parse_bool:
+            parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=argparse.SUPPRESS)
+    for alias, (name, value) in FLAG_ALIASES.items():
+        parser.add_argument(
+            "--" + alias,
+            dest=f"alias_{alias}",
+            type=_parse_bool,
+            nargs="?",
+            const=True,
+            default=None,
+            metavar="BOOL",
+            help=f"same as --{name.replace('_', '-')} {value} (TrainingArguments' name)",
         )
     return parser
 
 
 def config_from_args(argv: list[str]) -> TrainConfig:
     args = vars(train_parser().parse_args(argv))
-    options = read_config_file(args.pop("config")) if args.get("config") else {}
-    args.pop("config", None)
-    options.update({k: v for k, v in args.items() if v is not None})
+    args.pop("verbose", None)
+    config = args.pop("config", None)
+    options = read_config_file(config) if config else {}
+    flags = resolve_aliases(
+        {k.removeprefix("alias_"): v for k, v in args.items() if v is not None}, "command line"
+    )
+    options.update(flags)
     return TrainConfig(**options)
 
 
@@ -73,7 +167,7 @@ def run_train(argv: list[str]) -> int:
 
 
 def _model_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = Parser(prog=prog, description=description)
     parser.add_argument(
         "--model", required=True, help="an adapter folder (RUN/adapter) or merged model (RUN/merged)"
     )
@@ -88,6 +182,12 @@ def _load(args: argparse.Namespace) -> Any:
 
     if args.batch_size <= 0:
         raise UserError(f"--batch-size: must be > 0, got {args.batch_size}")
+    base = args.base
+    adapter_config = Path(args.model) / "adapter_config.json"
+    if base is None and adapter_config.is_file():
+        base = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if base:
+        require_hub(str(base), "base model")  # fail in seconds when the recorded base is out of reach
     return RewardModel.from_pretrained(args.model, base=args.base, device=args.device)
 
 
@@ -145,24 +245,37 @@ def run_compare(argv: list[str]) -> int:
 def run_eval(argv: list[str]) -> int:
     parser = _model_parser(
         "lora-rm eval",
-        "Evaluate a reward model on preference data: eval.json and plots in --output-dir, and the reward "
-        "statistics `score --normalize` uses written into the model folder (reward_stats.json).",
+        "Evaluate a reward model on preference data: eval.json, the PNGs and reward_stats.json in --output-dir. "
+        "The model folder is left as it is unless --update-stats.",
     )
     parser.add_argument("--dataset", required=True, help="preference data in any format training accepts")
     parser.add_argument("--split", default="train", help="dataset split (default: train)")
-    parser.add_argument("--output-dir", required=True, help="where eval.json and the PNGs go")
+    parser.add_argument(
+        "--output-dir", required=True, help="where eval.json, reward_stats.json and the PNGs go"
+    )
+    parser.add_argument(
+        "--update-stats",
+        action="store_true",
+        help="also write this data's reward statistics into the model folder: `score --normalize` then uses them",
+    )
     parser.add_argument(
         "--skip-invalid", action="store_true", help="skip bad rows (counted) instead of stopping"
     )
     args = parser.parse_args(argv)
     check_output_folder(args.output_dir, "--output-dir")
     report = _load(args).evaluate(
-        args.dataset, args.output_dir, args.split, args.batch_size, args.skip_invalid
+        args.dataset,
+        args.output_dir,
+        args.split,
+        args.batch_size,
+        args.skip_invalid,
+        save_stats=args.update_stats,
     )
     top1 = f", top-1 {report['ranking']['top1_accuracy']:.3f}" if "ranking" in report else ""
     print(
         f"accuracy {report['accuracy']:.3f} ({report['ties']} ties), loss {report['loss']:.4f}, "
         f"ECE {report['calibration']['ece']:.3f}{top1}, {report['n_pairs']} pairs; wrote {args.output_dir}"
+        + (f" and {Path(args.model) / 'reward_stats.json'}" if args.update_stats else "")
     )
     return 0
 
@@ -173,31 +286,42 @@ def run_plan(argv: list[str]) -> int:
     return plan_command(argv)
 
 
-COMMANDS = {
-    "train": run_train,
-    "score": run_score,
-    "compare": run_compare,
-    "eval": run_eval,
-    "plan": run_plan,
+COMMANDS = {  # name: (function, one line for `lora-rm --help`)
+    "train": (run_train, "train a LoRA reward model on preference pairs"),
+    "score": (run_score, "add a reward to every prompt/response row of a file"),
+    "compare": (run_compare, "score two responses to one prompt; which is preferred"),
+    "eval": (run_eval, "evaluate a reward model on preference data: eval.json, calibration, plots"),
+    "plan": (run_plan, "estimate training memory from a model config; what fits your GPU"),
 }
+
+
+def usage() -> str:
+    lines = [f"usage: lora-rm {{{','.join(COMMANDS)}}} [options]", "", "commands:"]
+    lines += [f"  {name:<8} {line}" for name, (_, line) in COMMANDS.items()]
+    lines += [
+        "",
+        "lora-rm COMMAND --help lists a command's options. Every --long-flag also answers to --long_flag, and",
+        "train takes TRL / TrainingArguments names (--per_device_train_batch_size, --num_train_epochs, --bf16, ...).",
+        "--verbose (any command) also shows third-party warnings, load reports and progress bars.",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `lora-rm`; returns the exit code (2 for input the user can fix)."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(
-            f"usage: lora-rm {{{','.join(COMMANDS)}}} [options]   (lora-rm train --help for the options)",
-            file=sys.stderr,
-        )
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    import transformers
-
-    # The base's "score.weight newly initialized" report is expected: the reward head is new by design.
-    transformers.logging.set_verbosity_error()
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        problem = f"unknown command {argv[0]!r}" if argv else "no command given"
+        print(f"{usage()}\nerror: {problem}", file=sys.stderr)
+        return 2
+    if "--verbose" not in argv:
+        quiet_third_party()
     terminate_on_sigterm()  # outside the training loop (which saves a checkpoint first) too
     try:
-        return COMMANDS[argv[0]](argv[1:])
+        return COMMANDS[argv[0]][0](argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -173,10 +172,9 @@ itself (`reward_funcs="<folder of merged/>"`); `lora-rm serve --model PATH` serv
 
 
 def _offline() -> bool:
-    from huggingface_hub import constants
+    from lora_rm.offline import hub_offline
 
-    flag = os.environ.get("HF_HUB_OFFLINE", "0").strip().upper() in ("1", "ON", "YES", "TRUE")
-    return flag or bool(constants.HF_HUB_OFFLINE)
+    return hub_offline()
 
 
 def _reason(e: Exception, repo_id: str) -> str:

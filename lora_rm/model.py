@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 
 from lora_rm.errors import UserError
+from lora_rm.offline import hub_offline, require_hub, unreachable_message
 
 HEAD_NAMES = ("score", "classifier")  # decoders name their head `score`, encoders `classifier`
 # Kept out of int8: a quantized head breaks PEFT's trainable copy of it ("'Parameter' has no attribute 'CB'"),
@@ -60,15 +60,8 @@ def _hub_error(name: str, e: Exception, what: str) -> UserError:
         if not Path(name).expanduser().exists():
             return UserError(f"{name}: no such local folder")
         return UserError(f"{name}: no {what} in this folder ({kind}: {text.splitlines()[0] if text else ''})")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return UserError(
-            f"{name}: not a local folder, and the hub is off (HF_HUB_OFFLINE=1) with no cached copy"
-        )
-    if any(k in kind for k in ("Connection", "Timeout", "Offline")):
-        return UserError(
-            f"{name}: cannot reach the Hugging Face Hub to fetch the {what} ({kind}). Pass a local folder, "
-            "or set HF_HUB_OFFLINE=1 to use a cached copy."
-        )
+    if hub_offline() or any(k in kind for k in ("Connection", "Timeout", "Offline")):
+        return UserError(unreachable_message(name, what, kind))
     if (
         "RepositoryNotFound" in kind
         or "not a valid model identifier" in text
@@ -86,6 +79,7 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
     """
     from transformers import AutoTokenizer
 
+    require_hub(name, "tokenizer")  # seconds, not a minute of retries, when the hub is out of reach
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             name, revision=revision, trust_remote_code=trust_remote_code

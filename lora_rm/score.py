@@ -116,7 +116,8 @@ class RewardModel:
             where = self.path or "this model"
             raise UserError(
                 f"{where}: no reward statistics ({STATS_FILE}) to normalise with; they are written at the end "
-                f"of training when there is eval data, or by `lora-rm eval --model {where} --dataset DATA`"
+                f"of training when there is eval data, or by "
+                f"`lora-rm eval --model {where} --dataset DATA --output-dir DIR --update-stats`"
             )
         return float(stats["mean"]), float(stats["std"])
 

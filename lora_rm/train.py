@@ -19,7 +19,7 @@ from lora_rm.checkpoint import fingerprint, load_checkpoint, resume_checkpoint
 from lora_rm.config import TrainConfig, check_against_model
 from lora_rm.encode import LengthReport, default_max_length, prepare_pairs
 from lora_rm.errors import UserError
-from lora_rm.evaluate import evaluate, write_full_eval
+from lora_rm.evaluate import evaluate, write_full_eval, write_reward_stats
 from lora_rm.export import merge_adapter, save_adapter
 from lora_rm.fit import LoopState, fit, trim_metrics
 from lora_rm.layout import choose_layout
@@ -192,7 +192,8 @@ def _train(cfg: TrainConfig, log: Any = print) -> TrainResult:
         sum(p.numel() for p in model.parameters() if p.requires_grad or not only) for only in (True, False)
     )
     log(
-        f"model: {cfg.base} ({cfg.quant}), {trainable:,} trainable of {total:,} parameters; precision {mixed_precision}"
+        f"model: {cfg.base} ({cfg.quant}), {trainable:,} trainable of {total:,} parameters; "
+        f"precision {'fp32' if mixed_precision == 'no' else mixed_precision}"
     )
 
     world = accelerator.num_processes
@@ -261,19 +262,29 @@ def _train(cfg: TrainConfig, log: Any = print) -> TrainResult:
     adapter_dir, merged_dir = out / "adapter", None
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
+        # The full evaluation (every eval pair, plain rows) gives the run's one final number: the last
+        # in-loop eval ran on the training layout, where an int8 base can differ in the last digits.
+        report = write_full_eval(
+            unwrapped, tokenizer, eval_pairs, out / "eval", [], out / "metrics.jsonl", cfg.batch_size * 2,
+            source=cfg.eval_dataset or cfg.dataset, log=log,
+        )  # fmt: skip
+        if report:
+            eval_metrics = {k: report[k] for k in ("loss", "accuracy", "ties", "n_pairs")}
+            eval_metrics["mean_margin"] = report["margin_mean"]
         save_adapter(unwrapped, tokenizer, {**run_config, "eval": eval_metrics}, adapter_dir)
         log(f"saved adapter (LoRA + reward head) to {adapter_dir}")
         if cfg.merge:
             merged_dir = out / "merged"
+            started_merge = time.perf_counter()
             check = merge_adapter(adapter_dir, merged_dir, (eval_pairs or train_pairs)[:8], base=cfg.base)
             log(
-                f"saved merged model to {merged_dir} (max reward difference vs adapter {check['merge_max_abs_diff']:.2e})"
+                f"saved merged model to {merged_dir} in {time.perf_counter() - started_merge:.1f}s "
+                f"(max reward difference vs adapter {check['merge_max_abs_diff']:.2e})"
             )
-        # eval.json, plots, and the reward statistics `score(normalize=True)` uses, beside each model
-        write_full_eval(
-            unwrapped, tokenizer, eval_pairs, out / "eval", [adapter_dir, merged_dir], out / "metrics.jsonl",
-            cfg.batch_size * 2, source=cfg.eval_dataset or cfg.dataset, log=log,
-        )  # fmt: skip
+        if report:  # the reward statistics `score(normalize=True)` uses, beside each model
+            for folder in (adapter_dir, merged_dir):
+                if folder is not None:
+                    write_reward_stats(folder, report["reward_stats"], cfg.eval_dataset or cfg.dataset)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:  # the model card in adapter/README.md; the upload with --push-to-hub
         from lora_rm.hub import publish
