@@ -6,6 +6,7 @@ from lora_rm.fit import TrainingStopped
 from lora_rm.loss import pairwise_loss
 from lora_rm.model import load_reward_model
 from lora_rm.rewards import compute_rewards
+from lora_rm.rlhf import reward_function
 from lora_rm.score import RewardModel
 from lora_rm.train import TrainResult, train
 
@@ -18,6 +19,7 @@ __all__ = [
     "compute_rewards",
     "load_reward_model",
     "pairwise_loss",
+    "reward_function",
     "train",
 ]
 __version__ = "0.1.0"

@@ -43,3 +43,22 @@ def staged(final: str | Path, folder: bool = True) -> Iterator[Path]:
     if final.is_dir():  # a folder cannot be renamed onto a non-empty one
         shutil.rmtree(final)
     rename_with_retry(staging, final)
+
+
+def umask_mode(mode: int = 0o666) -> int:
+    """`mode` with the process umask applied: what a plain `open()` would create."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
+def respect_umask(root: Path) -> None:
+    """Give the files under `root` that safetensors created mode 0600 the mode the umask asks for, so another
+    user (a serving account) can read the model; files a user restricted on purpose keep their mode."""
+    mode = umask_mode()
+    if mode == 0o600:
+        return
+    for p in root.rglob("*.safetensors"):
+        with contextlib.suppress(OSError):
+            if p.is_file() and p.stat().st_mode & 0o777 == 0o600:  # another user's file: chmod fails
+                p.chmod(mode)

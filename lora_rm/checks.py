@@ -48,7 +48,9 @@ def detect_format(rows: list[Row], source: str) -> str:
             f"{source}: missing column(s) {', '.join(missing)}; found {', '.join(sorted(columns)) or 'none'}. "
             "Expected prompt/chosen/rejected, chosen/rejected, or chat-message lists."
         )
-    if any(isinstance(r.fields.get("chosen"), list) for r in rows[:100]):
+    # the majority decides: one odd row is then reported as that row's problem, not every other row's
+    lists = sum(isinstance(r.fields.get("chosen"), list) for r in rows[:100])
+    if lists > sum(isinstance(r.fields.get("chosen"), str) for r in rows[:100]):
         return "conversational"
     return "explicit" if "prompt" in columns else "implicit"
 
@@ -96,14 +98,20 @@ def _short_repr(value: Any, limit: int = 40) -> str:
     return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
+MAX_MARGIN = 1e6  # rewards are float32: far larger margins overflow the loss, and no reward scale needs them
+
+
 def _margin_problem(margin: Any) -> str | None:
-    """None (no margin, 0) and finite numbers are fine; bools, strings, NaN and infinities are not."""
+    """None (no margin, 0) and finite numbers up to MAX_MARGIN in size are fine; bools, strings, NaN,
+    infinities and margins that would overflow the float32 loss are not."""
     if margin is None:
         return None
     try:
         ok = not isinstance(margin, bool) and isinstance(margin, (int, float)) and math.isfinite(margin)
     except OverflowError:  # an integer too large for a float
         ok = False
+    if ok and abs(margin) > MAX_MARGIN:
+        return f"expected a number in [-{MAX_MARGIN:g}, {MAX_MARGIN:g}], got {_short_repr(margin)}"
     return None if ok else f"expected a finite number, got {_short_repr(margin)}"
 
 

@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import Any
 
-from lora_rm.config import TrainConfig, read_config_file
+from lora_rm.config import TrainConfig, read_config_file, resolve_aliases
 from lora_rm.errors import UserError
 from lora_rm.fit import TrainingStopped
-from lora_rm.flags import add_config_flags
+from lora_rm.flags import Parser, add_config_flags
+from lora_rm.offline import require_hub
+from lora_rm.outdir import Terminated, check_output_file, check_output_folder, terminate_on_sigterm
+from lora_rm.quiet import quiet_third_party
 
 
 def train_parser(prog: str = "lora-rm train") -> argparse.ArgumentParser:
-    """Every TrainConfig field as a flag; defaults are None so a --config file can fill the rest."""
-    parser = argparse.ArgumentParser(prog=prog, description="Train a LoRA reward model on preference pairs.")
+    """Every TrainConfig field as a flag, plus the TRL / TrainingArguments names of `ALIASES` and
+    `FLAG_ALIASES`; defaults are None so a --config file can fill the rest."""
+    parser = Parser(
+        prog=prog,
+        usage=f"{prog} --base MODEL --dataset DATA [options]   (or --config FILE)",
+        description="Train a LoRA reward model on preference pairs. Every option also works as a key in a "
+        "--config file; a switch takes no value, true/false, or a --no- prefix (--no-merge).",
+    )
     parser.add_argument("--config", help="YAML or JSON file of options; flags given here override it")
     add_config_flags(parser)
     return parser
@@ -22,9 +33,13 @@ def train_parser(prog: str = "lora-rm train") -> argparse.ArgumentParser:
 
 def config_from_args(argv: list[str]) -> TrainConfig:
     args = vars(train_parser().parse_args(argv))
-    options = read_config_file(args.pop("config")) if args.get("config") else {}
-    args.pop("config", None)
-    options.update({k: v for k, v in args.items() if v is not None})
+    args.pop("verbose", None)
+    config = args.pop("config", None)
+    options = read_config_file(config) if config else {}
+    flags = resolve_aliases(
+        {k.removeprefix("alias_"): v for k, v in args.items() if v is not None}, "command line"
+    )
+    options.update(flags)
     return TrainConfig(**options)
 
 
@@ -50,7 +65,7 @@ def run_train(argv: list[str]) -> int:
 
 
 def _model_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = Parser(prog=prog, description=description)
     parser.add_argument(
         "--model", required=True, help="an adapter folder (RUN/adapter) or merged model (RUN/merged)"
     )
@@ -65,6 +80,12 @@ def _load(args: argparse.Namespace) -> Any:
 
     if args.batch_size <= 0:
         raise UserError(f"--batch-size: must be > 0, got {args.batch_size}")
+    base = args.base
+    adapter_config = Path(args.model) / "adapter_config.json"
+    if base is None and adapter_config.is_file():
+        base = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if base:
+        require_hub(str(base), "base model")  # fail in seconds when the recorded base is out of reach
     return RewardModel.from_pretrained(args.model, base=args.base, device=args.device)
 
 
@@ -82,6 +103,7 @@ def run_score(argv: list[str]) -> int:
         help="(reward - mean) / std of the eval rewards stored with the model",
     )
     args = parser.parse_args(argv)
+    check_output_file(args.output, "--output")
     rows = read_score_rows(args.input)  # every bad row reported before the model is loaded
     model = _load(args)
     rewards = model.score(
@@ -121,23 +143,37 @@ def run_compare(argv: list[str]) -> int:
 def run_eval(argv: list[str]) -> int:
     parser = _model_parser(
         "lora-rm eval",
-        "Evaluate a reward model on preference data: eval.json and plots in --output-dir, and the reward "
-        "statistics `score --normalize` uses written into the model folder (reward_stats.json).",
+        "Evaluate a reward model on preference data: eval.json, the PNGs and reward_stats.json in --output-dir. "
+        "The model folder is left as it is unless --update-stats.",
     )
     parser.add_argument("--dataset", required=True, help="preference data in any format training accepts")
     parser.add_argument("--split", default="train", help="dataset split (default: train)")
-    parser.add_argument("--output-dir", required=True, help="where eval.json and the PNGs go")
+    parser.add_argument(
+        "--output-dir", required=True, help="where eval.json, reward_stats.json and the PNGs go"
+    )
+    parser.add_argument(
+        "--update-stats",
+        action="store_true",
+        help="also write this data's reward statistics into the model folder: `score --normalize` then uses them",
+    )
     parser.add_argument(
         "--skip-invalid", action="store_true", help="skip bad rows (counted) instead of stopping"
     )
     args = parser.parse_args(argv)
+    check_output_folder(args.output_dir, "--output-dir")
     report = _load(args).evaluate(
-        args.dataset, args.output_dir, args.split, args.batch_size, args.skip_invalid
+        args.dataset,
+        args.output_dir,
+        args.split,
+        args.batch_size,
+        args.skip_invalid,
+        save_stats=args.update_stats,
     )
     top1 = f", top-1 {report['ranking']['top1_accuracy']:.3f}" if "ranking" in report else ""
     print(
         f"accuracy {report['accuracy']:.3f} ({report['ties']} ties), loss {report['loss']:.4f}, "
         f"ECE {report['calibration']['ece']:.3f}{top1}, {report['n_pairs']} pairs; wrote {args.output_dir}"
+        + (f" and {Path(args.model) / 'reward_stats.json'}" if args.update_stats else "")
     )
     return 0
 
@@ -148,39 +184,51 @@ def run_plan(argv: list[str]) -> int:
     return plan_command(argv)
 
 
-COMMANDS = {
-    "train": run_train,
-    "score": run_score,
-    "compare": run_compare,
-    "eval": run_eval,
-    "plan": run_plan,
+COMMANDS = {  # name: (function, one line for `lora-rm --help`)
+    "train": (run_train, "train a LoRA reward model on preference pairs"),
+    "score": (run_score, "add a reward to every prompt/response row of a file"),
+    "compare": (run_compare, "score two responses to one prompt; which is preferred"),
+    "eval": (run_eval, "evaluate a reward model on preference data: eval.json, calibration, plots"),
+    "plan": (run_plan, "estimate training memory from a model config; what fits your GPU"),
 }
+
+
+def usage() -> str:
+    lines = [f"usage: lora-rm {{{','.join(COMMANDS)}}} [options]", "", "commands:"]
+    lines += [f"  {name:<8} {line}" for name, (_, line) in COMMANDS.items()]
+    lines += [
+        "",
+        "lora-rm COMMAND --help lists a command's options. Every --long-flag also answers to --long_flag, and",
+        "train takes TRL / TrainingArguments names (--per_device_train_batch_size, --num_train_epochs, --bf16, ...).",
+        "--verbose (any command) also shows third-party warnings, load reports and progress bars.",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `lora-rm`; returns the exit code (2 for input the user can fix)."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(
-            f"usage: lora-rm {{{','.join(COMMANDS)}}} [options]   (lora-rm train --help for the options)",
-            file=sys.stderr,
-        )
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    import transformers
-
-    # The base's "score.weight newly initialized" report is expected: the reward head is new by design.
-    transformers.logging.set_verbosity_error()
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        problem = f"unknown command {argv[0]!r}" if argv else "no command given"
+        print(f"{usage()}\nerror: {problem}", file=sys.stderr)
+        return 2
+    if "--verbose" not in argv:
+        quiet_third_party()
+    terminate_on_sigterm()  # outside the training loop (which saves a checkpoint first) too
     try:
-        return COMMANDS[argv[0]](argv[1:])
+        return COMMANDS[argv[0]][0](argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except TrainingStopped as e:
         print(str(e), file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as e:
+        print(str(e) or "interrupted", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,44 @@ PRECISION_CHOICES = ("auto", "bf16", "fp16", "fp32")
 SCHEDULER_CHOICES = ("cosine", "linear", "constant")
 OPTIMIZER_CHOICES = ("adamw", "paged_adamw_8bit")
 LOSS_CHOICES = ("auto", "pairwise", "all_pairs", "plackett_luce")
+
+
+# The names TRL, transformers' TrainingArguments and PEFT users type, as aliases of TrainConfig fields, on the
+# command line and in config files. Fields whose names already match (output_dir, learning_rate, logging_steps,
+# save_steps, gradient_checkpointing, lora_r, max_length, ...) need none.
+ALIASES = {
+    "model_name_or_path": "base",
+    "dataset_name": "dataset",
+    "dataset_train_split": "split",
+    "per_device_train_batch_size": "batch_size",
+    "num_train_epochs": "epochs",
+    "lora_target_modules": "target_modules",
+    "lr_scheduler_type": "lr_scheduler",
+}
+# TrainingArguments' boolean switches that stand for one value of a field: `bf16: true` is `precision: bf16`.
+FLAG_ALIASES = {"bf16": ("precision", "bf16"), "fp16": ("precision", "fp16")}
+
+
+def resolve_aliases(options: dict[str, Any], where: str) -> dict[str, Any]:
+    """`options` with every alias replaced by its field (`num_train_epochs` -> `epochs`, `bf16: true` ->
+    `precision: bf16`; a false switch is dropped). UserError naming `where` when an alias and its field, or
+    two aliases, give one field different values."""
+    out: dict[str, Any] = {}
+    given: dict[str, str] = {}
+    for key, value in options.items():
+        name = ALIASES.get(key, key)
+        if key in FLAG_ALIASES:
+            if not isinstance(value, bool):
+                raise UserError(f"{where}: {key}: expected true or false, got {value!r}")
+            if not value:
+                continue
+            name, value = FLAG_ALIASES[key]
+        if name in out and out[name] != value:
+            raise UserError(
+                f"{where}: {given[name]} and {key} both set {name} ({out[name]!r} vs {value!r}); give one"
+            )
+        out[name], given[name] = value, key
+    return out
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -109,6 +148,9 @@ class TrainConfig:
         const="latest",
     )
     force_resume: bool = _opt(False, "resume even if the data or config differ from the checkpoint's")
+    overwrite_output_dir: bool = _opt(
+        False, "start a fresh run in an --output-dir that holds another run, deleting that run's outputs"
+    )
     max_bad_steps: int = _opt(5, "stop (with a checkpoint) after this many non-finite steps in a row")
     skip_invalid: bool = _opt(False, "skip bad rows (counted) instead of stopping with the list of problems")
     length_policy: str = _opt(
@@ -159,14 +201,29 @@ class TrainConfig:
             problems.append(f"max_steps: must be > 0, got {self.max_steps}")
         if self.max_length is not None and self.max_length < 4:
             problems.append(f"max_length: must be at least 4, got {self.max_length}")
-        if self.learning_rate <= 0:
-            problems.append(f"learning_rate: must be > 0, got {self.learning_rate}")
-        for n in ("eval_fraction", "warmup_ratio", "lora_dropout"):
-            if not 0.0 <= getattr(self, n) < 1.0:
-                problems.append(f"{n}: must be in [0, 1), got {getattr(self, n)}")
+        problems += self._number_problems()
         problems += size_problems("vram", self.vram) + repo_id_problems(self.push_to_hub)
         if problems:
             raise UserError(problems_message("Invalid configuration:", problems))
+
+    def _number_problems(self) -> list[str]:
+        """Finiteness and range of the float options, and the seed's range (numpy and torch take 32 bits)."""
+        nonfinite = [n for n in _FLOAT_FIELDS if not math.isfinite(getattr(self, n))]
+        checks = {
+            # an Adam step moves each weight by about the learning rate: above 1 no run learns anything
+            "learning_rate": (0 < self.learning_rate <= 1, "must be in (0, 1]"),
+            "weight_decay": (self.weight_decay >= 0, "must be >= 0"),
+            "max_grad_norm": (self.max_grad_norm >= 0, "must be >= 0 (0 disables clipping)"),
+            "center_rewards_coefficient": (self.center_rewards_coefficient >= 0, "must be >= 0"),
+            "seed": (0 <= self.seed < 2**32, "must be in [0, 2**32)"),
+        }
+        checks |= {n: (0.0 <= getattr(self, n) < 1.0, "must be in [0, 1)") for n in _FRACTIONS}
+        problems = [f"{n}: must be a finite number, got {getattr(self, n)}" for n in nonfinite]
+        return problems + [
+            f"{n}: {rule}, got {getattr(self, n)}"
+            for n, (ok, rule) in checks.items()
+            if not ok and n not in nonfinite
+        ]
 
     def _coerce_types(self) -> list[str]:
         """Convert numbers given as text (YAML reads `1e-4` as a string) and list every value of the wrong type."""
@@ -179,7 +236,7 @@ class TrainConfig:
             kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
             try:
                 setattr(self, f.name, _coerce(value, kind))
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 problems.append(
                     f"{f.name}: expected {_KIND_NAMES.get(kind, 'a list of names')}, got {value!r}"
                 )
@@ -188,6 +245,9 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+_FRACTIONS = ("eval_fraction", "warmup_ratio", "lora_dropout")
+_FLOAT_FIELDS = ("learning_rate", "weight_decay", "max_grad_norm", "center_rewards_coefficient", *_FRACTIONS)
 
 _KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
 
@@ -223,7 +283,8 @@ def config_fields() -> list[dataclasses.Field]:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON config file into a dict of TrainConfig fields (dashes or underscores)."""
+    """Read a YAML or JSON config file into a dict of TrainConfig fields (dashes or underscores; the TRL and
+    TrainingArguments names of `ALIASES` and `FLAG_ALIASES` too)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -240,12 +301,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
-    known = {f.name for f in config_fields()}
+    known = {f.name for f in config_fields()} | set(ALIASES) | set(FLAG_ALIASES)
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - known)
     if unknown:
         raise UserError(f"{path}: unknown option(s): {', '.join(unknown)}")
-    return data
+    return resolve_aliases(data, str(path))
 
 
 # Checks of single option values, here so that config imports nothing else of the package.
@@ -289,3 +350,41 @@ def repo_id_problems(repo_id: str | None) -> list[str]:
             f"push_to_hub: {repo_id!r} is not a hub repo id like name or owner/name ({str(e).split('. Use')[0]})"
         ]
     return []
+
+
+# Models whose learned position table starts after the pad index (RoBERTa's padding_idx + 1 offset).
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "ernie_m")
+CPU_4BIT_BLOCK = 64  # bitsandbytes packs NF4 weights for its CPU kernel in blocks of 64 inputs
+
+
+def model_positions(model_config: Any) -> int | None:
+    """How many positions the model's position table holds, or None if it does not say."""
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            if getattr(model_config, "model_type", "") in _OFFSET_POSITIONS:
+                value -= (getattr(model_config, "pad_token_id", None) or 0) + 1
+            return value
+    return None
+
+
+def check_against_model(cfg: TrainConfig, model_config: Any, device_type: str) -> None:
+    """Raise a UserError for options this model or device cannot run: checked before anything is written,
+    where they would otherwise fail mid-run (an IndexError on the first long pair, a RuntimeError at eval)."""
+    problems = []
+    positions = model_positions(model_config)
+    if cfg.max_length is not None and positions is not None and cfg.max_length > positions:
+        problems.append(
+            f"max_length: must be in [4, {positions}] for {cfg.base} (its position table), got {cfg.max_length}"
+        )
+    hidden = next(
+        (getattr(model_config, n) for n in ("hidden_size", "n_embd", "d_model") if hasattr(model_config, n)),
+        None,
+    )
+    if cfg.quant == "4bit" and device_type == "cpu" and isinstance(hidden, int) and hidden % CPU_4BIT_BLOCK:
+        problems.append(
+            f"quant: 4bit on CPU needs a hidden size that is a multiple of {CPU_4BIT_BLOCK} (bitsandbytes packs "
+            f"NF4 weights for CPU in blocks of {CPU_4BIT_BLOCK}); {cfg.base} has {hidden}. Use --quant none or 8bit"
+        )
+    if problems:
+        raise UserError(problems_message("Invalid configuration:", problems))

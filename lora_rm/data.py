@@ -1,4 +1,5 @@
-"""Read preference rows from a local .jsonl/.json/.csv/.parquet file, a dataset folder or the Hugging Face Hub,
+"""Read preference rows from a local .jsonl/.json/.csv/.parquet file (JSON and CSV also as .gz/.bz2/.xz/.zst),
+a `save_to_disk` folder, a folder of data files or the Hugging Face Hub (`owner/name[/data_dir][:config]`),
 and hold out an eval split. Each row is a `Row` that remembers where it came from (`file:line`, `file:item N`,
 `dataset[split]:row N`) and the duplicate keys met while parsing it; a missing, unreadable, non-UTF-8 or
 malformed file, or an unknown dataset or split, is one UserError naming the file and every bad line. What the
@@ -7,18 +8,20 @@ rows hold is checked in `lora_rm.checks`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lora_rm.errors import UserError, problems_message
+from lora_rm.offline import require_hub, unreachable_message
 
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+COMPRESSED_SUFFIXES = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstd"}
 
 
 @dataclass
@@ -30,28 +33,71 @@ class Row:
     problems: list[str] = field(default_factory=list)  # 'field: reason' found while parsing (duplicate keys)
 
 
-def load_rows(source: str, split: str = "train", revision: str | None = None) -> tuple[list[Row], list[Row]]:
-    """Read `source` (a local .jsonl/.json/.csv/.parquet file, a dataset folder or a hub id).
+def file_kind(path: Path) -> tuple[str | None, str | None]:
+    """(format suffix, compression suffix) of a file name: `a.jsonl.gz` -> ('.jsonl', '.gz'),
+    `a.csv` -> ('.csv', None); an unknown format gives None for it."""
+    suffixes = [s.lower() for s in path.suffixes]
+    compression = suffixes.pop() if suffixes and suffixes[-1] in COMPRESSED_SUFFIXES else None
+    fmt = suffixes[-1] if suffixes and suffixes[-1] in LOCAL_SUFFIXES else None
+    return fmt, compression
 
-    Returns (rows of `split`, rows of the dataset's own test or validation split, empty if none).
-    Raises UserError for a missing file, an unreadable or malformed file (every bad line listed),
-    an unknown dataset or split, and an unreachable hub.
+
+def hub_source(source: str) -> tuple[str, str | None, str | None]:
+    """Split a hub dataset reference `owner/name[/data_dir][:config]` into (repo id, config, data_dir):
+    `Anthropic/hh-rlhf/harmless-base` reads the repo's harmless-base folder, `org/set:subset` its subset
+    config."""
+    name, config = source, None
+    if ":" in source:
+        name, _, config = source.rpartition(":")
+    parts = name.split("/")
+    return "/".join(parts[:2]), config or None, "/".join(parts[2:]) or None
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """A folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    return (path / "dataset_dict.json").is_file() or (
+        (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+    )
+
+
+def load_rows(source: str, split: str = "train", revision: str | None = None) -> tuple[list[Row], list[Row]]:
+    """Read `source`: a local .jsonl/.json/.csv/.parquet file (JSON and CSV also compressed: .gz, .bz2, .xz,
+    .zst), a `save_to_disk` folder (Dataset or DatasetDict), a folder of data files, or a hub dataset
+    `owner/name[/data_dir][:config]`.
+
+    Returns (rows of `split`, rows of the dataset's own test or validation split, empty if none; a saved
+    `Dataset` has no splits: all its rows, whatever `split`). Raises UserError for a missing file, an
+    unreadable or malformed file (every bad line listed), an unknown dataset or split, and an unreachable hub.
     """
     path = Path(source)
-    suffix = path.suffix.lower()
-    if path.is_file() or (suffix in LOCAL_SUFFIXES and not path.is_dir()):  # a folder is a dataset folder
+    fmt, compression = file_kind(path)
+    if path.is_file() or ((fmt or compression) and not path.is_dir()):  # a folder is a dataset folder
         if not path.is_file():
             raise UserError(f"{source}: no such file")
-        if suffix in (".jsonl", ".json") or suffix not in LOCAL_SUFFIXES:
+        if fmt in (".jsonl", ".json") or fmt is None:
             return _read_json_rows(path), []
-        if suffix == ".csv":
-            lines = _csv_record_lines(_read_text(path))
+        if fmt == ".csv":
+            text = _read_text(path)
+            _check_csv_records(text, path)  # a header-only or ragged file: told with its line
+            lines = _csv_record_lines(text)
             # only an empty cell is missing: pandas would also read "NA", "None" or "null" answers as null
-            ds = _load_hf("csv", str(path), None, keep_default_na=False, na_values=[""])["train"]
-            return [Row(f"{path}:{lines[i]}", dict(r)) for i, r in enumerate(ds)], []
-        ds = _load_hf(LOCAL_SUFFIXES[suffix], str(path), None)["train"]
+            ds = _load_csv(path, text)
+            return _csv_margins([Row(f"{path}:{lines[i]}", dict(r)) for i, r in enumerate(ds)]), []
+        if compression:
+            raise UserError(
+                f"{source}: compressed {fmt} is not supported; decompress it (Parquet compresses itself)"
+            )
+        ds = _load_hf(LOCAL_SUFFIXES[fmt], str(path), None)["train"]
         return [Row(f"{path}:row {i + 1}", dict(r)) for i, r in enumerate(ds)], []
-    splits = _load_hf(source, None, revision)
+    if path.is_dir() and _is_saved_dataset(path):
+        splits = _load_from_disk(path)
+        if not isinstance(splits, dict):  # one Dataset: no splits of its own
+            return [Row(f"{source}:row {i + 1}", dict(r)) for i, r in enumerate(splits)], []
+    elif path.is_dir():
+        splits = _load_hf(source, None, revision)
+    else:
+        repo, config, data_dir = hub_source(source)
+        splits = _load_hf(repo, None, revision, name=config, data_dir=data_dir)
     if split not in splits:
         raise UserError(f"{source}: has no split {split!r}; it has {', '.join(splits)}")
     held_out = next((s for s in ("test", "validation", "eval") if s in splits and s != split), None)
@@ -62,12 +108,66 @@ def load_rows(source: str, split: str = "train", revision: str | None = None) ->
     return rows_of(split), rows_of(held_out) if held_out else []
 
 
+def _load_from_disk(path: Path) -> Any:
+    import datasets
+
+    try:
+        return datasets.load_from_disk(str(path))
+    except Exception as e:  # a damaged folder: missing arrow files, bad JSON
+        raise UserError(f"{path}: cannot read this save_to_disk folder ({type(e).__name__}: {e})") from None
+
+
+def _load_csv(path: Path, text: str) -> Any:
+    """The CSV's rows through `datasets` (its column typing), from the decompressed text when compressed."""
+    if file_kind(path)[1] is None:
+        return _load_hf("csv", str(path), None, keep_default_na=False, na_values=[""])["train"]
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = Path(tmp) / (path.name.rsplit(".", 1)[0])
+        plain.write_text(text, encoding="utf-8")
+        return _load_hf("csv", str(plain), None, keep_default_na=False, na_values=[""])["train"]
+
+
+def _decompress(path: Path, raw: bytes) -> bytes:
+    """The file's bytes, decompressed when its name ends in .gz, .bz2, .xz or .zst."""
+    compression = file_kind(path)[1]
+    if compression is None:
+        return raw
+    try:
+        if compression == ".gz":
+            import gzip
+
+            return gzip.decompress(raw)
+        if compression == ".bz2":
+            import bz2
+
+            return bz2.decompress(raw)
+        if compression == ".xz":
+            import lzma
+
+            return lzma.decompress(raw)
+        try:
+            import zstandard
+        except ImportError:
+            raise UserError(
+                f"{path}: reading .zst needs the zstandard package (pip install zstandard)"
+            ) from None
+        return zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+    except UserError:
+        raise
+    except Exception as e:  # gzip.BadGzipFile, OSError, EOFError, lzma.LZMAError, zstandard.ZstdError
+        kind = COMPRESSED_SUFFIXES[compression]
+        raise UserError(f"{path}: not a valid {kind} file ({type(e).__name__}: {e})") from None
+
+
 def _read_text(path: Path) -> str:
     """The file's text; UserError if it cannot be read, is not UTF-8 (with the line) or is empty."""
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    raw = _decompress(path, raw)
     try:
         text = raw.decode("utf-8-sig")  # a UTF-8 BOM is harmless: accept it
     except UnicodeDecodeError as e:
@@ -178,40 +278,31 @@ def _csv_record_lines(text: str) -> list[int]:
     return starts
 
 
-def _load_hf(name: str, data_files: str | None, revision: str | None, **kwargs: Any) -> Any:
+def _load_hf(source: str, data_files: str | None, revision: str | None, **kwargs: Any) -> Any:
     import datasets
 
+    if data_files is None and not Path(source).is_dir():
+        require_hub(source, "dataset")  # seconds, not a minute of retries, when the hub is out of reach
     try:
-        return datasets.load_dataset(name, data_files=data_files, revision=revision, **kwargs)
+        return datasets.load_dataset(source, data_files=data_files, revision=revision, **kwargs)
     except FileNotFoundError as e:
-        if data_files is None and Path(name).is_dir():
+        if data_files is None and Path(source).is_dir():
             raise UserError(
-                f"{name}: a folder with no data files in it; pass a .jsonl/.json/.csv/.parquet file "
+                f"{source}: a folder with no data files in it; pass a .jsonl/.json/.csv/.parquet file "
                 "or a folder of them"
             ) from None
         raise UserError(
-            f"{name}: not a local file or folder, and not found on the Hugging Face Hub ({e})"
+            f"{source}: not a local file or folder, and not found on the Hugging Face Hub ({e})"
         ) from None
     except (ConnectionError, TimeoutError) as e:
-        raise UserError(_unreachable(name, type(e).__name__)) from None
+        raise UserError(unreachable_message(source, "dataset", type(e).__name__)) from None
     except Exception as e:  # datasets and huggingface_hub wrap failures in many exception types
         kind = type(e).__name__
         if "NotFound" in kind or "Repository" in kind:
-            raise UserError(f"{name}: dataset not found (not a local path, not on the hub)") from None
+            raise UserError(f"{source}: dataset not found (not a local path, not on the hub)") from None
         if any(k in kind for k in ("Offline", "Connection", "Timeout", "HTTP")):
-            raise UserError(_unreachable(name, kind)) from None
-        raise UserError(f"{name}: cannot load dataset ({kind}: {e})") from None
-
-
-def _unreachable(name: str, kind: str) -> str:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return (
-            f"{name}: not a local file or folder, and the hub is off (HF_HUB_OFFLINE=1) with no cached copy"
-        )
-    return (
-        f"{name}: cannot reach the Hugging Face Hub to fetch it ({kind}). Pass a local "
-        ".jsonl/.json/.csv/.parquet file or model folder, or set HF_HUB_OFFLINE=1 to use a cached copy."
-    )
+            raise UserError(unreachable_message(source, "dataset", kind)) from None
+        raise UserError(f"{source}: cannot load dataset ({kind}: {e})") from None
 
 
 def split_rows(rows: list[Row], eval_fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
@@ -225,3 +316,38 @@ def split_rows(rows: list[Row], eval_fraction: float, seed: int) -> tuple[list[R
         raise UserError(f"eval_fraction {eval_fraction} leaves no training rows out of {len(rows)}")
     held = set(order[:n_eval])
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
+def _check_csv_records(text: str, path: Any) -> None:
+    """UserError, with the line, for a CSV that has only a header or a record whose field count is not the
+    header's (the CSV reader would otherwise fail with no line)."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    problems, rows = [], 0
+    try:
+        header = next(reader, [])
+        start = reader.line_num + 1
+        for record in reader:
+            if record:
+                rows += 1
+                if len(record) != len(header):
+                    problems.append(
+                        f"{path}:{start}: expected {len(header)} fields (as the header), got {len(record)}"
+                    )
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise UserError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+    if problems:
+        raise UserError(problems_message(f"{path}: {len(problems)} malformed record(s):", problems))
+    if not rows:
+        raise UserError(f"{path}: only a header line ({', '.join(header)}), no rows")
+
+
+def _csv_margins(rows: list[Row]) -> list[Row]:
+    """Margins read as text (a CSV whose margin column has one non-number makes the whole column text) become
+    numbers again where they are: only the bad cell is then reported, not every row."""
+    for row in rows:
+        margin = row.fields.get("margin")
+        if isinstance(margin, str):
+            with contextlib.suppress(ValueError):
+                row.fields["margin"] = float(margin)
+    return rows

@@ -1,11 +1,18 @@
 """Turn checked rows into token ids under an explicit length policy.
 
-Every sequence is `special prefix + prompt + response + special suffix (+ EOS for decoders)`. When a
-sequence is too long, the prompt loses tokens from its left so that the end of the response and the
-EOS, where the reward is read, always survive; a response longer than the whole budget keeps its tail.
-Pairs whose two sides become identical are dropped. Every truncation and drop is counted.
-Ranked lists of K responses become weighted pairs of one group (`encode_rankings`), and single
-sequences for scoring are built by the same rules (`encode_sequences`).
+Every sequence is the text as the rest of the ecosystem tokenizes it, so that the reward lora_rm trains,
+evaluates and scores is the one `AutoModelForSequenceClassification`, `pipeline` and TRL read from the saved
+model: `tokenizer(prompt + response)` for explicit prompts and ranked lists, `tokenizer(text)` for implicit
+prompts, and the chat template rendered to text and tokenized without adding special tokens again (the
+template has them) for conversations. Nothing is appended. Trailing pad-id tokens are dropped (when pad ==
+EOS, a text ending in EOS): transformers pools the rightmost token that is not the pad id, so they never carry
+the reward, and in a causal model dropping them changes nothing before them.
+
+When a sequence is too long, its text loses tokens from the left (the tokenizer's own special tokens, e.g.
+BOS or [CLS]/[SEP], are kept) so that the end of the response, where the reward is read, always survives.
+Pairs whose two sides become identical are dropped. Every truncation and drop is counted. Ranked lists of K
+responses become weighted pairs of one group (`encode_rankings`), and single sequences for scoring are built
+by the same rules (`encode_sequences`, `encode_texts`).
 """
 
 from __future__ import annotations
@@ -65,29 +72,69 @@ def default_max_length(model_config: Any, tokenizer: Any) -> int:
 
 
 def special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """The ids a tokenizer puts before and after a single text (BERT: [CLS] / [SEP]; Llama: <s> / -).
-
-    Found by tokenizing a probe with and without special tokens, which works for every fast tokenizer.
-    A tokenizer that ends a text with nothing (GPT-2, Llama: decoders) gets an EOS appended: the reward
-    is read at the last token, and there it has seen the whole answer and that the answer is over.
+    """The ids a tokenizer itself puts before and after a text (BERT: [CLS] / [SEP]; Llama: <s> / -; GPT-2:
+    - / -), found by tokenizing a probe with and without special tokens, which works for every fast tokenizer.
     """
     probe = "reward"
     core = tokenizer(probe, add_special_tokens=False)["input_ids"]
     full = tokenizer(probe, add_special_tokens=True)["input_ids"]
     start = next((i for i in range(len(full) - len(core) + 1) if full[i : i + len(core)] == core), 0)
-    prefix, suffix = list(full[:start]), list(full[start + len(core) :])
-    eos = tokenizer.eos_token_id
-    if not suffix and eos is not None:
-        suffix.append(eos)
-    return prefix, suffix
+    return list(full[:start]), list(full[start + len(core) :])
 
 
-def _fit(prompt: list[int], response: list[int], budget: int) -> tuple[list[int], str | None]:
-    if len(prompt) + len(response) <= budget:
-        return prompt + response, None
-    if len(response) <= budget:
-        return prompt[len(prompt) + len(response) - budget :] + response, "prompt"
-    return response[len(response) - budget :], "response"
+@dataclass
+class _Text:
+    """One tokenized text: the tokenizer's special ids around it, the text's own ids, and how many of those
+    belong to the prompt (only used to report which part truncation cut)."""
+
+    prefix: list[int]
+    core: list[int]
+    suffix: list[int]
+    prompt_len: int = 0
+
+
+def _tokenize_texts(tokenizer: Any, texts: list[str], chat: bool) -> list[_Text]:
+    """Tokenize full texts as callers of the saved model do: plain text with the tokenizer's special tokens,
+    rendered chat text without (the template already holds them; adding them again doubles BOS)."""
+    if not texts:
+        return []
+    if chat:
+        bos = getattr(tokenizer, "bos_token_id", None)
+        out = []
+        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            keep = 1 if bos is not None and ids[:1] == [bos] else 0  # the template's BOS survives truncation
+            out.append(_Text(ids[:keep], ids[keep:], []))
+        return out
+    prefix, suffix = special_tokens(tokenizer)
+    out = []
+    for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]:
+        head = prefix if ids[: len(prefix)] == prefix else []
+        tail = (
+            suffix if suffix and len(ids) > len(head) + len(suffix) and ids[-len(suffix) :] == suffix else []
+        )
+        out.append(_Text(head, ids[len(head) : len(ids) - len(tail)], tail))
+    return out
+
+
+def _with_prompt_len(texts: list[_Text], prompts: list[list[int]]) -> list[_Text]:
+    for t, p in zip(texts, prompts):
+        t.prompt_len = common_prefix_len(p, t.core)
+    return texts
+
+
+def _fit(text: _Text, max_length: int, pad_token_id: int | None) -> tuple[list[int], str | None]:
+    """The ids of `text` within `max_length` (the text loses tokens from its left, its special tokens stay),
+    without trailing pad ids, and what was cut: None, "prompt" or "response"."""
+    budget = max_length - len(text.prefix) - len(text.suffix)
+    cut = None
+    core = text.core
+    if len(core) > budget:
+        drop = len(core) - budget
+        core, cut = core[drop:], ("prompt" if drop <= text.prompt_len else "response")
+    ids = text.prefix + core + text.suffix
+    while len(ids) > 1 and ids[-1] == pad_token_id:  # never read by transformers' pooling
+        ids = ids[:-1]
+    return ids, cut
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -119,11 +166,40 @@ def _refuse_too_long(too_long: list[str]) -> None:
         raise UserError(problems_message(header, too_long))
 
 
-def _budget(max_length: int, prefix: list[int], suffix: list[int]) -> int:
-    budget = max_length - len(prefix) - len(suffix)
-    if budget < 2:
+def _check_budget(tokenizer: Any, max_length: int) -> None:
+    prefix, suffix = special_tokens(tokenizer)
+    if max_length - len(prefix) - len(suffix) < 2:
         raise UserError(f"max_length {max_length} leaves no room for text after the special tokens")
-    return budget
+
+
+def _over(text: _Text, max_length: int) -> int:
+    """How many tokens `text` has when it is longer than `max_length`, else 0."""
+    n = len(text.prefix) + len(text.core) + len(text.suffix)
+    return n if n > max_length else 0
+
+
+def _pair_texts(rows: list[Row], fmt: str, tokenizer: Any) -> tuple[list[_Text], list[_Text]]:
+    """The chosen and rejected texts of each row, tokenized whole, with the prompt's share of each."""
+    chat = fmt == "conversational"
+    if chat:
+        texts_c, texts_r = [], []
+        for r in rows:
+            head = r.fields.get("prompt") or []
+            texts_c.append(_render_chat(tokenizer, head + r.fields["chosen"], r.where))
+            texts_r.append(_render_chat(tokenizer, head + r.fields["rejected"], r.where))
+    elif fmt == "explicit":
+        texts_c = [r.fields["prompt"] + r.fields["chosen"] for r in rows]
+        texts_r = [r.fields["prompt"] + r.fields["rejected"] for r in rows]
+    else:
+        texts_c = [r.fields["chosen"] for r in rows]
+        texts_r = [r.fields["rejected"] for r in rows]
+    side_c, side_r = _tokenize_texts(tokenizer, texts_c, chat), _tokenize_texts(tokenizer, texts_r, chat)
+    if fmt == "explicit":
+        prompts = _ids(tokenizer, [r.fields["prompt"] for r in rows])
+        return _with_prompt_len(side_c, prompts), _with_prompt_len(side_r, prompts)
+    # the prompt is the longest common token prefix of the two texts
+    shared = [c.core[: common_prefix_len(c.core, r.core)] for c, r in zip(side_c, side_r)]
+    return _with_prompt_len(side_c, shared), _with_prompt_len(side_r, shared)
 
 
 def encode_pairs(
@@ -134,51 +210,28 @@ def encode_pairs(
     policy "truncate" cuts as the module docstring says; "error" raises UserError listing every row
     with a side over `max_length` tokens.
     """
-    prefix, suffix = special_tokens(tokenizer)
-    if fmt == "conversational":
-        # The chat template already renders BOS and end-of-turn tokens: tokenizing its text again with
-        # special tokens would double them, so tokenize once without.
-        prefix, suffix = [], []
-        texts_c, texts_r = [], []
-        for r in rows:
-            head = r.fields.get("prompt") or []
-            texts_c.append(_render_chat(tokenizer, head + r.fields["chosen"], r.where))
-            texts_r.append(_render_chat(tokenizer, head + r.fields["rejected"], r.where))
-    else:
-        texts_c = [r.fields["chosen"] for r in rows]
-        texts_r = [r.fields["rejected"] for r in rows]
-    ids_c, ids_r = _ids(tokenizer, texts_c), _ids(tokenizer, texts_r)
-    if fmt == "explicit":
-        prompts = _ids(tokenizer, [r.fields["prompt"] for r in rows])
-    else:  # the prompt is the longest common token prefix of the two full texts
-        prompts = [c[: common_prefix_len(c, r)] for c, r in zip(ids_c, ids_r)]
-        ids_c = [c[len(p) :] for c, p in zip(ids_c, prompts)]
-        ids_r = [r[len(p) :] for r, p in zip(ids_r, prompts)]
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if fmt == "conversational" and bos is not None and prompts and all(p[:1] == [bos] for p in prompts):
-        prefix, prompts = [bos], [p[1:] for p in prompts]  # the template's BOS must survive prompt truncation
-
-    budget = _budget(max_length, prefix, suffix)
-    report, pairs = LengthReport(pairs_in=len(rows)), []
+    _check_budget(tokenizer, max_length)
+    side_c, side_r = _pair_texts(rows, fmt, tokenizer)
     if policy == "error":
         too_long = [
-            f"{row.where}: {side}: {len(p) + len(r) + len(prefix) + len(suffix)} tokens > max_length {max_length}"
-            for row, p, rc, rr in zip(rows, prompts, ids_c, ids_r)
-            for side, r in (("chosen", rc), ("rejected", rr))
-            if len(p) + len(r) > budget
+            f"{row.where}: {side}: {n} tokens > max_length {max_length}"
+            for row, tc, tr in zip(rows, side_c, side_r)
+            for side, n in (("chosen", _over(tc, max_length)), ("rejected", _over(tr, max_length)))
+            if n
         ]
         _refuse_too_long(too_long)
-    for row, prompt, resp_c, resp_r in zip(rows, prompts, ids_c, ids_r):
-        chosen, cut_c = _fit(prompt, resp_c, budget)
-        rejected, cut_r = _fit(prompt, resp_r, budget)
+    report, pairs = LengthReport(pairs_in=len(rows)), []
+    pad = tokenizer.pad_token_id
+    for row, text_c, text_r in zip(rows, side_c, side_r):
+        chosen, cut_c = _fit(text_c, max_length, pad)
+        rejected, cut_r = _fit(text_r, max_length, pad)
         cuts = {cut_c, cut_r}
         report.response_truncated += "response" in cuts
         report.prompt_truncated += "prompt" in cuts and "response" not in cuts
         if chosen == rejected:
             report.dropped_identical.append(row.where)
             continue
-        margin = float(row.fields.get("margin") or 0.0)
-        pairs.append(EncodedPair(prefix + chosen + suffix, prefix + rejected + suffix, margin))
+        pairs.append(EncodedPair(chosen, rejected, float(row.fields.get("margin") or 0.0)))
     return pairs, report
 
 
@@ -186,26 +239,25 @@ def encode_rankings(
     rows: list[Row], tokenizer: Any, max_length: int, policy: str = "truncate", loss: str = "all_pairs"
 ) -> tuple[list[EncodedPair], LengthReport]:
     """Expand ranked lists (`prompt`, `responses` best first) into pairs of one `group` per row; each
-    response is tokenized and cut as an explicit-prompt side is.
+    response is tokenized and cut as an explicit-prompt side is (`tokenizer(prompt + response)`).
 
     loss "plackett_luce": the chain of adjacent pairs (1, 2), (2, 3), ... that `loss.chain_losses` reads
     back, each of weight 1/(pairs kept). Otherwise all K-choose-2 pairs (i, j), i < j, in order, each of
     weight 1/(pairs kept) ("all_pairs": every list counts once) or 1 ("pairwise": every pair counts once).
     Pairs whose sides become identical are dropped and counted as in `encode_pairs`.
     """
-    prefix, suffix = special_tokens(tokenizer)
-    budget = _budget(max_length, prefix, suffix)
+    _check_budget(tokenizer, max_length)
     prompts = _ids(tokenizer, [r.fields["prompt"] for r in rows])
     report, pairs, too_long = LengthReport(), [], []
     for group, (row, prompt) in enumerate(zip(rows, prompts)):
-        responses = _ids(tokenizer, row.fields["responses"])
+        texts = [row.fields["prompt"] + r for r in row.fields["responses"]]
+        sides = _with_prompt_len(_tokenize_texts(tokenizer, texts, chat=False), [prompt] * len(texts))
         too_long += [
-            f"{row.where}: responses[{k}]: {len(prompt) + len(r) + len(prefix) + len(suffix)} tokens > "
-            f"max_length {max_length}"
-            for k, r in enumerate(responses)
-            if len(prompt) + len(r) > budget
+            f"{row.where}: responses[{k}]: {n} tokens > max_length {max_length}"
+            for k, t in enumerate(sides)
+            if (n := _over(t, max_length))
         ]
-        fitted = [_fit(prompt, r, budget) for r in responses]
+        fitted = [_fit(t, max_length, tokenizer.pad_token_id) for t in sides]
         if loss == "plackett_luce":
             links = [(i, i + 1) for i in range(len(fitted) - 1)]
         else:
@@ -221,10 +273,7 @@ def encode_rankings(
             else:
                 kept.append((i, j))
         weight = 1.0 if loss == "pairwise" else 1.0 / max(len(kept), 1)
-        pairs += [
-            EncodedPair(prefix + fitted[i][0] + suffix, prefix + fitted[j][0] + suffix, 0.0, weight, group)
-            for i, j in kept
-        ]
+        pairs += [EncodedPair(fitted[i][0], fitted[j][0], 0.0, weight, group) for i, j in kept]
     if policy == "error":
         _refuse_too_long(too_long)
     return pairs, report
@@ -239,39 +288,39 @@ def encode_rows(
     return encode_pairs(rows, fmt, tokenizer, max_length, policy)
 
 
-def encode_sequences(
-    prompts: Sequence[Any], responses: Sequence[Any], tokenizer: Any, max_length: int, fmt: str = "explicit"
+def encode_texts(
+    texts: Sequence[str], tokenizer: Any, max_length: int, chat: bool = False
 ) -> list[list[int]]:
-    """Token ids of single (prompt, response) sequences, each built exactly as one side of a training
-    pair of format `fmt`: same special tokens and EOS, same length policy (the prompt loses tokens from
-    the left; a response over the budget keeps its tail).
+    """Token ids of full texts, each built as one side of a training pair: `tokenizer(text)` (chat: a rendered
+    chat template, tokenized without adding special tokens again), cut to `max_length` from the left."""
+    _check_budget(tokenizer, max_length)
+    pad = tokenizer.pad_token_id
+    return [_fit(t, max_length, pad)[0] for t in _tokenize_texts(tokenizer, list(texts), chat)]
 
-    explicit and ranking: prompt and response are tokenized apart and joined. implicit: prompt + response
-    is tokenized as one text (training tokenizes the full text; where the prompt ends does not change
-    what is kept). conversational: the prompt is a list of messages and the response the assistant's
-    text (or a list of messages), rendered with the tokenizer's chat template.
+
+def chat_text(tokenizer: Any, prompt: list[dict[str, str]], response: Any, where: str = "sequence") -> str:
+    """A chat prompt (messages) and the assistant's reply (text or messages) rendered with the chat template."""
+    reply = response if isinstance(response, list) else [{"role": "assistant", "content": response}]
+    return _render_chat(tokenizer, list(prompt) + list(reply), where)
+
+
+def encode_sequences(
+    prompts: Sequence[Any], responses: Sequence[Any], tokenizer: Any, max_length: int
+) -> list[list[int]]:
+    """Token ids of single (prompt, response) sequences, each built exactly as one side of a training pair:
+    text prompts give `tokenizer(prompt + response)`; a prompt that is a list of chat messages (with the
+    assistant's reply as text or messages) is rendered with the chat template. Same length policy.
+    Raises UserError when text and chat prompts are mixed.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    prefix, suffix = special_tokens(tokenizer)
-    if fmt == "conversational":
-        prefix, suffix = [], []
+    chat = [isinstance(p, list) for p in prompts]
+    if any(chat) and not all(chat):
+        raise UserError("prompts mix text and chat messages: give all as text or all as message lists")
+    if any(chat):
         texts = [
-            _render_chat(
-                tokenizer,
-                list(p) + (r if isinstance(r, list) else [{"role": "assistant", "content": r}]),
-                f"sequence {n + 1}",
-            )
+            chat_text(tokenizer, p, r, f"sequence {n + 1}")
             for n, (p, r) in enumerate(zip(prompts, responses))
         ]
-        full = _ids(tokenizer, texts)
-        bos = getattr(tokenizer, "bos_token_id", None)
-        if bos is not None and full and all(f[:1] == [bos] for f in full):
-            prefix, full = [bos], [f[1:] for f in full]
-        parts = [([], f) for f in full]
-    elif fmt == "implicit":
-        parts = [([], f) for f in _ids(tokenizer, [p + r for p, r in zip(prompts, responses)])]
-    else:
-        parts = list(zip(_ids(tokenizer, list(prompts)), _ids(tokenizer, list(responses))))
-    budget = _budget(max_length, prefix, suffix)
-    return [prefix + _fit(p, r, budget)[0] + suffix for p, r in parts]
+        return encode_texts(texts, tokenizer, max_length, chat=True)
+    return encode_texts([p + r for p, r in zip(prompts, responses)], tokenizer, max_length)

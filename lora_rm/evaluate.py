@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from lora_rm import metrics, plots
 from lora_rm.batch import PreferenceCollator, pad_sequences, plan_batches
 from lora_rm.encode import EncodedPair, common_prefix_len
 from lora_rm.loss import LN2, PairStats, all_pairs_loss, loss_near_chance, pairwise_loss, plackett_luce_loss
+from lora_rm.quiet import progress
 from lora_rm.rewards import compute_rewards, pair_rewards
 
 STATS_FILE = "reward_stats.json"
@@ -46,10 +48,12 @@ def evaluate(
     stats = PairStats()
     batches = plan_batches(len(pairs), batch_size, seed=0, epoch=0, shuffle=False)
     own = batches[rank::world]  # no padding: every pair is counted exactly once
-    for idx in own:
-        batch = collator([pairs[i] for i in idx]).to(device)
-        r_c, r_r = pair_rewards(model, batch)
-        stats.add(r_c, r_r, pairwise_loss(r_c, r_r, batch.margin))
+    with progress(len(pairs), "eval", unit="pair", enabled=rank == 0) as bar:
+        for idx in own:
+            batch = collator([pairs[i] for i in idx]).to(device)
+            r_c, r_r = pair_rewards(model, batch)
+            stats.add(r_c, r_r, pairwise_loss(r_c, r_r, batch.margin))
+            bar.update(len(idx) * world)
     if world > 1:
         sums = torch.tensor(
             [stats.n_pairs, stats.loss_sum, stats.correct, stats.ties, stats.margin_sum],
@@ -112,7 +116,8 @@ def full_evaluation(
     for p in pairs:
         for side in (p.chosen, p.rejected):
             index.setdefault(tuple(side), len(index))
-    rewards = sequence_rewards(model, [list(k) for k in index], pad_token_id, batch_size)
+    with progress(len(index), "full eval", unit="seq") as bar:
+        rewards = sequence_rewards(model, [list(k) for k in index], pad_token_id, batch_size, bar.update)
     r_c = rewards[[index[tuple(p.chosen)] for p in pairs]]
     r_r = rewards[[index[tuple(p.rejected)] for p in pairs]]
     margin = torch.tensor([p.margin for p in pairs], dtype=torch.float64)
@@ -191,6 +196,7 @@ def write_full_eval(
     if not pairs:
         log("eval: no eval pairs, so no eval.json and no reward_stats.json")
         return {}
+    started = time.perf_counter()
     report, r_c, r_r = full_evaluation(model, pairs, tokenizer.pad_token_id, batch_size)
     (out / "eval.json").write_text(json.dumps(_json_safe(report), indent=2), encoding="utf-8")
     plots.reward_histograms(r_c, r_r, out / "reward_hist.png")
@@ -206,7 +212,7 @@ def write_full_eval(
         f"ECE {report['calibration']['ece']:.3f}, reward-length spearman {bias['reward_length_spearman']:.3f}, "
         f"{report['n_pairs']} pairs"
         + (f"; top-1 {report['ranking']['top1_accuracy']:.3f}" if "ranking" in report else "")
-        + f"; written to {out}"
+        + f"; written to {out} in {time.perf_counter() - started:.1f}s"
     )
     for warning in report["warnings"]:
         log(f"warning: {warning}")

@@ -12,10 +12,10 @@ import torch
 from lora_rm.atomic import staged
 from lora_rm.batch import PreferenceCollator
 from lora_rm.encode import EncodedPair
-from lora_rm.model import load_reward_model
+from lora_rm.model import CONFIG_FILE, load_reward_model
 from lora_rm.rewards import compute_rewards
 
-CONFIG_FILE = "lora_rm_config.json"
+__all__ = ["CONFIG_FILE", "merge_adapter", "save_adapter"]
 
 
 def save_adapter(model: Any, tokenizer: Any, run_config: dict[str, Any], out_dir: str | Path) -> Path:

@@ -17,6 +17,7 @@ import torch
 
 from lora_rm.batch import PreferenceBatch, pair_weights, shard_batches
 from lora_rm.errors import UserError
+from lora_rm.guards import guarded_step
 from lora_rm.loss import PairStats, batch_losses
 from lora_rm.rewards import pair_rewards
 from lora_rm.run import Run, log_evaluation, log_training, progress_bar, save, stop_requested, stop_requests
@@ -44,20 +45,20 @@ def fit(run: Run) -> dict[str, Any]:
             # forward, loss and backward of each micro-batch: the grads add up to the window's per-pair mean
             while True:
                 try:
-                    state.stats = merge_stats(state.stats, backward_window(
+                    window_stats = backward_window(
                         model, micro_batches(run, window), accelerator,
                         cfg.center_rewards_coefficient, loss=cfg.loss,
-                    ))  # fmt: skip
+                    )  # fmt: skip
                     break
                 except torch.cuda.OutOfMemoryError:  # the same pairs in smaller micro-batches: same gradient
                     split_micro_batches(run, window)
+            state.stats = merge_stats(state.stats, window_stats)
 
-            # one optimizer step; a non-finite loss or gradient would poison the weights: drop it, and count it
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-            finite = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)))
-            if finite or accelerator.scaler is not None:
-                optimizer.step()  # with fp16 the grad scaler skips inf steps itself and lowers its scale
-            finite = finite and not accelerator.optimizer_step_was_skipped
+            # one optimizer step (clipped); a non-finite loss, gradient or updated weight would poison the
+            # weights: the step is dropped (the weights stay as they were), and counted
+            finite, grad_norm = guarded_step(
+                accelerator, model, optimizer, cfg.max_grad_norm, window_stats.nonfinite == 0
+            )
             state.skipped_steps += not finite
             state.bad_streak = 0 if finite else state.bad_streak + 1
             run.scheduler.step()

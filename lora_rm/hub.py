@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +26,12 @@ def render_model_card(
     eval_metrics: dict[str, Any],
     repo_id: str,
     merged: bool,
-    append_eos: bool = True,
 ) -> str:
     """README.md for the adapter folder and the hub repo: YAML front matter (library_name peft, base_model
     when the base is a hub id, tags), what it is, base, data, settings, eval metrics and usage snippets.
-
-    `append_eos`: whether a plain-transformers user must append the EOS after the response, as training did
-    (False when the tokenizer ends texts itself, as encoders do); lora_rm's loaders build sequences as training did.
+    The reward of a text is what `AutoModelForSequenceClassification` gives for `tokenizer(prompt + response)`
+    (a chat: the template rendered to text, tokenized without adding special tokens), so the snippets need no
+    caveat; they are run by the tests.
     """
     base = str(run_config.get("base"))
     repo = repo_id or PLACEHOLDER_REPO
@@ -74,8 +72,13 @@ def render_model_card(
         if metric_rows
         else "No evaluation was run (no eval data)."
     )
-    suffix = (
-        " + tokenizer.eos_token  # the reward is read at the EOS appended in training" if append_eos else ""
+    chat = run_config.get("data_format") == "conversational"
+    text_line = (
+        "texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in conversations]  # chat rendered as text\n"
+        'batch = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")  # the template has them'
+        if chat
+        else 'texts = ["Question: Hi?\\nAnswer:" + " Hello!"]  # prompt + response, as one text\n'
+        'batch = tokenizer(texts, padding=True, return_tensors="pt")'
     )
     merged_lr = (
         '\nrm = lora_rm.RewardModel.from_pretrained(f"{path}/merged")   # the merged model\n'
@@ -140,23 +143,23 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 tokenizer = AutoTokenizer.from_pretrained("{repo}")
-base = AutoModelForSequenceClassification.from_pretrained("{base}", num_labels=1)
+base = AutoModelForSequenceClassification.from_pretrained("{base}", num_labels=1, pad_token_id=tokenizer.pad_token_id)
 model = PeftModel.from_pretrained(base, "{repo}").eval()
-# One unpadded sequence at a time. pad_token_id=None makes transformers read the last token; with a pad id it
-# reads the last non-pad token, which skips the EOS when pad == EOS (GPT-2, Llama).
-model.config.pad_token_id = None
-text = "Question: Hi?\\nAnswer:" + " Hello!"{suffix}
+# or in one line: AutoPeftModelForSequenceClassification.from_pretrained("{repo}", num_labels=1, pad_token_id=tokenizer.pad_token_id)
+{text_line}
 with torch.no_grad():
-    reward = model(**tokenizer(text, return_tensors="pt")).logits[0, 0].item(){merged_tf}
+    rewards = model(**batch).logits[:, 0].tolist()  # raw rewards; a pipeline needs function_to_apply="none"{merged_tf}
 ```
+
+As a reward for TRL's GRPOTrainer / RLOOTrainer: `reward_funcs=[lora_rm.reward_function(path)]`, or the merged model
+itself (`reward_funcs="<folder of merged/>"`); `lora-rm serve --model PATH` serves it to OpenRLHF's `--remote_rm_url`.
 """
 
 
 def _offline() -> bool:
-    from huggingface_hub import constants
+    from lora_rm.offline import hub_offline
 
-    flag = os.environ.get("HF_HUB_OFFLINE", "0").strip().upper() in ("1", "ON", "YES", "TRUE")
-    return flag or bool(constants.HF_HUB_OFFLINE)
+    return hub_offline()
 
 
 def _reason(e: Exception, repo_id: str) -> str:
@@ -222,19 +225,6 @@ def push_to_hub(
     return str(url)
 
 
-def _appends_eos(adapter_dir: Path) -> bool:
-    """Whether training appended an EOS after the response: yes unless the tokenizer ends texts itself."""
-    from lora_rm.model import load_tokenizer
-
-    try:
-        tok = load_tokenizer(str(adapter_dir))
-    except UserError:
-        return True
-    core = tok("reward", add_special_tokens=False)["input_ids"]
-    full = tok("reward")["input_ids"]
-    return bool(tok.eos_token) and full[len(full) - len(core) :] == core
-
-
 def publish(
     output_dir: str | Path, run_config: dict[str, Any], eval_metrics: dict[str, Any], log: Any = print
 ) -> str | None:
@@ -252,7 +242,7 @@ def publish(
         run_config.get("push_to_hub"),
         bool(run_config.get("merge")) and (out / "merged").is_dir(),
     )
-    card = render_model_card(run_config, metrics, repo_id or "", merged, _appends_eos(out / "adapter"))
+    card = render_model_card(run_config, metrics, repo_id or "", merged)
     (out / "adapter" / "README.md").write_text(card, encoding="utf-8")
     if not repo_id:
         return None

@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from lora_rm.checkpoint import complete_checkpoints, fingerprint
-from lora_rm.config import TrainConfig
+from lora_rm.checkpoint import fingerprint, resume_checkpoint
+from lora_rm.config import TrainConfig, check_against_model
 from lora_rm.encode import EncodedPair, default_max_length
 from lora_rm.errors import UserError
-from lora_rm.model import check_quantization, load_tokenizer
+from lora_rm.model import check_quantization, load_tokenizer, resolve_base
 from lora_rm.optim import resolve_precision
 from lora_rm.prepare import prepare_pairs
 
@@ -40,21 +40,14 @@ RESUME_FREE = {
     "vram",  # what it changes (batch size, accumulation, checkpointing) is in the fingerprint itself
     "push_to_hub",
     "private",
+    "overwrite_output_dir",
 }
 
 
-def resume_point(cfg: TrainConfig, fingerprints: dict[str, str]) -> Path | None:
+def resume_point(cfg: TrainConfig, fingerprints: dict[str, str], log: Any = print) -> Path | None:
     if not cfg.resume:
         return None
-    if cfg.resume == "latest":
-        found = complete_checkpoints(cfg.output_dir)
-        if not found:
-            raise UserError(f"{cfg.output_dir}: no complete checkpoint to resume from")
-        path = found[-1]
-    else:
-        path = Path(cfg.resume)
-        if not (path / "state.json").is_file():
-            raise UserError(f"{path}: not a checkpoint folder (no state.json)")
+    path = resume_checkpoint(cfg.output_dir, cfg.resume, log)  # the newest intact one; damaged ones reported
     saved = json.loads((path / "state.json").read_text(encoding="utf-8"))["trainer"]["fingerprints"]
     changed = [k for k in fingerprints if saved.get(k) != fingerprints[k]]
     if changed and not cfg.force_resume:
@@ -114,6 +107,7 @@ def check_inputs(cfg: TrainConfig, log: Any) -> Inputs:
     from accelerate.utils import set_seed
     from transformers import AutoConfig
 
+    cfg = dataclasses.replace(cfg, base=resolve_base(cfg.base))  # recorded so it loads from anywhere
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     mixed_precision = resolve_precision(cfg.precision, device_type)
     check_quantization(cfg.quant, device_type)
@@ -130,6 +124,7 @@ def check_inputs(cfg: TrainConfig, log: Any) -> Inputs:
         )
     except (OSError, ValueError) as e:
         raise UserError(f"{cfg.base}: cannot read the model config ({type(e).__name__})") from None
+    check_against_model(cfg, model_config, device_type)
     max_length = cfg.max_length or default_max_length(model_config, tokenizer)
     if cfg.vram:  # micro-batch, accumulation and checkpointing that fit the card; the effective batch is kept
         from lora_rm.plan import fit_to_vram
@@ -144,7 +139,7 @@ def check_inputs(cfg: TrainConfig, log: Any) -> Inputs:
         "data": fingerprint([[p.chosen, p.rejected, p.margin] for p in train_pairs]),
         "config": fingerprint({k: v for k, v in cfg.to_dict().items() if k not in RESUME_FREE}),
     }
-    resume_from = resume_point(cfg, fingerprints)
+    resume_from = resume_point(cfg, fingerprints, log)
     return Inputs(
         cfg, tokenizer, max_length, train_pairs, eval_pairs, reports, fingerprints, resume_from,
         device_type, mixed_precision, trackers,

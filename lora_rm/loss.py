@@ -43,6 +43,7 @@ class PairStats:
     correct: int = 0
     ties: int = 0
     margin_sum: float = 0.0
+    nonfinite: int = 0  # pairs whose loss was NaN or infinite (their step is dropped)
 
     def add(self, r_chosen: torch.Tensor, r_rejected: torch.Tensor, losses: torch.Tensor) -> None:
         diff = r_chosen.float() - r_rejected.float()
@@ -51,6 +52,7 @@ class PairStats:
         self.correct += int((diff > 0).sum().item())
         self.ties += int((diff == 0).sum().item())
         self.margin_sum += diff.sum().item()
+        self.nonfinite += int((~torch.isfinite(losses.detach().float())).sum().item())
 
     def summary(self) -> dict[str, float | int]:
         n = max(self.n_pairs, 1)

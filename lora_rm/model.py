@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,11 +11,47 @@ from typing import Any
 import torch
 
 from lora_rm.errors import UserError
+from lora_rm.offline import hub_offline, require_hub, unreachable_message
 
 HEAD_NAMES = ("score", "classifier")  # decoders name their head `score`, encoders `classifier`
 # Kept out of int8: a quantized head breaks PEFT's trainable copy of it ("'Parameter' has no attribute 'CB'"),
 # and BERT's pooler / DistilBERT's pre_classifier feed the head directly.
 KEEP_FULL_PRECISION = [*HEAD_NAMES, "pooler", "pre_classifier"]
+
+
+CONFIG_FILE = "lora_rm_config.json"  # the resolved run config, saved beside every adapter and merged model
+# Version of the sequence rule in `lora_rm.encode`. 2: the text as `tokenizer(text)` gives it, read at its last
+# non-pad token, as transformers reads it. Models saved before (no version) had an EOS appended and were read
+# there, a token transformers, pipeline and TRL skip whenever pad == EOS.
+SEQUENCE_FORMAT = 2
+
+
+def check_sequence_format(folder: str | Path) -> None:
+    """Refuse a model folder that lora_rm saved under an older sequence rule: every reader would misread it.
+
+    Folders without lora_rm's config (a model trained by TRL's RewardTrainer or any plain transformers
+    reward model) pass: they are read exactly as transformers reads them.
+    """
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if saved.get("sequence_format") != SEQUENCE_FORMAT:
+        raise UserError(
+            f"{folder}: saved by an older lora_rm that read the reward at an EOS it appended, a token that "
+            "transformers, pipeline and TRL skip when pad == EOS, so its rewards would be misread everywhere. "
+            "Retrain it with this version (the same command), or score it with lora_rm 0.1"
+        )
+
+
+def resolve_base(name: str) -> str:
+    """A local base folder as an absolute path (so that an adapter recording it loads from any working
+    directory); a hub id unchanged."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
 
 
 def hub_load_error(name: str, e: Exception, what: str) -> UserError:
@@ -26,15 +61,8 @@ def hub_load_error(name: str, e: Exception, what: str) -> UserError:
         if not Path(name).expanduser().exists():
             return UserError(f"{name}: no such local folder")
         return UserError(f"{name}: no {what} in this folder ({kind}: {text.splitlines()[0] if text else ''})")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return UserError(
-            f"{name}: not a local folder, and the hub is off (HF_HUB_OFFLINE=1) with no cached copy"
-        )
-    if any(k in kind for k in ("Connection", "Timeout", "Offline")):
-        return UserError(
-            f"{name}: cannot reach the Hugging Face Hub to fetch the {what} ({kind}). Pass a local folder, "
-            "or set HF_HUB_OFFLINE=1 to use a cached copy."
-        )
+    if hub_offline() or any(k in kind for k in ("Connection", "Timeout", "Offline")):
+        return UserError(unreachable_message(name, what, kind))
     if (
         "RepositoryNotFound" in kind
         or "not a valid model identifier" in text
@@ -52,6 +80,7 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
     """
     from transformers import AutoTokenizer
 
+    require_hub(name, "tokenizer")  # seconds, not a minute of retries, when the hub is out of reach
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             name, revision=revision, trust_remote_code=trust_remote_code
@@ -128,6 +157,7 @@ def load_base_model(
     """
     from transformers import AutoModelForSequenceClassification
 
+    name = resolve_base(name)  # PEFT records model.name_or_path as the adapter's base: make it absolute
     if seed is not None:
         torch.manual_seed(seed)
     try:
@@ -169,7 +199,7 @@ def fuse_gelu(model: torch.nn.Module) -> int:
     return swapped
 
 
-def inner_model(model: Any) -> Any:
+def unwrap_model(model: Any) -> Any:
     """The transformers model inside DDP/FSDP (`.module`) and PEFT (`get_base_model()`) wrappers."""
     while isinstance(getattr(model, "module", None), torch.nn.Module):
         model = model.module
@@ -178,7 +208,7 @@ def inner_model(model: Any) -> Any:
 
 def head_name(model: Any) -> str:
     """Name of the reward head (`score` or `classifier`) on a transformers, PEFT or DDP-wrapped model."""
-    inner = inner_model(model)
+    inner = unwrap_model(model)
     for name in HEAD_NAMES:
         if isinstance(getattr(inner, name, None), torch.nn.Module):
             return name
@@ -262,13 +292,23 @@ def load_reward_model(
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / "adapter_config.json"
     if not config_path.is_file():
-        raise UserError(
-            f"{adapter_dir}: no adapter_config.json; expected an adapter folder written by lora_rm"
-        )
-    tokenizer = load_tokenizer(str(adapter_dir))
+        raise UserError(f"{adapter_dir}: no adapter_config.json; expected a PEFT adapter folder")
+    check_sequence_format(adapter_dir)
+    recorded = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    # lora_rm saves the tokenizer with the adapter; TRL's RewardTrainer usually does; else it is the base's
+    has_tokenizer = any((adapter_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    if has_tokenizer:
+        tokenizer = load_tokenizer(str(adapter_dir))
+    elif isinstance(base, (str, Path)) or (base is None and recorded):
+        tokenizer = load_tokenizer(str(base or recorded))
+    elif base is not None:
+        tokenizer = load_tokenizer(base.config.name_or_path)
+    else:
+        raise UserError(f"{adapter_dir}: no tokenizer in the folder and no base recorded; pass base=")
     if base is None or isinstance(base, (str, Path)):
-        name = str(base or json.loads(config_path.read_text(encoding="utf-8"))["base_model_name_or_path"])
-        base = load_base_model(name, tokenizer.pad_token_id, quant=quant, dtype=dtype)
+        if not (base or recorded):
+            raise UserError(f"{adapter_dir}: adapter_config.json records no base model; pass --base / base=")
+        base = load_base_model(str(base or recorded), tokenizer.pad_token_id, quant=quant, dtype=dtype)
     else:
         head_name(base)
         base.config.pad_token_id = tokenizer.pad_token_id

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from typing import Any
 
 from lora_rm.config import parse_size
 from lora_rm.errors import UserError
-from lora_rm.flags import add_config_flags
+from lora_rm.flags import Parser, add_config_flags
 from lora_rm.plan import (
     ALLOCATOR_SLACK,
     CUDA_CONTEXT_BYTES,
@@ -114,7 +116,7 @@ PLAN_OPTIONS = (
 
 
 def plan_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lora-rm plan",
         description="Estimate the peak GPU memory of training from the model config alone (no weights are read).",
     )
@@ -135,6 +137,7 @@ def plan_command(argv: list[str]) -> int:
 
     from lora_rm.encode import default_max_length
     from lora_rm.model import hub_load_error
+    from lora_rm.offline import is_local, require_hub
 
     args = plan_parser().parse_args(argv)
     problems = [
@@ -149,12 +152,19 @@ def plan_command(argv: list[str]) -> int:
         parse_size(args.vram)
     if problems:
         raise UserError("; ".join(problems))
+    require_hub(args.base, "model config")  # seconds, not a minute of retries, when the hub is out of reach
+    from_hub = not is_local(args.base)
+    if from_hub:
+        print(f"{args.base}: reading config.json from the Hugging Face Hub ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
     try:
         config: Any = AutoConfig.from_pretrained(
             args.base, revision=args.revision, trust_remote_code=args.trust_remote_code
         )
     except (OSError, ValueError) as e:
         raise hub_load_error(args.base, e, "model config") from None
+    if from_hub:
+        print(f"{args.base}: config read in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     shape = model_shape(config, args.target_modules)
     seq_len = args.max_length or default_max_length(config, None)
     print(

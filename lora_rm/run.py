@@ -168,7 +168,15 @@ def trim_metrics(path: Path, step: int) -> None:
     if step and path.is_file():
         keep = [
             line
-            for line in path.read_text(encoding="utf-8").splitlines()
-            if line and json.loads(line)["step"] <= step
-        ]
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+            if (record := _json_or_none(line)) and record.get("step", step + 1) <= step
+        ]  # a torn last line (the run was killed mid-write) is dropped: its step is redone
     path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def _json_or_none(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None

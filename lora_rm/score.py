@@ -1,8 +1,11 @@
 """Use a trained reward model: load it, score responses, compare two, evaluate it on a dataset.
 
-Sequences are built exactly as in training (`lora_rm.encode.encode_sequences`: same special tokens, EOS
-and length policy, `max_length` from the saved `lora_rm_config.json`) and pooled by `compute_rewards`,
-so a score here is the reward the model gave that text during training. Rewards are raw (no sigmoid).
+Sequences are built exactly as in training (`lora_rm.encode`: `tokenizer(prompt + response)`, or the chat
+template rendered to text; `max_length` from the saved `lora_rm_config.json`) and read by `compute_rewards`
+at the token transformers reads, so a score here is the reward the model gave that text during training and
+the one `AutoModelForSequenceClassification`, `pipeline` and TRL get from the saved model. Models from other
+tools (TRL's RewardTrainer, any transformers reward model or PEFT adapter) are read the same way.
+Rewards are raw (no sigmoid).
 """
 
 from __future__ import annotations
@@ -18,11 +21,16 @@ import torch
 from lora_rm.atomic import staged
 from lora_rm.checks import check_rows, detect_format, messages_problem, text_problem
 from lora_rm.data import Row, load_rows
-from lora_rm.encode import default_max_length, encode_rows, encode_sequences
+from lora_rm.encode import default_max_length, encode_rows, encode_sequences, encode_texts
 from lora_rm.errors import UserError, problems_message
 from lora_rm.evaluate import STATS_FILE, sequence_rewards, write_full_eval
-from lora_rm.export import CONFIG_FILE
-from lora_rm.model import load_base_model, load_reward_model, load_tokenizer
+from lora_rm.model import (
+    CONFIG_FILE,
+    check_sequence_format,
+    load_base_model,
+    load_reward_model,
+    load_tokenizer,
+)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -78,6 +86,7 @@ class RewardModel:
         path = Path(path)
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
+        check_sequence_format(path)
         if (path / "adapter_config.json").is_file():
             from transformers.utils import logging as hf_logging
 
@@ -108,7 +117,8 @@ class RewardModel:
             where = self.path or "this model"
             raise UserError(
                 f"{where}: no reward statistics ({STATS_FILE}) to normalise with; they are written at the end "
-                f"of training when there is eval data, or by `lora-rm eval --model {where} --dataset DATA`"
+                f"of training when there is eval data, or by "
+                f"`lora-rm eval --model {where} --dataset DATA --output-dir DIR --update-stats`"
             )
         return float(stats["mean"]), float(stats["std"])
 
@@ -121,39 +131,40 @@ class RewardModel:
         progress: bool = False,
     ) -> list[float]:
         """Raw reward of each (prompt, response), in order; with `normalize`, (reward - mean) / std of the
-        stored eval rewards (UserError if none are stored). Prompts and responses are text, or for a model
-        trained on chat messages, a message list and the assistant's text. `progress` shows a tqdm bar."""
+        stored eval rewards (UserError if none are stored). Prompts and responses are text (the reward of
+        `tokenizer(prompt + response)`), or message lists and the assistant's reply (text or messages) rendered
+        with the chat template. `progress` shows a tqdm bar."""
         if isinstance(prompts, str) or isinstance(responses, str):
             raise TypeError("prompts and responses are lists: score([prompt], [response]) for one")
-        chat = self.data_format == "conversational"
-        if any(isinstance(p, list) != chat for p in prompts):
-            raise UserError(
-                "this model was trained on chat messages: give each prompt as a list of {role, content} messages"
-                if chat
-                else "this model was trained on text: give each prompt as text, formatted as in training"
-            )
         mean, std = self._normalizer() if normalize else (0.0, 1.0)
-        seqs = encode_sequences(prompts, responses, self.tokenizer, self.max_length, self.data_format)
-        from tqdm.auto import tqdm
+        seqs = encode_sequences(prompts, responses, self.tokenizer, self.max_length)
+        return self._rewards(seqs, batch_size, progress, mean, std)
 
-        with tqdm(total=len(seqs), desc="score", unit="seq", disable=not progress) as bar:
-            rewards = sequence_rewards(self.model, seqs, self.tokenizer.pad_token_id, batch_size, bar.update)
-        return [(r - mean) / std for r in rewards.tolist()] if normalize else rewards.tolist()
-
-    def score_texts(
-        self, texts: Sequence[str], batch_size: int = 16, normalize: bool = False, progress: bool = False
+    def _rewards(
+        self, seqs: list[list[int]], batch_size: int, progress: bool, mean: float, std: float
     ) -> list[float]:
-        """Raw reward of each full text (prompt and response already joined, or a chat rendered to text), as
-        `AutoModelForSequenceClassification` reads it; `normalize` as in `score`."""
-        if isinstance(texts, str):
-            raise TypeError("texts is a list: score_texts([text]) for one")
-        mean, std = self._normalizer() if normalize else (0.0, 1.0)
-        seqs = encode_sequences([""] * len(texts), list(texts), self.tokenizer, self.max_length, "implicit")
         from tqdm.auto import tqdm
 
         with tqdm(total=len(seqs), desc="score", unit="seq", disable=not progress) as bar:
             rewards = sequence_rewards(self.model, seqs, self.tokenizer.pad_token_id, batch_size, bar.update)
         return [(r - mean) / std for r in rewards.tolist()]
+
+    def score_texts(
+        self,
+        texts: Sequence[str],
+        batch_size: int = 16,
+        normalize: bool = False,
+        progress: bool = False,
+        chat: bool = False,
+    ) -> list[float]:
+        """Raw reward of each full text (prompt and response already joined) as `AutoModelForSequenceClassification`
+        reads `tokenizer(text)`; `chat=True` for text that is a rendered chat template (tokenized without adding
+        special tokens again, as TRL does); `normalize` as in `score`."""
+        if isinstance(texts, str):
+            raise TypeError("texts is a list: score_texts([text]) for one")
+        mean, std = self._normalizer() if normalize else (0.0, 1.0)
+        seqs = encode_texts(texts, self.tokenizer, self.max_length, chat=chat)
+        return self._rewards(seqs, batch_size, progress, mean, std)
 
     def compare(self, prompt: Any, a: Any, b: Any) -> dict[str, float]:
         """Rewards of two responses to one prompt and the Bradley-Terry probability that `a` is preferred,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,14 +16,15 @@ from lora_rm.batch import shard_batches
 from lora_rm.checkpoint import load_checkpoint
 from lora_rm.config import TrainConfig
 from lora_rm.encode import LengthReport
-from lora_rm.evaluate import write_full_eval
+from lora_rm.evaluate import evaluate, write_full_eval, write_reward_stats
 from lora_rm.export import merge_adapter, save_adapter
 from lora_rm.fit import fit
 from lora_rm.inputs import Inputs, check_inputs
 from lora_rm.layout import choose_layout
 from lora_rm.loss import loss_near_chance
-from lora_rm.model import add_lora, load_base_model
+from lora_rm.model import SEQUENCE_FORMAT, add_lora, load_base_model
 from lora_rm.optim import build_optimizer
+from lora_rm.outdir import claim_output_dir, clear_previous_run
 from lora_rm.run import LoopState, Run, trim_metrics
 
 
@@ -44,17 +46,20 @@ class TrainResult:
 def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
     """Train a LoRA reward model as `cfg` says and save it under `cfg.output_dir`.
 
-    All input (config, data, tokenizer, model, resume checkpoint) is checked before the output directory
-    is touched; problems raise UserError. Raises TrainingStopped after saving a checkpoint when stopped
-    by a signal or by `cfg.max_bad_steps` non-finite steps in a row.
+    All input (config, data, tokenizer, model, resume checkpoint) is checked before anything but a lock file
+    is written to the output directory; problems raise UserError, as do a second run into the same folder, a
+    fresh run over another run's outputs (without --overwrite-output-dir) and failed writes. Raises
+    TrainingStopped after saving a checkpoint when stopped by a signal or by `cfg.max_bad_steps` non-finite
+    steps in a row.
     """
     from accelerate.state import AcceleratorState
 
     started = time.perf_counter()
     try:
-        run, inputs = set_up(cfg, log)
-        eval_metrics = fit(run)
-        return save_outputs(run, inputs, eval_metrics, started)
+        with claim_output_dir(cfg, main_process=os.environ.get("RANK", "0") == "0"):
+            run, inputs = set_up(cfg, log)
+            eval_metrics = fit(run)
+            return save_outputs(run, inputs, eval_metrics, started)
     finally:
         # accelerate keeps the mixed precision process-wide: without this a second train() in the same
         # process with another --precision would raise
@@ -99,7 +104,8 @@ def set_up(cfg: TrainConfig, log: Any) -> tuple[Run, Inputs]:
         sum(p.numel() for p in model.parameters() if p.requires_grad or not only) for only in (True, False)
     )
     log(
-        f"model: {cfg.base} ({cfg.quant}), {trainable:,} trainable of {total:,} parameters; precision {mixed_precision}"
+        f"model: {cfg.base} ({cfg.quant}), {trainable:,} trainable of {total:,} parameters; "
+        f"precision {'fp32' if mixed_precision == 'no' else mixed_precision}"
     )
 
     train_pairs = inputs.train_pairs
@@ -119,6 +125,8 @@ def set_up(cfg: TrainConfig, log: Any) -> tuple[Run, Inputs]:
         log(f"resumed from {inputs.resume_from} at step {state.step}")
 
     out = Path(cfg.output_dir)
+    if accelerator.is_main_process:  # --overwrite-output-dir: the old run goes only now, all input checked
+        clear_previous_run(out, cfg, log)
     out.mkdir(parents=True, exist_ok=True)
     run = Run(
         cfg, accelerator, model, optimizer, scheduler, layout, state, out, train_pairs, inputs.eval_pairs,
@@ -143,7 +151,8 @@ def run_config(run: Run, inputs: Inputs) -> dict[str, Any]:
     return {
         **run.cfg.to_dict(),
         "max_length": inputs.max_length,
-        "data_format": inputs.reports["format"],  # how `lora_rm.score` builds sequences for this model
+        "data_format": inputs.reports["format"],
+        "sequence_format": SEQUENCE_FORMAT,  # tokenizer(text), read at its last non-pad token
         "mixed_precision": inputs.mixed_precision,
         "total_steps": run.total_steps,
     }
@@ -152,6 +161,10 @@ def run_config(run: Run, inputs: Inputs) -> dict[str, Any]:
 def save_outputs(run: Run, inputs: Inputs, eval_metrics: dict[str, Any], started: float) -> TrainResult:
     """Save the adapter (and with --merge the merged model), the full evaluation and the model card."""
     cfg, accelerator, log, out = run.cfg, run.accelerator, run.log, run.output_dir
+    if not eval_metrics and run.eval_pairs:  # resumed from the final checkpoint: the loop ran no eval
+        eval_metrics = evaluate(
+            run.model, run.eval_pairs, run.layout.collator, cfg.batch_size * 2, accelerator
+        )
     if eval_metrics and loss_near_chance(eval_metrics["loss"]):
         log(
             "warning: eval loss is ~ln 2: the model gives chosen and rejected nearly equal rewards; it has not learned"
@@ -161,20 +174,30 @@ def save_outputs(run: Run, inputs: Inputs, eval_metrics: dict[str, Any], started
     adapter_dir, merged_dir = out / "adapter", None
     unwrapped = accelerator.unwrap_model(run.model)
     if accelerator.is_main_process:
+        # The full evaluation (every eval pair, plain rows) gives the run's one final number: the last
+        # in-loop eval ran on the training layout, where an int8 base can differ in the last digits.
+        report = write_full_eval(
+            unwrapped, inputs.tokenizer, run.eval_pairs, out / "eval", [], run.metrics_path, cfg.batch_size * 2,
+            source=cfg.eval_dataset or cfg.dataset, log=log,
+        )  # fmt: skip
+        if report:
+            eval_metrics = {k: report[k] for k in ("loss", "accuracy", "ties", "n_pairs")}
+            eval_metrics["mean_margin"] = report["margin_mean"]
         save_adapter(unwrapped, inputs.tokenizer, {**config, "eval": eval_metrics}, adapter_dir)
         log(f"saved adapter (LoRA + reward head) to {adapter_dir}")
         if cfg.merge:
             merged_dir = out / "merged"
+            started_merge = time.perf_counter()
             some_pairs = (run.eval_pairs or run.train_pairs)[:8]
             check = merge_adapter(adapter_dir, merged_dir, some_pairs, base=cfg.base)
             log(
-                f"saved merged model to {merged_dir} (max reward difference vs adapter {check['merge_max_abs_diff']:.2e})"
+                f"saved merged model to {merged_dir} in {time.perf_counter() - started_merge:.1f}s "
+                f"(max reward difference vs adapter {check['merge_max_abs_diff']:.2e})"
             )
-        # eval.json, plots, and the reward statistics `score(normalize=True)` uses, beside each model
-        write_full_eval(
-            unwrapped, inputs.tokenizer, run.eval_pairs, out / "eval", [adapter_dir, merged_dir],
-            run.metrics_path, cfg.batch_size * 2, source=cfg.eval_dataset or cfg.dataset, log=log,
-        )  # fmt: skip
+        if report:  # the reward statistics `score(normalize=True)` uses, beside each model
+            for folder in (adapter_dir, merged_dir):
+                if folder is not None:
+                    write_reward_stats(folder, report["reward_stats"], cfg.eval_dataset or cfg.dataset)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:  # the model card in adapter/README.md; the upload with --push-to-hub
         from lora_rm.hub import publish

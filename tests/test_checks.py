@@ -293,3 +293,38 @@ def test_detect_format_missing_columns_no_columns():
 
 def test_row_problems_of_a_good_row_is_empty():
     assert row_problems(Row("x:1", dict(ROW)), "explicit") == []
+
+
+def test_one_odd_row_does_not_flip_the_format_of_the_others(tmp_path):
+    from conftest import preference_rows, write_jsonl
+
+    rows = preference_rows(36)
+    rows[5]["chosen"] = [{"role": "assistant", "content": "sure"}]
+    message = user_error(write_jsonl(tmp_path / "data.jsonl", rows))
+    assert (
+        "1 problem(s) in 1 row(s)" in message
+        and f"{tmp_path / 'data.jsonl'}:6: chosen: expected text" in message
+    )
+
+
+def test_a_margin_that_would_overflow_the_loss_is_refused():
+    assert row_problems(Row("x:1", {**ROW, "margin": 1e39}), "explicit") == [
+        "x:1: margin: expected a number in [-1e+06, 1e+06], got 1e+39"
+    ]
+
+
+def test_a_header_only_or_ragged_csv_is_reported_with_its_line(tmp_path):
+    header_only = write_lines(tmp_path / "h.csv", ["prompt,chosen,rejected"])
+    assert user_error(header_only) == f"{header_only}: only a header line (prompt, chosen, rejected), no rows"
+    ragged = write_lines(tmp_path / "r.csv", ["prompt,chosen,rejected", "q,a,b", "q,a,b,extra"])
+    assert f"{ragged}:3: expected 3 fields (as the header), got 4" in user_error(ragged)
+
+
+def test_one_bad_margin_cell_in_a_csv_is_the_only_row_flagged(tmp_path):
+    lines = ["prompt,chosen,rejected,margin"] + [f"q{i},sure first,whatever,0.5" for i in range(6)]
+    lines[3] = "q2,sure first,whatever,lots"
+    message = user_error(write_lines(tmp_path / "m.csv", lines))
+    assert (
+        "1 problem(s) in 1 row(s)" in message
+        and f"{tmp_path / 'm.csv'}:4: margin: expected a finite number" in message
+    )

@@ -29,11 +29,14 @@ def _score_rows(n: int) -> list[dict]:
 def setup(trained_run, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli-score")
     adapter, merged = str(trained_run.adapter_dir), tmp / "run" / "merged"
-    shutil.copytree(trained_run.merged_dir, merged)  # eval writes reward_stats.json into the model folder
+    shutil.copytree(trained_run.merged_dir, merged)  # eval must leave its reward_stats.json alone
     shutil.copy(trained_run.output_dir / "metrics.jsonl", tmp / "run" / "metrics.jsonl")
+    shutil.copy(merged / "reward_stats.json", tmp / "run" / "merged-stats.json")
     bare = shutil.copytree(trained_run.adapter_dir, tmp / "bare")
     (bare / "reward_stats.json").unlink()
-    bare_too = shutil.copytree(bare, tmp / "bare-too")  # eval writes its statistics while score reads bare/
+    bare_too = shutil.copytree(
+        bare, tmp / "bare-too"
+    )  # eval --update-stats writes here while score reads bare/
     good = write_jsonl(tmp / "in.jsonl", _score_rows(6))
     bad_rows = _score_rows(5)
     del bad_rows[1]["response"]
@@ -53,7 +56,7 @@ def setup(trained_run, tmp_path_factory):
         "compare": ["compare", "--model", adapter, "--prompt", PROMPTS[0], GOOD, BAD],
         "compare_empty": ["compare", "--model", adapter, "--prompt", PROMPTS[0], GOOD, "  "],
         "eval": ["eval", "--model", str(merged), "--dataset", str(prefs), "--output-dir", str(o / "eval")],
-        "eval_ranked": ["eval", "--model", str(bare_too), "--dataset", str(ranked), "--output-dir", str(o / "eval-r")],
+        "eval_ranked": ["eval", "--model", str(bare_too), "--dataset", str(ranked), "--output-dir", str(o / "eval-r"), "--update-stats"],
         "eval_bad": ["eval", "--model", adapter, "--dataset", str(same), "--output-dir", str(o / "eval-bad")],
     }  # fmt: skip
     runs = cli_runner.start(
@@ -136,8 +139,11 @@ def test_eval_writes_the_report_plots_and_statistics(setup):
     assert report["n_pairs"] == 10 and {"accuracy", "loss", "ties", "calibration"} <= report.keys()
     for name in ("reward_hist.png", "reliability.png", "training_curves.png"):
         assert (out / name).stat().st_size > 1000, name
-    stats = json.loads((tmp / "run" / "merged" / "reward_stats.json").read_text(encoding="utf-8"))
+    stats = json.loads((out / "reward_stats.json").read_text(encoding="utf-8"))
     assert stats["mean"] == report["reward_stats"]["mean"] and stats["source"] == str(tmp / "prefs.jsonl")
+    # without --update-stats the model keeps the statistics of its training run: `score --normalize` is unchanged
+    kept = (tmp / "run" / "merged" / "reward_stats.json").read_text(encoding="utf-8")
+    assert kept == (tmp / "run" / "merged-stats.json").read_text(encoding="utf-8")
 
 
 def test_eval_on_ranked_lists_reports_top1(setup):
@@ -145,7 +151,8 @@ def test_eval_on_ranked_lists_reports_top1(setup):
     assert "top-1" in _ok(runs, "eval_ranked").out
     report = json.loads((tmp / "out" / "eval-r" / "eval.json").read_text(encoding="utf-8"))
     assert report["n_pairs"] == 12 and report["ranking"]["n_lists"] == 4
-    assert (tmp / "bare-too" / "reward_stats.json").is_file()
+    stats = json.loads((tmp / "bare-too" / "reward_stats.json").read_text(encoding="utf-8"))  # --update-stats
+    assert stats["mean"] == report["reward_stats"]["mean"]
 
 
 def test_eval_rejects_bad_data_before_writing(setup):

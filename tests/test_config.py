@@ -56,8 +56,17 @@ def test_base_and_dataset_required():
         ("logging_steps", 0, "logging_steps: must be > 0"),
         ("max_steps", 0, "max_steps: must be > 0, got 0"),
         ("max_length", 3, "max_length: must be at least 4, got 3"),
-        ("learning_rate", 0.0, "learning_rate: must be > 0"),
-        ("learning_rate", -1e-4, "learning_rate: must be > 0"),
+        ("learning_rate", 0.0, "learning_rate: must be in (0, 1], got 0.0"),
+        ("learning_rate", -1e-4, "learning_rate: must be in (0, 1], got -0.0001"),
+        ("learning_rate", float("nan"), "learning_rate: must be a finite number, got nan"),
+        ("learning_rate", "inf", "learning_rate: must be a finite number, got inf"),
+        ("weight_decay", -1, "weight_decay: must be >= 0, got -1.0"),
+        ("max_grad_norm", -0.5, "max_grad_norm: must be >= 0 (0 disables clipping), got -0.5"),
+        ("center_rewards_coefficient", float("inf"), "center_rewards_coefficient: must be a finite number"),
+        ("lora_dropout", float("nan"), "lora_dropout: must be a finite number, got nan"),
+        ("seed", -1, "seed: must be in [0, 2**32), got -1"),
+        ("seed", 2**32, "seed: must be in [0, 2**32), got 4294967296"),
+        ("epochs", float("inf"), "epochs: expected an integer, got inf"),
         ("eval_fraction", 1.0, "eval_fraction: must be in [0, 1), got 1.0"),
         ("eval_fraction", -0.1, "eval_fraction: must be in [0, 1)"),
         ("warmup_ratio", 1.5, "warmup_ratio: must be in [0, 1)"),
@@ -271,7 +280,7 @@ def test_resume_flag_optional_value(flags, resume):
     [
         ["--lora-r", "eight"],
         ["--quant", "3bit"],
-        ["--merge=yes"],
+        ["--merge=maybe"],  # a switch takes true/false (HfArgumentParser style), nothing else
         ["--no-such-flag", "1"],
         ["--learning-rate", "fast"],
     ],
@@ -289,3 +298,95 @@ def test_every_config_field_has_a_flag():
     assert set(TrainConfig.__dataclass_fields__) <= dests
     options = {s for a in parser._actions for s in a.option_strings}
     assert {"--lora-r", "--output-dir", "--center-rewards-coefficient", "--no-merge", "--config"} <= options
+
+
+# ---------------------------------------------------------------- TRL / TrainingArguments names
+
+
+TRL_FLAGS = [
+    "--model_name_or_path", "m", "--dataset_name", "d.jsonl", "--output_dir", "runs/x",
+    "--per_device_train_batch_size", "3", "--num_train_epochs", "2", "--learning_rate", "5e-5",
+    "--gradient_checkpointing", "--lora_target_modules", "c_attn", "c_proj", "--logging_steps", "7",
+    "--save_steps", "9", "--bf16", "--lr_scheduler_type", "linear", "--dataset_train_split", "dev",
+]  # fmt: skip
+TRL_EXPECTED = {
+    "base": "m",
+    "dataset": "d.jsonl",
+    "output_dir": "runs/x",
+    "batch_size": 3,
+    "epochs": 2,
+    "learning_rate": 5e-5,
+    "gradient_checkpointing": True,
+    "target_modules": ["c_attn", "c_proj"],
+    "logging_steps": 7,
+    "save_steps": 9,
+    "precision": "bf16",
+    "lr_scheduler": "linear",
+    "split": "dev",
+}
+
+
+def test_trl_names_on_the_command_line():
+    cfg = config_from_args(TRL_FLAGS)
+    assert {k: getattr(cfg, k) for k in TRL_EXPECTED} == TRL_EXPECTED
+
+
+def test_trl_names_in_yaml(tmp_path):
+    path = tmp_path / "trl.yaml"
+    path.write_text(
+        "model_name_or_path: m\ndataset_name: d.jsonl\noutput_dir: runs/x\nper_device_train_batch_size: 3\n"
+        "num_train_epochs: 2.0\nlearning_rate: 5.0e-5\ngradient_checkpointing: true\n"
+        "lora_target_modules: [c_attn, c_proj]\nlogging_steps: 7\nsave_steps: 9\nbf16: true\nfp16: false\n"
+        "lr_scheduler_type: linear\ndataset_train_split: dev\n",
+        encoding="utf-8",
+    )
+    cfg = config_from_args(["--config", str(path)])
+    assert {k: getattr(cfg, k) for k in TRL_EXPECTED} == TRL_EXPECTED
+
+
+@pytest.mark.parametrize("flag", ["--batch_size", "--batch-size", "--per-device-train-batch-size"])
+def test_every_flag_also_has_its_underscore_spelling(flag):
+    assert config_from_args(["--base", "m", "--dataset", "d.jsonl", flag, "5"]).batch_size == 5
+    parser = train_parser()
+    for action in parser._actions:
+        for option in action.option_strings:
+            if option.startswith("--") and "-" in option[2:]:
+                assert "--" + option[2:].replace("-", "_") in parser._option_string_actions, option
+
+
+def test_switches_take_trl_style_values():
+    base = ["--base", "m", "--dataset", "d.jsonl"]
+    assert config_from_args([*base, "--merge", "true"]).merge is True
+    assert config_from_args([*base, "--merge", "False"]).merge is False
+    assert config_from_args([*base, "--no-group-by-length"]).group_by_length is False
+    assert config_from_args([*base, "--fp16", "false"]).precision == "auto"
+    assert config_from_args([*base, "--fp16"]).precision == "fp16"
+
+
+def test_alias_conflicts_are_user_errors(tmp_path):
+    path = tmp_path / "both.yaml"
+    path.write_text("base: a\nmodel_name_or_path: b\ndataset: d.jsonl\n", encoding="utf-8")
+    with pytest.raises(UserError, match="base and model_name_or_path both set base"):
+        config_from_args(["--config", str(path)])
+    path.write_text("base: a\ndataset: d.jsonl\nbf16: true\nfp16: true\n", encoding="utf-8")
+    with pytest.raises(UserError, match="bf16 and fp16 both set precision"):
+        config_from_args(["--config", str(path)])
+    path.write_text("base: a\ndataset: d.jsonl\nbf16: yes please\n", encoding="utf-8")
+    with pytest.raises(UserError, match="bf16: expected true or false"):
+        config_from_args(["--config", str(path)])
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--learn", "--batch", "--grad"])
+def test_no_abbreviations(flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        config_from_args(["--base", "m", "--dataset", "d.jsonl", flag, "1e-4"])
+    assert e.value.code == 2
+    assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
+
+
+def test_train_help_text():
+    text = " ".join(train_parser().format_help().split())  # as one line: argparse wraps at the terminal width
+    assert "~30% slower" in text and "option_strings" not in text
+    assert "model/data dependent" not in text and "(default: None)" not in text
+    assert "--per_device_train_batch_size" in text and "--bf16" in text
+    assert "--batch_size" not in text  # underscore twins work but are not listed twice

@@ -374,3 +374,107 @@ def test_dataset_folder_with_splits(tmp_path):
     assert held[1].where == f"{folder}[test]:row 2"
     with pytest.raises(UserError, match="has no split 'validation'; it has"):
         load_rows(str(folder), split="validation")
+
+
+# ---------------------------------------------------------------- compressed files, saved datasets, hub configs
+
+
+def _compress(kind: str, data: bytes) -> bytes:
+    import bz2
+    import gzip
+    import lzma
+
+    import zstandard
+
+    return {
+        ".gz": gzip.compress,
+        ".bz2": bz2.compress,
+        ".xz": lzma.compress,
+        ".zst": zstandard.ZstdCompressor().compress,
+    }[kind](data)
+
+
+@pytest.mark.parametrize("kind", [".gz", ".bz2", ".xz", ".zst"])
+def test_compressed_jsonl_keeps_file_and_line(tmp_path, kind):
+    lines = [json.dumps(r) for r in preference_rows(3)]
+    path = tmp_path / f"prefs.jsonl{kind}"
+    path.write_bytes(_compress(kind, ("\n".join(lines) + "\n").encode()))
+    rows, fmt = load_checked(path)
+    assert fmt == "explicit" and [r.where for r in rows] == [f"{path}:{i}" for i in (1, 2, 3)]
+    lines[1] = '{"prompt": "how ?", "chosen": "sure"'
+    path.write_bytes(_compress(kind, "\n".join(lines).encode()))
+    assert f"{path}:2: not valid JSON" in user_error(path)
+
+
+def test_compressed_json_array_and_csv(tmp_path):
+    array = tmp_path / "prefs.json.gz"
+    array.write_bytes(_compress(".gz", json.dumps(preference_rows(2)).encode()))
+    assert [r.where for r in load_rows(str(array))[0]] == [f"{array}:item 1", f"{array}:item 2"]
+    csv = tmp_path / "prefs.csv.xz"
+    csv.write_bytes(_compress(".xz", b'prompt,chosen,rejected\nq,"two\nlines",NA\nq2,c,\n'))
+    rows = load_rows(str(csv))[0]
+    assert [r.where for r in rows] == [f"{csv}:2", f"{csv}:4"]
+    assert rows[0].fields == {"prompt": "q", "chosen": "two\nlines", "rejected": "NA"}
+    assert rows[1].fields["rejected"] is None  # only an empty cell is missing
+
+
+def test_corrupt_or_non_utf8_compressed_file(tmp_path):
+    broken = tmp_path / "prefs.jsonl.gz"
+    broken.write_bytes(b"not gzip at all")
+    assert user_error(broken).startswith(f"{broken}: not a valid gzip file")
+    latin = tmp_path / "latin.jsonl.bz2"
+    latin.write_bytes(_compress(".bz2", b'{"prompt": "q"}\n{"prompt": "caf\xe9"}\n'))
+    assert f"{latin}:2: not valid UTF-8 (byte 0xe9)" in user_error(latin)
+
+
+def test_save_to_disk_folders(tmp_path):
+    import datasets
+
+    rows = preference_rows(4)
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
+    train, held = load_rows(str(tmp_path / "one"))
+    assert [r.fields for r in train] == rows and held == []
+    assert train[3].where == f"{tmp_path / 'one'}:row 4"
+    splits = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows[:3]), "test": datasets.Dataset.from_list(rows[3:])}
+    )
+    splits.save_to_disk(str(tmp_path / "two"))
+    train, held = load_rows(str(tmp_path / "two"))
+    assert len(train) == 3 and held[0].where == f"{tmp_path / 'two'}[test]:row 1"
+    with pytest.raises(UserError, match="has no split 'dev'; it has train, test"):
+        load_rows(str(tmp_path / "two"), split="dev")
+
+
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("Anthropic/hh-rlhf", ("Anthropic/hh-rlhf", None, None)),
+        ("Anthropic/hh-rlhf/harmless-base", ("Anthropic/hh-rlhf", None, "harmless-base")),
+        ("org/set:subset", ("org/set", "subset", None)),
+        ("org/set/data/en:subset", ("org/set", "subset", "data/en")),
+        ("imdb", ("imdb", None, None)),
+    ],
+)
+def test_hub_source(source, expected):
+    from lora_rm.data import hub_source
+
+    assert hub_source(source) == expected
+
+
+def test_hub_dataset_with_data_dir_config_and_split(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        rows = datasets.Dataset.from_list(preference_rows(2))
+        return datasets.DatasetDict({"train": rows, "test": rows})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    train, held = load_rows("Anthropic/hh-rlhf/harmless-base", split="test")
+    name, kwargs = calls[0]
+    assert name == "Anthropic/hh-rlhf" and kwargs["data_dir"] == "harmless-base" and kwargs["name"] is None
+    assert train[0].where == "Anthropic/hh-rlhf/harmless-base[test]:row 1" and held == []
+    load_rows("org/set:subset")
+    assert calls[1][0] == "org/set" and calls[1][1]["name"] == "subset" and calls[1][1]["data_dir"] is None

@@ -13,6 +13,7 @@ from lora_rm.encode import (
     LengthReport,
     default_max_length,
     encode_pairs,
+    encode_texts,
     special_tokens,
 )
 from lora_rm.errors import UserError
@@ -73,8 +74,9 @@ def test_tiny_tokenizers_ids(gpt2_tok, bert_tok):
     assert (bert_tok.cls_token_id, bert_tok.sep_token_id, bert_tok.pad_token_id) == (2, 3, 0)
 
 
-def test_special_tokens_decoder_gets_eos_suffix(gpt2_tok):
-    assert special_tokens(gpt2_tok) == ([], [0])
+def test_special_tokens_decoder_has_none(gpt2_tok):
+    # nothing is appended: the sequence is what tokenizer(text) gives, which for GPT-2 has no EOS
+    assert special_tokens(gpt2_tok) == ([], [])
 
 
 def test_special_tokens_bert_gets_cls_and_sep(bert_tok):
@@ -95,10 +97,10 @@ class FakeTokenizer:
 @pytest.mark.parametrize(
     ("before", "after", "eos", "expected"),
     [
-        ([], [], None, ([], [])),  # no specials and no EOS: nothing to add
-        ([], [], 5, ([], [5])),  # a decoder: EOS appended
-        ([1], [], 5, ([1], [5])),  # Llama: BOS before, EOS appended
-        ([1], [2], 5, ([1], [2])),  # an encoder's own suffix, no EOS on top
+        ([], [], None, ([], [])),
+        ([], [], 5, ([], [])),  # a decoder: no EOS appended
+        ([1], [], 5, ([1], [])),  # Llama: its BOS only
+        ([1], [2], 5, ([1], [2])),  # an encoder's own suffix
         ([1, 4], [2, 3], None, ([1, 4], [2, 3])),
     ],
 )
@@ -109,21 +111,56 @@ def test_special_tokens_found_by_probing(before, after, eos, expected):
 # ---------------------------------------------------------------- explicit rows
 
 
-def test_explicit_row_is_prompt_response_eos(gpt2_tok):
+def test_explicit_row_is_tokenizer_of_prompt_plus_response(gpt2_tok):
     pairs, report = encode_pairs(
         [explicit(PROMPT, " sure first", " whatever")], "explicit", gpt2_tok, max_length=64
     )
     prompt_ids = ids(gpt2_tok, *PROMPT_TOKENS)
     assert pairs == [
         EncodedPair(
-            chosen=prompt_ids + ids(gpt2_tok, "sure", "first") + [0],
-            rejected=prompt_ids + ids(gpt2_tok, "whatever") + [0],
+            chosen=prompt_ids + ids(gpt2_tok, "sure", "first"),
+            rejected=prompt_ids + ids(gpt2_tok, "whatever"),
             margin=0.0,
         )
     ]
     # and the literal numbers, in case convert_tokens_to_ids itself misbehaves
-    assert pairs[0].chosen == [37, 51, 26, 13, 27, 32, 1, 10, 50, 2, 51, 43, 17, 0]
+    assert pairs[0].chosen == [37, 51, 26, 13, 27, 32, 1, 10, 50, 2, 51, 43, 17]
+    assert pairs[0].chosen == gpt2_tok(PROMPT + " sure first")["input_ids"]
     assert report == LengthReport(pairs_in=1)
+
+
+def test_explicit_row_tokenizes_the_joined_text_across_the_seam(gpt2_tok):
+    # "do" + "i" joined is the unknown word "doi": tokenized apart they would be two known words
+    pairs, _ = encode_pairs([explicit("question : how do", "i make", " whatever")], "explicit", gpt2_tok, 64)
+    assert pairs[0].chosen == gpt2_tok("question : how doi make")["input_ids"]
+    assert pairs[0].chosen == [
+        *ids(gpt2_tok, "question", ":", "how"),
+        gpt2_tok.unk_token_id,
+        *ids(gpt2_tok, "make"),
+    ]
+    apart = gpt2_tok("question : how do", add_special_tokens=False)["input_ids"] + ids(gpt2_tok, "i", "make")
+    assert pairs[0].chosen != apart
+
+
+def test_trailing_pad_ids_are_dropped(gpt2_tok):
+    # pad == EOS here: transformers pools the last token that is not the pad id, so a text ending in EOS is read
+    # before it, and the sequence ends there
+    pairs, _ = encode_pairs(
+        [explicit(PROMPT, " sure first <|endoftext|> <|endoftext|>", " whatever<|endoftext|>")],
+        "explicit",
+        gpt2_tok,
+        64,
+    )
+    assert pairs[0].chosen == ids(gpt2_tok, *PROMPT_TOKENS, "sure", "first")
+    assert pairs[0].rejected == ids(gpt2_tok, *PROMPT_TOKENS, "whatever")
+    # a pad id inside the text stays
+    pairs, _ = encode_pairs([explicit(PROMPT, " sure <|endoftext|> first", " no")], "explicit", gpt2_tok, 64)
+    assert pairs[0].chosen == ids(gpt2_tok, *PROMPT_TOKENS, "sure") + [0] + ids(gpt2_tok, "first")
+
+
+def test_text_of_pad_ids_only_keeps_one(gpt2_tok):
+    # transformers reads such a row at position 0: so does lora_rm
+    assert encode_texts(["<|endoftext|> <|endoftext|>"], gpt2_tok, 64) == [[0]]
 
 
 def test_explicit_row_bert_is_cls_prompt_response_sep(bert_tok):
@@ -135,9 +172,9 @@ def test_explicit_row_bert_is_cls_prompt_response_sep(bert_tok):
 
 def test_margin_is_carried_through(gpt2_tok):
     rows = [
-        explicit(PROMPT, "sure", "whatever", margin=1.5),
-        explicit(PROMPT, "sure", "no", margin=None, where="data.jsonl:2"),
-        explicit(PROMPT, "good", "bad", where="data.jsonl:3"),
+        explicit(PROMPT, " sure", " whatever", margin=1.5),
+        explicit(PROMPT, " sure", " no", margin=None, where="data.jsonl:2"),
+        explicit(PROMPT, " good", " bad", where="data.jsonl:3"),
     ]
     pairs, _ = encode_pairs(rows, "explicit", gpt2_tok, 64)
     assert [p.margin for p in pairs] == [1.5, 0.0, 0.0]
@@ -164,8 +201,8 @@ def test_implicit_rows_split_at_common_token_prefix(gpt2_tok):
     row = implicit(PROMPT + " sure first you should mix", PROMPT + " whatever")
     pairs, report = encode_pairs([row], "implicit", gpt2_tok, 64)
     prompt_ids = ids(gpt2_tok, *PROMPT_TOKENS)
-    assert pairs[0].chosen == prompt_ids + ids(gpt2_tok, "sure", "first", "you", "should", "mix") + [0]
-    assert pairs[0].rejected == prompt_ids + ids(gpt2_tok, "whatever") + [0]
+    assert pairs[0].chosen == prompt_ids + ids(gpt2_tok, "sure", "first", "you", "should", "mix")
+    assert pairs[0].rejected == prompt_ids + ids(gpt2_tok, "whatever")
     assert report == LengthReport(pairs_in=1)
 
 
@@ -181,11 +218,11 @@ def test_implicit_equals_explicit_with_that_prompt(gpt2_tok, bert_tok):
 def test_implicit_truncation_same_as_explicit(gpt2_tok):
     # the common prefix is the prompt, so it is what loses tokens from the left
     imp, rep_i = encode_pairs(
-        [implicit(PROMPT + " sure first", PROMPT + " go away")], "implicit", gpt2_tok, 6
+        [implicit(PROMPT + " sure first", PROMPT + " go away")], "implicit", gpt2_tok, 5
     )
-    exp, rep_e = encode_pairs([explicit(PROMPT, " sure first", " go away")], "explicit", gpt2_tok, 6)
+    exp, rep_e = encode_pairs([explicit(PROMPT, " sure first", " go away")], "explicit", gpt2_tok, 5)
     assert imp == exp
-    assert imp[0].chosen == ids(gpt2_tok, "?", "answer", ":", "sure", "first") + [0]
+    assert imp[0].chosen == ids(gpt2_tok, "?", "answer", ":", "sure", "first")
     assert rep_i.prompt_truncated == rep_e.prompt_truncated == 1
 
 
@@ -193,24 +230,24 @@ def test_implicit_common_prefix_is_by_token_not_by_character(gpt2_tok):
     # "should" and "sure" share the characters "s", but no token: the split is after "answer :"
     row = implicit(PROMPT + " should", PROMPT + " sure")
     pairs, _ = encode_pairs([row], "implicit", gpt2_tok, 64)
-    assert pairs[0].chosen[-2:] == [*ids(gpt2_tok, "should"), 0]
-    assert pairs[0].rejected[-2:] == [*ids(gpt2_tok, "sure"), 0]
-    assert pairs[0].chosen[:-2] == pairs[0].rejected[:-2] == ids(gpt2_tok, *PROMPT_TOKENS)
+    assert pairs[0].chosen[-1:] == ids(gpt2_tok, "should")
+    assert pairs[0].rejected[-1:] == ids(gpt2_tok, "sure")
+    assert pairs[0].chosen[:-1] == pairs[0].rejected[:-1] == ids(gpt2_tok, *PROMPT_TOKENS)
 
 
 # ---------------------------------------------------------------- length policy
 
 
 def test_long_prompt_is_cut_from_the_left(gpt2_tok):
-    # budget = 6 - 1 (EOS) = 5 tokens: the response (3) and the last 2 prompt tokens
+    # 5 tokens: the response (3) and the last 2 prompt tokens
     pairs, report = encode_pairs(
-        [explicit(PROMPT, " sure first you", " whatever")], "explicit", gpt2_tok, max_length=6
+        [explicit(PROMPT, " sure first you", " whatever")], "explicit", gpt2_tok, max_length=5
     )
-    assert pairs[0].chosen == [*ids(gpt2_tok, "answer", ":", "sure", "first", "you"), 0]
-    assert pairs[0].chosen == [2, 51, 43, 17, 48, 0]
+    assert pairs[0].chosen == ids(gpt2_tok, "answer", ":", "sure", "first", "you")
+    assert pairs[0].chosen == [2, 51, 43, 17, 48]
     # the shorter side keeps more of its prompt
-    assert pairs[0].rejected == [*ids(gpt2_tok, "cake", "?", "answer", ":", "whatever"), 0]
-    assert len(pairs[0].chosen) == 6
+    assert pairs[0].rejected == ids(gpt2_tok, "cake", "?", "answer", ":", "whatever")
+    assert len(pairs[0].chosen) == 5
     assert report.prompt_truncated == 1
     assert report.response_truncated == 0
     assert report.dropped_identical == []
@@ -226,9 +263,9 @@ def test_long_prompt_bert_keeps_cls_and_sep(bert_tok):
 
 def test_response_longer_than_budget_keeps_its_tail(gpt2_tok):
     response = " sure first you should mix then heat"  # 7 tokens, budget 5
-    pairs, report = encode_pairs([explicit(PROMPT, response, " whatever")], "explicit", gpt2_tok, 6)
-    assert pairs[0].chosen == [*ids(gpt2_tok, "you", "should", "mix", "then", "heat"), 0]
-    assert pairs[0].rejected == [*ids(gpt2_tok, "cake", "?", "answer", ":", "whatever"), 0]
+    pairs, report = encode_pairs([explicit(PROMPT, response, " whatever")], "explicit", gpt2_tok, 5)
+    assert pairs[0].chosen == ids(gpt2_tok, "you", "should", "mix", "then", "heat")
+    assert pairs[0].rejected == ids(gpt2_tok, "cake", "?", "answer", ":", "whatever")
     # a pair with a cut response counts there only, not also as a cut prompt
     assert report.response_truncated == 1
     assert report.prompt_truncated == 0
@@ -236,9 +273,9 @@ def test_response_longer_than_budget_keeps_its_tail(gpt2_tok):
 
 def test_response_exactly_the_budget_drops_the_whole_prompt(gpt2_tok):
     pairs, report = encode_pairs(
-        [explicit(PROMPT, " sure first you should mix", " whatever")], "explicit", gpt2_tok, 6
+        [explicit(PROMPT, " sure first you should mix", " whatever")], "explicit", gpt2_tok, 5
     )
-    assert pairs[0].chosen == [*ids(gpt2_tok, "sure", "first", "you", "should", "mix"), 0]
+    assert pairs[0].chosen == ids(gpt2_tok, "sure", "first", "you", "should", "mix")
     assert (report.prompt_truncated, report.response_truncated) == (1, 0)
 
 
@@ -254,7 +291,7 @@ def test_sequences_never_exceed_max_length(gpt2_tok, bert_tok):
 
 
 def test_fitting_pairs_are_not_counted(gpt2_tok):
-    _, report = encode_pairs([explicit(PROMPT, " sure", " whatever")], "explicit", gpt2_tok, 13)
+    _, report = encode_pairs([explicit(PROMPT, " sure", " whatever")], "explicit", gpt2_tok, 12)
     assert report == LengthReport(pairs_in=1, prompt_truncated=0, response_truncated=0, dropped_identical=[])
 
 
@@ -265,12 +302,12 @@ def test_pairs_identical_after_truncation_are_dropped_and_located(gpt2_tok):
         explicit(PROMPT, " sure first you should", " no first you should", where="prefs.jsonl:7"),
         explicit(PROMPT, " good", " bad", where="prefs.jsonl:9"),
     ]
-    pairs, report = encode_pairs(rows, "explicit", gpt2_tok, max_length=4)
+    pairs, report = encode_pairs(rows, "explicit", gpt2_tok, max_length=3)
     assert report.dropped_identical == ["prefs.jsonl:7"]
     assert report.pairs_in == 3
     assert len(pairs) == 2
-    assert pairs[0].chosen == [*ids(gpt2_tok, "sure", "first", "you"), 0]
-    assert pairs[1].chosen == [*ids(gpt2_tok, "answer", ":", "good"), 0]
+    assert pairs[0].chosen == ids(gpt2_tok, "sure", "first", "you")
+    assert pairs[1].chosen == ids(gpt2_tok, "answer", ":", "good")
     assert report.response_truncated == 1  # the dropped pair
     assert report.prompt_truncated == 2
     assert report.summary() == (
@@ -290,29 +327,29 @@ def test_responses_identical_as_tokens_are_dropped(gpt2_tok):
 
 def test_length_policy_error_lists_every_long_side(gpt2_tok):
     rows = [
-        explicit(PROMPT, " sure first you", " whatever", where="prefs.jsonl:1"),  # 15 and 13 tokens
-        explicit("how ?", " sure", " no", where="prefs.jsonl:2"),  # 4 tokens each: fits
+        explicit(PROMPT, " sure first you", " whatever", where="prefs.jsonl:1"),  # 14 and 12 tokens
+        explicit("how ?", " sure", " no", where="prefs.jsonl:2"),  # 3 tokens each: fits
     ]
     with pytest.raises(UserError) as e:
-        encode_pairs(rows, "explicit", gpt2_tok, max_length=14, policy="error")
+        encode_pairs(rows, "explicit", gpt2_tok, max_length=13, policy="error")
     msg = str(e.value)
     assert msg.startswith("1 sequence(s) over the length limit")
-    assert "prefs.jsonl:1: chosen: 15 tokens > max_length 14" in msg
+    assert "prefs.jsonl:1: chosen: 14 tokens > max_length 13" in msg
     assert "rejected" not in msg
     assert "prefs.jsonl:2" not in msg
     with pytest.raises(UserError) as e:
-        encode_pairs(rows, "explicit", gpt2_tok, max_length=13, policy="error")
-    assert "prefs.jsonl:1: rejected: 13 tokens" not in str(e.value)
-    with pytest.raises(UserError) as e:
         encode_pairs(rows, "explicit", gpt2_tok, max_length=12, policy="error")
+    assert "prefs.jsonl:1: rejected: 12 tokens" not in str(e.value)
+    with pytest.raises(UserError) as e:
+        encode_pairs(rows, "explicit", gpt2_tok, max_length=11, policy="error")
     assert "2 sequence(s) over the length limit" in str(e.value)
-    assert "prefs.jsonl:1: rejected: 13 tokens > max_length 12" in str(e.value)
+    assert "prefs.jsonl:1: rejected: 12 tokens > max_length 11" in str(e.value)
 
 
 def test_length_policy_error_passes_fitting_pairs_unchanged(gpt2_tok):
     row = explicit(PROMPT, " sure first you", " whatever")
-    assert encode_pairs([row], "explicit", gpt2_tok, 15, policy="error") == encode_pairs(
-        [row], "explicit", gpt2_tok, 15
+    assert encode_pairs([row], "explicit", gpt2_tok, 14, policy="error") == encode_pairs(
+        [row], "explicit", gpt2_tok, 14
     )
 
 

@@ -56,19 +56,22 @@ def test_card_has_front_matter_settings_metrics_and_usage():
     )
     assert "load_reward_model(path)" in lora_rm_usage
     assert 'PeftModel.from_pretrained(base, "me/rm")' in plain_usage
-    assert 'from_pretrained("gpt2", num_labels=1)' in plain_usage and "tokenizer.eos_token" in plain_usage
+    assert 'from_pretrained("gpt2", num_labels=1, pad_token_id=tokenizer.pad_token_id)' in plain_usage
+    assert "eos_token" not in plain_usage  # the text as it is: nothing appended
     assert "merged" not in plain_usage
 
 
 def test_card_for_a_local_base_and_a_merged_model(tmp_path):
     card = render_model_card(
-        {**RUN_CONFIG, "base": str(tmp_path)}, {}, "me/rm", merged=True, append_eos=False
+        {**RUN_CONFIG, "base": str(tmp_path), "data_format": "conversational"}, {}, "me/rm", merged=True
     )
     assert "base_model" not in card.split("---")[1]  # the hub refuses a base_model that is not a hub id
     assert "a local folder when trained" in card and "No evaluation was run" in card
     lora_rm_usage, plain_usage = _python_blocks(card)
     assert '/merged")' in lora_rm_usage and 'subfolder="merged"' in plain_usage
-    assert "eos_token" not in plain_usage  # encoders end their texts themselves
+    assert (
+        "apply_chat_template(m, tokenize=False)" in plain_usage and "add_special_tokens=False" in plain_usage
+    )
 
 
 def test_training_writes_the_card_and_its_snippets_run(trained_run, tmp_path, monkeypatch):
@@ -87,11 +90,13 @@ def test_training_writes_the_card_and_its_snippets_run(trained_run, tmp_path, mo
     # the plain snippet's reward equals lora_rm's, which builds the sequence as training did
     prompt, response = PROMPTS[0], " " + GOOD[0]
     namespace: dict = {}
-    exec(plain_usage.replace('"Question: Hi?\\nAnswer:" + " Hello!"', repr(prompt + response)), namespace)
+    snippet = plain_usage.replace('"Question: Hi?\\nAnswer:" + " Hello!"', repr(prompt + response))
+    assert snippet != plain_usage
+    exec(snippet, namespace)
     from lora_rm.score import RewardModel
 
     expected = RewardModel.from_pretrained(repo, device="cpu").score([prompt], [response])[0]
-    assert namespace["reward"] == pytest.approx(expected, abs=1e-4)
+    assert namespace["rewards"][0] == pytest.approx(expected, abs=1e-4)
 
 
 class FakeApi:

@@ -13,14 +13,15 @@ from lora_rm.rewards import packed_layout_works, pair_rewards
 
 EOS = 0
 MAX_LEN = 64  # the tiny model's n_positions
+# lora_rm's sequences end at the token the reward is read at (never a pad id); EOS == pad may occur inside
 PAIRS = [
-    EncodedPair([5, 6, 7, 8, 9, EOS], [5, 6, 7, 10, EOS], 0.5),  # shared prefix of 3
-    EncodedPair([11, 12, EOS], [13, 14, 15, EOS]),  # no common prefix
-    EncodedPair([5, 6, EOS], [5, 6, EOS, 7, 8, EOS]),  # chosen is a prefix of rejected
-    EncodedPair([5, 6, 7, 8, EOS], [5, 6, EOS]),  # rejected shorter, sharing the start
+    EncodedPair([5, 6, 7, 8, 9], [5, 6, 7, 10], 0.5),  # shared prefix of 3
+    EncodedPair([11, 12], [13, 14, 15]),  # no common prefix
+    EncodedPair([5, 6], [5, 6, EOS, 7, 8]),  # chosen is a prefix of rejected
+    EncodedPair([5, 6, 7, 8], [5, 6]),  # rejected is a prefix of chosen
     EncodedPair(
-        [20 + i % 30 for i in range(MAX_LEN - 1)] + [EOS],
-        [20 + i % 30 for i in range(MAX_LEN - 2)] + [9, EOS],
+        [20 + i % 30 for i in range(MAX_LEN)],
+        [20 + i % 30 for i in range(MAX_LEN - 1)] + [9],
     ),
 ]
 
@@ -46,29 +47,20 @@ def _rewards_loss_grads(model, batch):
 
 def test_packed_collator_layout_literal():
     batch = PackedCollator(pad_token_id=99, share_prefix=True)([PAIRS[0]])
-    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, EOS, 10, EOS]]
-    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 3, 4]]
-    assert batch.chosen_index.tolist() == [5] and batch.rejected_index.tolist() == [7]
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 10]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 3]]
+    assert batch.chosen_index.tolist() == [4] and batch.rejected_index.tolist() == [5]
     mask = batch.attention_mask[0, 0].int()
-    assert mask[6].tolist() == [
-        1,
-        1,
-        1,
-        0,
-        0,
-        0,
-        1,
-        0,
-    ]  # rejected suffix sees the prefix, not chosen's suffix
-    assert mask[5].tolist() == [1, 1, 1, 1, 1, 1, 0, 0]  # chosen's EOS sees prefix + its own suffix
+    assert mask[5].tolist() == [1, 1, 1, 0, 0, 1]  # rejected suffix sees the prefix, not chosen's suffix
+    assert mask[4].tolist() == [1, 1, 1, 1, 1, 0]  # chosen's last token sees prefix + its own suffix
 
 
 def test_packing_puts_several_pairs_in_a_row_with_block_diagonal_masks():
-    batch = PackedCollator(pad_token_id=99, share_prefix=True, row_tokens=16)(PAIRS[:3])
-    assert batch.input_ids.shape[0] == 2  # 8 + 7 tokens fit one row of 16, the third pair starts a new row
+    batch = PackedCollator(pad_token_id=99, share_prefix=True, row_tokens=11)(PAIRS[:3])
+    assert batch.input_ids.shape[0] == 2  # 6 + 5 tokens fit one row of 11, the third pair starts a new row
     mask = batch.attention_mask[0, 0]
-    assert not mask[8:, :8].any() and not mask[:8, 8:].any()
-    assert batch.position_ids[0, 8:15].tolist() == [0, 1, 2, 0, 1, 2, 3]
+    assert not mask[6:, :6].any() and not mask[:6, 6:].any()
+    assert batch.position_ids[0, 6:11].tolist() == [0, 1, 0, 1, 2]
 
 
 @pytest.mark.parametrize(
@@ -98,8 +90,8 @@ def test_probe_accepts_gpt2_and_rejects_an_encoder(model, tiny_bert):
 
 
 def test_pair_cost():
-    assert pair_cost(PAIRS[0], share_prefix=True) == 3 + 3 + 2
-    assert pair_cost(PAIRS[0], share_prefix=False) == 2 * 6
+    assert pair_cost(PAIRS[0], share_prefix=True) == 3 + 2 + 1
+    assert pair_cost(PAIRS[0], share_prefix=False) == 2 * 5
 
 
 def test_grouped_batches_cover_every_pair_once_and_are_deterministic():
@@ -136,8 +128,8 @@ def _layout(base, **options):
 
     tokenizer = load_tokenizer(str(base))
     model = add_lora(load_base_model(str(base), tokenizer.pad_token_id, seed=0), dropout=0.0)
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    pairs = [EncodedPair([5, 6, 7, 8 + i, eos], [5, 6, 9, eos]) for i in range(6)]
+    end = [tokenizer.sep_token_id] if tokenizer.sep_token_id is not None else []  # an encoder's own suffix
+    pairs = [EncodedPair([5, 6, 7, 8 + i, *end], [5, 6, 9, *end]) for i in range(6)]
     from lora_rm.config import TrainConfig
 
     cfg = TrainConfig(base=str(base), dataset="unused.jsonl", batch_size=4, **options)

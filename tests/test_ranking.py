@@ -79,7 +79,7 @@ def test_rankings_expand_into_weighted_pairs_of_one_group(tiny_gpt2, loss, links
 
     def seq(row: int, k: int) -> list[int]:
         text = rows[row].fields["prompt"] + rows[row].fields["responses"][k]
-        return tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+        return tokenizer(text)["input_ids"]
 
     expected = [EncodedPair(seq(g, i), seq(g, j), 0.0, weight, g) for g in (0, 1) for i, j in links]
     assert pairs == expected

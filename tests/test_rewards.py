@@ -1,4 +1,4 @@
-"""lora_rm.rewards: one reward per row, read at the last attended token."""
+"""lora_rm.rewards: one reward per row, read at the token transformers' sequence classification reads."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ from lora_rm.encode import EncodedPair
 from lora_rm.rewards import compute_rewards
 
 
-def test_reward_is_read_at_the_last_real_token_when_pad_is_eos(tiny_gpt2):
+def test_reward_is_read_where_transformers_reads_it(tiny_gpt2):
     model, tokenizer = _model(tiny_gpt2, dropout=0.0)
     model.eval()
     eos = tokenizer.eos_token_id
-    short, long = [5, 6, eos], [5, 6, 7, 8, eos]
+    assert tokenizer.pad_token_id == eos
+    short, long = [5, 6], [5, 6, 7, 8]
     batch = PreferenceCollator(tokenizer.pad_token_id)([EncodedPair(short, long)])
-    assert batch.input_ids.tolist() == [[5, 6, eos, eos, eos], [5, 6, 7, 8, eos]]
+    assert batch.input_ids.tolist() == [[5, 6, eos, eos], [5, 6, 7, 8]]
     captured = []
     head = model.get_base_model().score
     handle = head.register_forward_hook(lambda _m, _i, out: captured.append(out))
@@ -30,12 +31,31 @@ def test_reward_is_read_at_the_last_real_token_when_pad_is_eos(tiny_gpt2):
         ]
     handle.remove()
     per_token = captured[0][..., 0]
-    # pooled index: position 2 (the EOS) for the padded row, 4 for the full row
-    assert rewards[0] == per_token[0, 2] and rewards[1] == per_token[1, 4]
+    # pooled index: position 1 for the padded row, 3 for the full row: the last real token of each
+    assert rewards[0] == per_token[0, 1] and rewards[1] == per_token[1, 3]
+    torch.testing.assert_close(rewards, builtin, rtol=0, atol=0)
     torch.testing.assert_close(rewards, torch.cat(alone), rtol=1e-5, atol=1e-6)
-    # transformers' own pooling searches for the rightmost non-pad id and so never reads an EOS == pad
-    assert builtin[1] == per_token[1, 3]
-    assert not torch.allclose(builtin, rewards)
+
+
+def test_attended_trailing_pad_ids_are_skipped_as_transformers_does(tiny_gpt2):
+    # a caller's own ids ending in EOS == pad, attended: transformers reads the token before them, so does lora_rm
+    model, tokenizer = _model(tiny_gpt2, dropout=0.0)
+    model.eval()
+    eos = tokenizer.eos_token_id
+    ids = torch.tensor([[5, 6, 7, eos, eos], [5, eos, 7, 8, 9]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        rewards = compute_rewards(model, ids, mask)
+        builtin = model(input_ids=ids, attention_mask=mask).logits[:, 0]
+        cut = compute_rewards(model, torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long))
+    torch.testing.assert_close(rewards, builtin, rtol=0, atol=0)
+    torch.testing.assert_close(rewards[:1], cut, rtol=1e-5, atol=1e-6)
+    # a row of pad ids only is read at its last attended token (transformers: position 0; no lora_rm
+    # sequence is ever like this, see test_encode)
+    with torch.no_grad():
+        only_pad = compute_rewards(model, torch.tensor([[eos, eos, 5]]), torch.tensor([[1, 1, 0]]))
+        first = compute_rewards(model, torch.tensor([[eos, eos]]), torch.tensor([[1, 1]]))
+    torch.testing.assert_close(only_pad, first)
 
 
 def test_empty_row_is_rejected(tiny_gpt2):

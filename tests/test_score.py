@@ -120,11 +120,14 @@ def test_score_takes_lists(adapter):
     assert adapter.score([], []) == []
 
 
-def test_implicit_format_tokenizes_the_joined_text(adapter):
-    joined = encode_sequences([PROMPTS[0]], [" sure"], adapter.tokenizer, 64, fmt="implicit")
-    assert joined == [adapter.tokenizer(PROMPTS[0] + " sure")["input_ids"] + [adapter.tokenizer.eos_token_id]]
+def test_score_tokenizes_the_joined_text(adapter):
+    joined = encode_sequences([PROMPTS[0]], [" sure"], adapter.tokenizer, 64)
+    assert joined == [adapter.tokenizer(PROMPTS[0] + " sure")["input_ids"]]
+    assert adapter.score_texts([PROMPTS[0] + " sure"]) == adapter.score([PROMPTS[0]], [" sure"])
 
 
-def test_prompts_must_match_the_training_format(adapter):
-    with pytest.raises(UserError, match="trained on text"):
+def test_chat_prompts_need_a_chat_template_and_no_mixing(adapter):
+    with pytest.raises(UserError, match="chat template"):
         adapter.score([[{"role": "user", "content": "hi"}]], [" sure"])
+    with pytest.raises(UserError, match="mix text and chat"):
+        adapter.score([PROMPTS[0], [{"role": "user", "content": "hi"}]], [" sure", " no"])

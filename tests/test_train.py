@@ -126,7 +126,7 @@ def test_base_unchanged_lora_and_head_moved(trained, tiny_gpt2):
 
 def _reward_batch(tokenizer):
     texts = ["question : how do i cook rice ? answer : sure first you should mix", "whatever go away"]
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    ids = [tokenizer(t)["input_ids"] for t in texts]
     return PreferenceCollator(tokenizer.pad_token_id)([EncodedPair(ids[0], ids[1])])
 
 

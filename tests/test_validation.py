@@ -186,7 +186,7 @@ def too_long(tmp: Path) -> Spec:
     path = write_jsonl(tmp / "long.jsonl", rows)
     return Spec(
         path,
-        [f"{path}:4: chosen: 12 tokens > max_length 8", "1 sequence(s) over the length limit"],
+        [f"{path}:4: chosen: 11 tokens > max_length 8", "1 sequence(s) over the length limit"],
         ("--length-policy", "error", "--max-length", "8"),
     )
 

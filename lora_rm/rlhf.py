@@ -1,0 +1,50 @@
+"""Hand a trained reward model to an RLHF loop: a reward function with TRL's `reward_funcs` signature."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lora_rm.encode import chat_text
+from lora_rm.errors import UserError
+from lora_rm.score import RewardModel
+
+
+def _is_chat(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def reward_function(
+    model: RewardModel | str | Path,
+    batch_size: int = 16,
+    normalize: bool = False,
+    name: str = "lora_rm_reward",
+    **load_kwargs: Any,
+) -> Callable[..., list[float]]:
+    """A function `f(prompts, completions, **kwargs) -> list[float]` for TRL's `GRPOTrainer`/`RLOOTrainer`
+    (`reward_funcs=[f]`): the reward of each completion to its prompt, as the model was trained to give it.
+
+    `model` is a RewardModel or a folder (adapter or merged; `load_kwargs` go to `RewardModel.from_pretrained`).
+    Plain prompts and completions are joined as text (`tokenizer(prompt + completion)`); conversational ones
+    (lists of messages) are rendered with the tokenizer's chat template, as TRL renders them for a reward
+    model. Rewards are computed in batches of `batch_size` on the model's device; `normalize` gives
+    (reward - mean) / std of the stored eval rewards. Other keyword arguments (TRL passes the dataset's
+    columns, `completion_ids`, `trainer_state`, ...) are ignored.
+    """
+    rm = model if isinstance(model, RewardModel) else RewardModel.from_pretrained(model, **load_kwargs)
+
+    def reward(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        chat = [_is_chat(p) for p in prompts]
+        if any(chat) and not all(chat):
+            raise UserError("prompts mix text and chat messages: give all as text or all as message lists")
+        if not any(chat):
+            return rm.score_texts([p + c for p, c in zip(prompts, completions)], batch_size, normalize)
+        texts = [chat_text(rm.tokenizer, p, c) for p, c in zip(prompts, completions)]
+        return rm.score_texts(texts, batch_size, normalize, chat=True)
+
+    reward.__name__ = reward.__qualname__ = name  # TRL logs each reward function under its __name__
+    reward.reward_model = rm  # type: ignore[attr-defined]
+    return reward

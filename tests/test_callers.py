@@ -1,0 +1,367 @@
+"""One reward, everywhere: the model lora_rm saves gives, in every caller a user plugs it into, the reward lora_rm
+trained, evaluated and scores (within 1e-4, fp32).
+
+Callers: lora_rm's RewardModel (adapter and merged), `AutoModelForSequenceClassification` (one text, and a
+right-padded batch), `pipeline("text-classification")`, `PeftModel` on the recorded base from another working
+directory, PEFT's `AutoPeftModelForSequenceClassification`, and TRL's `GRPOTrainer` reward computation (the saved
+model as a reward model, and `lora_rm.reward_function`). Tokenizers: GPT-2 (pad == EOS, trained on an 8-bit base,
+the default path), a Llama-style one that adds BOS, one with a distinct pad token, and a chat-template model. The
+other way round, an adapter trained by TRL's RewardTrainer is read by lora_rm exactly as transformers reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BAD, GOOD, PROMPTS, WORDS, preference_rows, write_jsonl
+
+import lora_rm
+from lora_rm.errors import UserError
+from lora_rm.score import RewardModel
+
+ATOL = 1e-4
+CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
+KINDS = ["gpt2", "llama_bos", "distinct_pad", "chat"]
+
+
+def _tokenizer(kind: str):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {
+        "gpt2": ["<|endoftext|>"],
+        "llama_bos": ["<unk>", "<s>", "</s>"],
+        "distinct_pad": ["<|endoftext|>", "<pad>"],
+        "chat": ["<unk>", "<|im_start|>", "<|im_end|>"],
+    }[kind]
+    words = sorted(set(WORDS) | {"user", "assistant"})
+    vocab = {t: i for i, t in enumerate(specials + words + ["?", ":", ".", ","])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials[0]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    names = {
+        "gpt2": {"eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
+        "llama_bos": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+        "distinct_pad": {"eos_token": "<|endoftext|>", "pad_token": "<pad>", "unk_token": "<|endoftext|>"},
+        "chat": {"eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "unk_token": "<unk>"},
+    }[kind]
+    if kind == "llama_bos":  # adds BOS to every text, as Llama's tokenizer does
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=64, **names)
+    if kind == "chat":
+        out.chat_template = CHAT_TEMPLATE
+    return out
+
+
+def _base(folder: Path, kind: str) -> Path:
+    """A tiny causal-LM checkpoint with the tokenizer of `kind` (as a hub base model is: no score head)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tok = _tokenizer(kind)
+    torch.manual_seed(0)
+    if kind in ("gpt2", "distinct_pad"):
+        config = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2)
+        model = GPT2LMHeadModel(config)
+    else:
+        config = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=64,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        model = LlamaForCausalLM(config)
+    folder.mkdir(parents=True)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _chat_rows(n: int) -> list[dict]:
+    return [
+        {
+            "prompt": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)].replace("question : ", "")}],
+            "chosen": [{"role": "assistant", "content": GOOD[i % len(GOOD)]}],
+            "rejected": [{"role": "assistant", "content": BAD[(i // 3) % len(BAD)]}],
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def run(request, tmp_path_factory):
+    """A base of one tokenizer kind, trained by lora_rm with a merged model; the base is given as a path
+    relative to the working directory, as a user types it."""
+    from lora_rm.config import TrainConfig
+    from lora_rm.train import train
+
+    kind = request.param
+    tmp = tmp_path_factory.mktemp(f"callers-{kind}")
+    base = _base(tmp / "bases" / kind, kind)
+    rows = _chat_rows(48) if kind == "chat" else preference_rows(48)
+    data = write_jsonl(tmp / "prefs.jsonl", rows)
+    cwd = os.getcwd()
+    os.chdir(tmp / "bases")
+    try:
+        cfg = TrainConfig(
+            base=kind,  # relative to the working directory
+            dataset=str(data),
+            output_dir=str(tmp / "run"),
+            quant="8bit" if kind == "gpt2" else "none",
+            batch_size=4,
+            gradient_accumulation_steps=2,
+            learning_rate=5e-3,
+            epochs=2,
+            eval_fraction=0.25,
+            lora_dropout=0.0,
+            precision="fp32",
+            seed=0,
+            merge=True,
+        )
+        result = train(cfg, log=lambda *_: None)
+    finally:
+        os.chdir(cwd)
+    prompts = [r["prompt"] for r in rows[:6]]
+    responses = [r["chosen"] if i % 2 else r["rejected"] for i, r in enumerate(rows[:6])]
+    if kind != "chat":  # a response ending in the EOS text: transformers never reads a trailing pad id
+        responses[0] = responses[0] + _tokenizer(kind).eos_token
+    else:
+        responses = [r[0]["content"] for r in responses]
+    rm = RewardModel.from_pretrained(result.adapter_dir, device="cpu", dtype=torch.float32)
+    return {
+        "kind": kind,
+        "base": base,
+        "result": result,
+        "rm": rm,
+        "prompts": prompts,
+        "responses": responses,
+        "reference": torch.tensor(rm.score(prompts, responses)),
+        "tmp": tmp,
+    }
+
+
+def _texts(run) -> list[str]:
+    """The texts as others see them: prompt + response, or the chat rendered with the template."""
+    tok = run["rm"].tokenizer
+    if run["kind"] == "chat":
+        return [
+            tok.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
+            for p, r in zip(run["prompts"], run["responses"])
+        ]
+    return [p + r for p, r in zip(run["prompts"], run["responses"])]
+
+
+def _encode(tokenizer, texts, kind, **kwargs):
+    # a rendered chat template holds its special tokens already (TRL and lora_rm tokenize it without adding them)
+    return tokenizer(texts, add_special_tokens=kind != "chat", return_tensors="pt", **kwargs)
+
+
+def _close(got, run, what: str) -> None:
+    torch.testing.assert_close(
+        torch.as_tensor(got, dtype=torch.float32).flatten(), run["reference"], rtol=0, atol=ATOL, msg=what
+    )
+
+
+def test_the_reference_is_what_training_evaluated(run):
+    # the eval lora_rm reports at the end of training is computed with these very rewards
+    assert run["result"].eval_metrics["n_pairs"] == 12
+    saved = json.loads((run["result"].adapter_dir / "lora_rm_config.json").read_text(encoding="utf-8"))
+    assert saved["sequence_format"] == 2
+    assert run["reference"].std() > 0
+
+
+def test_merged_model_through_lora_rm_transformers_and_pipeline(run):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    merged = run["result"].merged_dir
+    _close(
+        RewardModel.from_pretrained(merged, device="cpu").score(run["prompts"], run["responses"]),
+        run,
+        "merged",
+    )
+    model = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    tok = AutoTokenizer.from_pretrained(merged)
+    texts = _texts(run)
+    with torch.no_grad():
+        one_by_one = [model(**_encode(tok, [t], run["kind"])).logits[0, 0] for t in texts]
+        batch = _encode(tok, texts, run["kind"], padding=True)
+        assert tok.padding_side == "right" and bool((batch["attention_mask"] == 0).any())
+        padded = model(**batch).logits[:, 0]
+    _close(torch.stack(one_by_one), run, "transformers, one text")
+    _close(padded, run, "transformers, right-padded batch")
+    if run["kind"] != "chat":  # pipeline tokenizes with special tokens: for chat text it would add them again
+        pipe = pipeline("text-classification", model=str(merged), function_to_apply="none", device="cpu")
+        _close([o["score"] for o in pipe(texts, batch_size=4)], run, "pipeline")
+
+
+def test_adapter_through_peft_from_another_working_directory(run, tmp_path, monkeypatch):
+    from peft import AutoPeftModelForSequenceClassification, PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    adapter = run["result"].adapter_dir
+    recorded = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))[
+        "base_model_name_or_path"
+    ]
+    assert Path(recorded).is_absolute() and Path(recorded) == run["base"].resolve()
+    assert json.loads((adapter / "lora_rm_config.json").read_text(encoding="utf-8"))["base"] == recorded
+    monkeypatch.chdir(tmp_path)  # where the relative base path given in training means nothing
+    tok = AutoTokenizer.from_pretrained(adapter)
+    texts = _encode(tok, _texts(run), run["kind"], padding=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # GPT-2: PEFT's fan_in_fan_out note, for an adapter trained on int8
+        base = AutoModelForSequenceClassification.from_pretrained(
+            recorded, num_labels=1, pad_token_id=tok.pad_token_id
+        )
+        peft_model = PeftModel.from_pretrained(base, adapter).eval()
+        auto = AutoPeftModelForSequenceClassification.from_pretrained(
+            adapter, num_labels=1, pad_token_id=tok.pad_token_id
+        ).eval()
+    with torch.no_grad():
+        _close(peft_model(**texts).logits[:, 0], run, "PeftModel on the recorded base")
+        _close(auto(**texts).logits[:, 0], run, "AutoPeftModelForSequenceClassification")
+    _close(
+        RewardModel.from_pretrained(adapter, device="cpu").score(run["prompts"], run["responses"]), run, "cwd"
+    )
+
+
+def _grpo_rewards(run, tmp_path, reward_funcs):
+    """Rewards as TRL's GRPOTrainer computes them (its own `_calculate_rewards`), one column per function."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    prompts, responses = run["prompts"], run["responses"]
+    completions = (
+        [[{"role": "assistant", "content": r}] for r in responses] if run["kind"] == "chat" else responses
+    )
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "grpo"),
+        per_device_train_batch_size=2,
+        num_generations=2,
+        max_completion_length=4,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        logging_steps=1,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = GRPOTrainer(
+            model=str(run["base"]),
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+        )
+    inputs = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
+    ids = [run["rm"].tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
+    return trainer._calculate_rewards(inputs, prompts, completions, ids).cpu()
+
+
+def test_trl_grpo_gets_the_trained_reward(run, tmp_path):
+    rewards = _grpo_rewards(
+        run, tmp_path, [str(run["result"].merged_dir), lora_rm.reward_function(run["rm"], batch_size=4)]
+    )
+    _close(rewards[:, 1], run, "GRPOTrainer with lora_rm.reward_function")
+    if run["kind"] == "llama_bos":
+        # TRL tokenizes plain prompt + completion with add_special_tokens=False, so a reward model it loads
+        # itself never sees the BOS that tokenizer(text), pipeline and training put first: pass
+        # lora_rm.reward_function instead (README, "Use it elsewhere")
+        assert not torch.allclose(rewards[:, 0], run["reference"], atol=ATOL)
+    else:
+        _close(rewards[:, 0], run, "GRPOTrainer with the merged model as reward model")
+
+
+def test_reward_function_signature_and_normalization(run):
+    fn = lora_rm.reward_function(run["rm"])
+    assert fn.__name__ == "lora_rm_reward"
+    prompts = run["prompts"]
+    completions = (
+        [[{"role": "assistant", "content": r}] for r in run["responses"]]
+        if run["kind"] == "chat"
+        else run["responses"]
+    )
+    got = fn(
+        prompts=prompts, completions=completions, completion_ids=None, trainer_state=None, answer=["x"] * 6
+    )
+    _close(got, run, "reward_function")
+    if run["rm"].reward_stats:
+        mean, std = run["rm"].reward_stats["mean"], run["rm"].reward_stats["std"]
+        normalized = lora_rm.reward_function(run["rm"], normalize=True)(prompts, completions)
+        torch.testing.assert_close(
+            torch.tensor(normalized), (run["reference"] - mean) / std, atol=ATOL, rtol=0
+        )
+    with pytest.raises(ValueError, match="6 prompts but 5 completions"):
+        fn(prompts, completions[:5])
+
+
+def test_models_saved_under_the_old_rule_are_refused(trained_run, tmp_path):
+    import shutil
+
+    for name in ("adapter", "merged"):
+        old = shutil.copytree(getattr(trained_run, f"{name}_dir"), tmp_path / name)
+        config = json.loads((old / "lora_rm_config.json").read_text(encoding="utf-8"))
+        del config["sequence_format"]
+        (old / "lora_rm_config.json").write_text(json.dumps(config), encoding="utf-8")
+        with pytest.raises(UserError, match="older lora_rm that read the reward at an EOS"):
+            RewardModel.from_pretrained(old)
+        with pytest.raises(UserError, match="older lora_rm"):
+            lora_rm.load_reward_model(old) if name == "adapter" else lora_rm.reward_function(old)
+
+
+def test_an_adapter_trained_by_trl_is_read_as_transformers_reads_it(tiny_gpt2, tmp_path):
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2)
+    tok.pad_token = tok.eos_token
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_gpt2, num_labels=1, pad_token_id=tok.pad_token_id
+    )
+    rows = preference_rows(16)
+    args = RewardConfig(
+        output_dir=str(tmp_path / "trl"),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=5e-3,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        logging_steps=1,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = RewardTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tok,
+            peft_config=LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["c_attn"]),
+        )
+        trainer.train()
+    out = tmp_path / "trl-adapter"
+    trainer.save_model(str(out))
+    assert (out / "adapter_config.json").is_file() and not (out / "lora_rm_config.json").exists()
+    prompts, responses = [r["prompt"] for r in rows[:6]], [r["chosen"] for r in rows[:6]]
+    base = AutoModelForSequenceClassification.from_pretrained(
+        tiny_gpt2, num_labels=1, pad_token_id=tok.pad_token_id
+    )
+    reference = PeftModel.from_pretrained(base, out).eval()
+    batch = tok([p + r for p, r in zip(prompts, responses)], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = reference(**batch).logits[:, 0]
+    got = RewardModel.from_pretrained(out, device="cpu").score(prompts, responses, batch_size=4)
+    torch.testing.assert_close(torch.tensor(got), expected, rtol=0, atol=ATOL)
