@@ -64,14 +64,16 @@ def run_train(argv: list[str]) -> int:
     return 0
 
 
-def _model_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def _model_parser(prog: str, description: str, batch_size: int = 16) -> argparse.ArgumentParser:
     parser = Parser(prog=prog, description=description)
     parser.add_argument(
         "--model", required=True, help="an adapter folder (RUN/adapter) or merged model (RUN/merged)"
     )
     parser.add_argument("--base", help="base model for an adapter (default: the one recorded in the adapter)")
     parser.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default: 16)")
+    parser.add_argument(
+        "--batch-size", type=int, default=batch_size, help=f"sequences per forward (default: {batch_size})"
+    )
     return parser
 
 
@@ -178,6 +180,38 @@ def run_eval(argv: list[str]) -> int:
     return 0
 
 
+def run_serve(argv: list[str]) -> int:
+    from lora_rm.serve import Limits, listen_socket, require_serve_extra, serve
+
+    parser = _model_parser(
+        "lora-rm serve",
+        "Serve rewards over HTTP until SIGTERM or Ctrl-C: POST /get_reward (OpenRLHF's --remote_rm_url), "
+        "POST /score, GET /health. Needs `pip install lora_rm[serve]`.",
+        batch_size=32,
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (default: 8000)")
+    parser.add_argument(
+        "--normalize",
+        action="store_true",
+        help="serve (reward - mean) / std of the eval rewards stored with the model",
+    )
+    parser.add_argument(
+        "--max-request-texts", type=int, default=Limits.max_request_texts, help="texts or rows per request"
+    )
+    parser.add_argument(
+        "--max-text-chars", type=int, default=Limits.max_text_chars, help="characters per text or row"
+    )
+    args = parser.parse_args(argv)
+    require_serve_extra()
+    limits = Limits(args.max_request_texts, args.max_text_chars)
+    sock = listen_socket(args.host, args.port)  # a taken port fails before the model loads
+    model = _load(args)
+    if args.normalize:
+        model._normalizer()  # no stored statistics: refused now, not on every request
+    return serve(model, sock, args.batch_size, args.normalize, limits)
+
+
 def run_plan(argv: list[str]) -> int:
     from lora_rm.plan_report import plan_command
 
@@ -190,6 +224,7 @@ COMMANDS = {  # name: (function, one line for `lora-rm --help`)
     "compare": (run_compare, "score two responses to one prompt; which is preferred"),
     "eval": (run_eval, "evaluate a reward model on preference data: eval.json, calibration, plots"),
     "plan": (run_plan, "estimate training memory from a model config; what fits your GPU"),
+    "serve": (run_serve, "serve rewards over HTTP (OpenRLHF's --remote_rm_url, /score, /health)"),
 }
 
 
