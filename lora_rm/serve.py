@@ -294,11 +294,15 @@ def build_app(model: Any, batch_size: int = 32, normalize: bool = False, limits:
 def listen_socket(host: str, port: int) -> socket.socket:
     """A socket bound to host:port (port 0: a free one); UserError when the address is taken or invalid."""
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )[0]
+        # proto must say TCP: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets that do, and
+        # with it on every response waits ~40 ms for the client's delayed ACK.
+        sock = socket.socket(family, kind, proto)
         if os.name != "nt":  # on Windows SO_REUSEADDR would let two servers share a port
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        sock.bind(address)
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     return sock

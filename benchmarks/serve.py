@@ -1,0 +1,210 @@
+"""Reward-server throughput: `lora-rm serve` (concurrent requests batched into shared forwards) against a
+naive server, a FastAPI handler that calls `transformers.pipeline` on each request as it comes. Both are real
+uvicorn processes on the same model, device and torch threads; the clients are threads of this process, each
+sending `/get_reward` requests (OpenRLHF's protocol) one after the other.
+
+    python scripts/train_lora.py --config examples/quickstart.yaml      # writes runs/quickstart/merged
+    python benchmarks/serve.py                                          # the README table
+    python benchmarks/serve.py --smoke --model PATH                     # a few requests (CI)
+
+The naive handler is `async def`, like OpenRLHF's own `serve_rm`, so it scores one request at a time: a plain
+`def` handler would run pipelines from several threads at once, which a fast tokenizer does not allow
+("Already borrowed"). Texts are prompt + response from examples/data/prefs_eval.jsonl.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the handler's annotation (Request) at runtime.
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "examples" / "data" / "prefs_eval.jsonl"
+
+
+def baseline_server(model: str, port: int, device: str | None) -> int:
+    """The naive server: one pipeline call per request, rewards raw (no sigmoid, PITFALLS 17)."""
+    import torch
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from transformers import pipeline
+
+    from lora_rm.serve import listen_socket
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = pipeline("text-classification", model=model, device=device, function_to_apply="none")
+    app = FastAPI()
+
+    async def get_reward(request: Request) -> dict:
+        texts = (await request.json())["query"]
+        return {"rewards": [out["score"] for out in pipe(texts, function_to_apply="none")]}
+
+    app.post("/get_reward")(get_reward)
+    sock = listen_socket("127.0.0.1", port)
+    print(f"serving {model} on http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    return 0
+
+
+class Process:
+    """A server started in the background; its URL is read from the line it prints when ready."""
+
+    def __init__(self, cmd: list[str], log: Path, threads: int):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        self.log = log
+        with log.open("w", encoding="utf-8") as out:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def url(self, timeout: float = 300) -> str:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(
+                    f"server exited {self.proc.returncode}:\n{self.log.read_text(encoding='utf-8')}"
+                )
+            text = self.log.read_text(encoding="utf-8")
+            if "serving " in text:
+                url = text.split("serving ", 1)[1].split(" on ", 1)[1].split()[0]
+                try:
+                    httpx.post(url + "/get_reward", json={"query": ["warm up"]}, timeout=60)
+                    return url
+                except httpx.TransportError:
+                    pass
+            time.sleep(0.2)
+        raise SystemExit(f"server not ready after {timeout} s: {self.log}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def load_texts(n: int) -> list[str]:
+    rows = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
+    texts = [r["prompt"] + r[side] for r in rows for side in ("chosen", "rejected")]
+    return (texts * (n // len(texts) + 1))[:n]
+
+
+def measure(url: str, texts: list[str], concurrency: int, requests: int, per_request: int) -> dict:
+    """`requests` POSTs of `per_request` texts each from `concurrency` threads; requests/s and latencies."""
+    import httpx
+
+    latencies: list[float] = []
+    rewards: dict[str, float] = {}
+    errors: list[str] = []
+    counter = iter(range(requests))
+    lock = threading.Lock()
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=300) as http:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                batch = [texts[(i * per_request + j) % len(texts)] for j in range(per_request)]
+                start = time.perf_counter()
+                r = http.post("/get_reward", json={"query": batch})
+                latencies.append(time.perf_counter() - start)
+                if r.status_code != 200 or len(r.json()["rewards"]) != len(batch):
+                    errors.append(f"{r.status_code} {r.text[:200]}")
+                else:
+                    rewards.update(zip(batch, r.json()["rewards"]))
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    if errors:
+        raise SystemExit(f"{url}: {len(errors)} failed requests, first: {errors[0]}")
+    latencies.sort()
+    return {
+        "rps": requests / seconds,
+        "p50": statistics.median(latencies) * 1000,
+        "p99": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))] * 1000,
+        "rewards": rewards,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="runs/quickstart/merged", help="a merged model folder")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="client threads")
+    parser.add_argument("--requests", type=int, default=800, help="requests per concurrency level and server")
+    parser.add_argument("--texts-per-request", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32, help="lora-rm serve --batch-size")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads in each server (OMP_NUM_THREADS)"
+    )
+    parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    parser.add_argument("--smoke", action="store_true", help="concurrency 1 and 4, 40 requests each (CI)")
+    parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.baseline_server:
+        return baseline_server(args.model, args.port, args.device)
+    if args.smoke:
+        args.concurrency, args.requests = [1, 4], 40
+    if not (Path(args.model) / "config.json").is_file():
+        raise SystemExit(
+            f"{args.model}: no merged model; run `python scripts/train_lora.py --config examples/quickstart.yaml`"
+        )
+
+    import tempfile
+
+    device = ["--device", args.device] if args.device else []
+    tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    ours = Process(
+        [sys.executable, "-m", "lora_rm.cli", "serve", "--model", args.model, "--port", "0",
+         "--batch-size", str(args.batch_size), *device],
+        tmp / "lora-rm-serve.log", args.threads,
+    )  # fmt: skip
+    naive = Process(
+        [sys.executable, __file__, "--baseline-server", "--model", args.model, *device],
+        tmp / "baseline.log",
+        args.threads,
+    )
+    try:
+        urls = {"lora-rm serve": ours.url(), "naive pipeline": naive.url()}
+        texts = load_texts(max(400, args.requests * args.texts_per_request))
+        results = {}
+        for c in args.concurrency:  # the two servers alternate, so a change in machine load hits both
+            for name, url in urls.items():
+                measure(url, texts, c, max(c, args.requests // 10), args.texts_per_request)  # warm-up
+                results[name, c] = measure(url, texts, c, args.requests, args.texts_per_request)
+    finally:
+        ours.stop()
+        naive.stop()
+
+    print(
+        f"{args.model}: {args.requests} requests of {args.texts_per_request} text(s) per level, "
+        f"lora-rm serve --batch-size {args.batch_size}, {args.threads} torch thread(s) per server, "
+        f"device {args.device or 'default'}\n"
+    )
+    print("| server | concurrency | requests/s | p50 latency (ms) | p99 latency (ms) | vs naive |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for c in args.concurrency:
+        for name in urls:
+            r, base = results[name, c], results["naive pipeline", c]
+            print(
+                f"| {name} | {c} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | "
+                f"{r['rps'] / base['rps']:.2f}x |"
+            )
+    a, b = results["lora-rm serve", args.concurrency[0]], results["naive pipeline", args.concurrency[0]]
+    diff = max(abs(a["rewards"][t] - b["rewards"][t]) for t in a["rewards"] if t in b["rewards"])
+    print(f"\nmax |reward difference| between the two servers over the same texts: {diff:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
