@@ -127,18 +127,21 @@ def measure(url: str, texts: list[str], concurrency: int, requests: int, per_req
     seconds = time.perf_counter() - start
     if errors:
         raise SystemExit(f"{url}: {len(errors)} failed requests, first: {errors[0]}")
-    latencies.sort()
-    return {
-        "rps": requests / seconds,
-        "p50": statistics.median(latencies) * 1000,
-        "p99": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))] * 1000,
-        "rewards": rewards,
-    }
+    return {"rps": requests / seconds, "latencies": latencies, "rewards": rewards}
+
+
+def summary(runs: list[dict]) -> dict:
+    """The median requests/s of the repeats, and latency percentiles over all their requests (ms)."""
+    latencies = sorted(x * 1000 for run in runs for x in run["latencies"])
+    p99 = latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]
+    return {"rps": statistics.median(r["rps"] for r in runs), "p50": statistics.median(latencies), "p99": p99}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="runs/quickstart/merged", help="a merged model folder")
+    parser.add_argument(
+        "--model", default=str(ROOT / "runs" / "quickstart" / "merged"), help="a merged model"
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="client threads")
     parser.add_argument("--requests", type=int, default=800, help="requests per concurrency level and server")
     parser.add_argument("--texts-per-request", type=int, default=1)
@@ -147,15 +150,19 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=1, help="torch threads in each server (OMP_NUM_THREADS)"
     )
     parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
-    parser.add_argument("--smoke", action="store_true", help="concurrency 1 and 4, 40 requests each (CI)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs of each level; requests/s is their median"
+    )
+    parser.add_argument("--smoke", action="store_true", help="concurrency 1 and 4, 40 requests, 1 run (CI)")
     parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.baseline_server:
         return baseline_server(args.model, args.port, args.device)
     if args.smoke:
-        args.concurrency, args.requests = [1, 4], 40
-    if not (Path(args.model) / "config.json").is_file():
+        args.concurrency, args.requests, args.repeats = [1, 4], 40, 1
+    args.model = os.path.relpath(Path(args.model).resolve(), ROOT)  # the servers run in ROOT
+    if not (ROOT / args.model / "config.json").is_file():
         raise SystemExit(
             f"{args.model}: no merged model; run `python scripts/train_lora.py --config examples/quickstart.yaml`"
         )
@@ -177,17 +184,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         urls = {"lora-rm serve": ours.url(), "naive pipeline": naive.url()}
         texts = load_texts(max(400, args.requests * args.texts_per_request))
-        results = {}
-        for c in args.concurrency:  # the two servers alternate, so a change in machine load hits both
-            for name, url in urls.items():
-                measure(url, texts, c, max(c, args.requests // 10), args.texts_per_request)  # warm-up
-                results[name, c] = measure(url, texts, c, args.requests, args.texts_per_request)
+        runs: dict[tuple[str, int], list[dict]] = {(name, c): [] for name in urls for c in args.concurrency}
+        for _ in range(args.repeats):  # the servers alternate, so a change in machine load hits both
+            for c in args.concurrency:
+                for name, url in urls.items():
+                    measure(url, texts, c, max(c, args.requests // 10), args.texts_per_request)  # warm-up
+                    runs[name, c].append(measure(url, texts, c, args.requests, args.texts_per_request))
     finally:
         ours.stop()
         naive.stop()
 
     print(
-        f"{args.model}: {args.requests} requests of {args.texts_per_request} text(s) per level, "
+        f"{args.model}: {args.requests} requests of {args.texts_per_request} text(s) per level and run, "
+        f"{args.repeats} run(s), "
         f"lora-rm serve --batch-size {args.batch_size}, {args.threads} torch thread(s) per server, "
         f"device {args.device or 'default'}\n"
     )
@@ -195,13 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|---:|")
     for c in args.concurrency:
         for name in urls:
-            r, base = results[name, c], results["naive pipeline", c]
+            r, base = summary(runs[name, c]), summary(runs["naive pipeline", c])
             print(
                 f"| {name} | {c} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | "
                 f"{r['rps'] / base['rps']:.2f}x |"
             )
-    a, b = results["lora-rm serve", args.concurrency[0]], results["naive pipeline", args.concurrency[0]]
-    diff = max(abs(a["rewards"][t] - b["rewards"][t]) for t in a["rewards"] if t in b["rewards"])
+    a, b = (runs[name, args.concurrency[0]][0]["rewards"] for name in urls)
+    diff = max(abs(a[t] - b[t]) for t in a if t in b)
     print(f"\nmax |reward difference| between the two servers over the same texts: {diff:.2e}")
     return 0
 

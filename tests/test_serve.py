@@ -182,6 +182,7 @@ def test_every_bad_request_is_refused_with_its_reason_and_the_next_good_one_serv
     assert main.proc.poll() is None
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows has no SIGTERM to send: terminate() kills")
 def test_sigterm_drains_requests_in_flight_and_exits_0(servers, model):
     _, drain = servers
     texts = [TEXTS[i % len(TEXTS)] for i in range(300)]  # 300 forwards of one: about a second a request
@@ -257,3 +258,13 @@ def test_chat_prompts_go_to_the_model_as_message_lists():
         assert r.status_code == 422 and "trained on chat messages" in r.json()["error"]
         r = http.post("/score", json={"prompts": [[{"role": "robot", "content": "x"}]], "responses": ["a"]})
         assert r.status_code == 422 and "unknown role" in r.json()["error"]
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_smoke_sized(trained_run):
+    bench = subprocess.run(
+        [sys.executable, "benchmarks/serve.py", "--smoke", "--model", str(trained_run.merged_dir)],
+        cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bench.returncode == 0, bench.stdout + bench.stderr
+    assert "| lora-rm serve | 4 |" in bench.stdout and "| naive pipeline | 4 |" in bench.stdout
