@@ -1,7 +1,7 @@
 """Reward-server throughput: `lora-rm serve` (concurrent requests batched into shared forwards) against a
 naive server, a FastAPI handler that calls `transformers.pipeline` on each request as it comes. Both are real
-uvicorn processes on the same model, device and torch threads; the clients are threads of this process, each
-sending `/get_reward` requests (OpenRLHF's protocol) one after the other.
+uvicorn processes on the same model, device and torch threads; the clients are asyncio tasks of this process,
+each sending `/get_reward` requests (OpenRLHF's protocol) one after the other.
 
     python scripts/train_lora.py --config examples/quickstart.yaml      # writes runs/quickstart/merged
     python benchmarks/serve.py                                          # the README table
@@ -19,7 +19,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -93,38 +92,36 @@ def load_texts(n: int) -> list[str]:
 
 
 def measure(url: str, texts: list[str], concurrency: int, requests: int, per_request: int) -> dict:
-    """`requests` POSTs of `per_request` texts each from `concurrency` threads; requests/s and latencies."""
+    """`requests` POSTs of `per_request` texts each, `concurrency` at a time (one asyncio client, so client
+    threads do not fight over the GIL); requests/s, latencies, and the rewards by text."""
+    import asyncio
+
     import httpx
 
     latencies: list[float] = []
     rewards: dict[str, float] = {}
     errors: list[str] = []
     counter = iter(range(requests))
-    lock = threading.Lock()
 
-    def client() -> None:
-        with httpx.Client(base_url=url, timeout=300) as http:
-            while True:
-                with lock:
-                    i = next(counter, None)
-                if i is None:
-                    return
-                batch = [texts[(i * per_request + j) % len(texts)] for j in range(per_request)]
-                start = time.perf_counter()
-                r = http.post("/get_reward", json={"query": batch})
-                latencies.append(time.perf_counter() - start)
-                if r.status_code != 200 or len(r.json()["rewards"]) != len(batch):
-                    errors.append(f"{r.status_code} {r.text[:200]}")
-                else:
-                    rewards.update(zip(batch, r.json()["rewards"]))
+    async def client(http: httpx.AsyncClient) -> None:
+        for i in counter:  # shared: each request is sent once, by whichever client is free
+            batch = [texts[(i * per_request + j) % len(texts)] for j in range(per_request)]
+            start = time.perf_counter()
+            r = await http.post("/get_reward", json={"query": batch})
+            latencies.append(time.perf_counter() - start)
+            if r.status_code != 200 or len(r.json()["rewards"]) != len(batch):
+                errors.append(f"{r.status_code} {r.text[:200]}")
+            else:
+                rewards.update(zip(batch, r.json()["rewards"]))
 
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - start
+    async def run() -> float:
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
+            start = time.perf_counter()
+            await asyncio.gather(*(client(http) for _ in range(concurrency)))
+            return time.perf_counter() - start
+
+    seconds = asyncio.run(run())
     if errors:
         raise SystemExit(f"{url}: {len(errors)} failed requests, first: {errors[0]}")
     return {"rps": requests / seconds, "latencies": latencies, "rewards": rewards}
