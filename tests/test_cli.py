@@ -193,7 +193,7 @@ def test_main_help_and_unknown_command(capsys):
     assert main(["--help"]) == 0
     assert main(["-h"]) == 0
     assert main(["fit"]) == 2
-    assert "usage: lora-rm {train,score,compare,eval,plan}" in capsys.readouterr().err
+    assert "usage: lora-rm {train,score,compare,eval,plan,serve}" in capsys.readouterr().err
 
 
 def test_lora_rm_help_lists_every_command(capsys):
