@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import signal
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,11 @@ def log_training(run: Run, grad_norm: Any, bar: Any) -> None:
         "skipped_steps": run.state.skipped_steps,
     }
     bar.set_postfix(loss=f"{summary['loss']:.4f}", acc=f"{summary['accuracy']:.3f}")
+    if bar.disable:  # no bar (a log file, not a terminal): one plain line per --logging-steps instead
+        run.log(
+            f"step {run.state.step}/{run.total_steps}: loss {summary['loss']:.4f}, "
+            f"accuracy {summary['accuracy']:.3f}, lr {record['lr']:.3g}"
+        )
     record_metrics(run.accelerator, run.metrics_path, record)
     run.state.stats = PairStats()
 
@@ -151,10 +157,11 @@ def stop_requests():
 def progress_bar(run: Run):
     from tqdm.auto import tqdm
 
+    # a bar redraws itself with carriage returns: in a terminal only; a log file gets plain lines
     bar = tqdm(
         total=run.total_steps,
         initial=run.state.step,
-        disable=not run.accelerator.is_main_process,
+        disable=not (run.accelerator.is_main_process and sys.stderr.isatty()),
         desc="train",
         dynamic_ncols=True,
     )
