@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -234,7 +235,6 @@ def test_adapter_through_peft_from_another_working_directory(run, tmp_path, monk
 
 def _grpo_rewards(run, tmp_path, reward_funcs):
     """Rewards as TRL's GRPOTrainer computes them (its own `_calculate_rewards`), one column per function."""
-    pytest.importorskip("trl")
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -317,7 +317,6 @@ def test_models_saved_under_the_old_rule_are_refused(trained_run, tmp_path):
 
 
 def test_an_adapter_trained_by_trl_is_read_as_transformers_reads_it(tiny_gpt2, tmp_path):
-    pytest.importorskip("trl")
     from datasets import Dataset
     from peft import LoraConfig, PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -365,3 +364,11 @@ def test_an_adapter_trained_by_trl_is_read_as_transformers_reads_it(tiny_gpt2, t
         expected = reference(**batch).logits[:, 0]
     got = RewardModel.from_pretrained(out, device="cpu").score(prompts, responses, batch_size=4)
     torch.testing.assert_close(torch.tensor(got), expected, rtol=0, atol=ATOL)
+
+
+def test_the_package_never_imports_trl():
+    # TRL is a test dependency (the dev extra): lora_rm's reward function only has TRL's signature
+    root = Path(lora_rm.__file__).parent
+    assert not [
+        p.name for p in root.glob("*.py") if re.search(r"^\s*(from|import) trl\b", p.read_text(), re.M)
+    ]
