@@ -75,8 +75,9 @@ def hub_load_error(name: str, e: Exception, what: str) -> UserError:
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     """A fast tokenizer with a pad token: many decoders (GPT-2, Llama) ship without one.
 
-    The fallback pad is EOS. That is safe here because padding is on the right and rewards are
-    pooled from the attention mask, never by searching for the pad id (see `compute_rewards`).
+    The fallback pad is EOS, as TRL and most reward-model code set it, and it is saved with the model, so every
+    caller pads and pools the same way: the reward is read at the last token that is not the pad id (so a
+    trailing EOS is never read; `lora_rm.encode` builds no sequence ending in one). Padding is on the right.
     """
     from transformers import AutoTokenizer
 
