@@ -15,9 +15,9 @@ from lora_rm.batch import (
     plan_grouped_batches,
 )
 from lora_rm.config import TrainConfig
-from lora_rm.encode import EncodedPair
+from lora_rm.encode import EncodedPair, common_prefix_len
 from lora_rm.errors import UserError
-from lora_rm.rewards import packed_layout_works
+from lora_rm.rewards import LayoutProbe, probe_packed_layout
 
 
 @dataclass
@@ -59,24 +59,31 @@ def choose_layout(
 ) -> Layout:
     """The layout for this model and config.
 
-    Causal decoders that pass `packed_layout_works` get the prompt shared and several pairs per row (one pair
-    per row with `packing=off`); other models fall back to plain padded rows (said once in the log).
+    Causal decoders whose packed rewards match plain ones up to their own batch-to-batch noise
+    (`lora_rm.rewards.probe_packed_layout`; LLM.int8 bases have such noise) get the prompt shared and several
+    pairs per row (one pair per row with `packing=off`); other models fall back to plain padded rows. The
+    log line gives the probe's two numbers either way.
     Forcing a mode on for a model that cannot take it is a UserError.
     """
     wanted = {name: getattr(cfg, name) for name in ("share_prefix", "packing")}
-    works = any(v != "off" for v in wanted.values()) and packed_layout_works(model, pairs[:4], pad_token_id)
+    probe = None
+    if any(v != "off" for v in wanted.values()):
+        probe = probe_packed_layout(model, probe_pairs(pairs), pad_token_id)
+    works = probe is not None and probe.exact
     forced = [name for name, v in wanted.items() if v == "on" and not works]
     if forced:
         raise UserError(
             f"{' and '.join(forced)} forced on, but {cfg.base} does not give the same rewards with a "
-            "4D attention mask (encoders and some architectures cannot); use auto or off"
+            f"4D attention mask ({describe(probe)}; encoders and some architectures cannot); use auto or off"
         )
     share = works and wanted["share_prefix"] != "off"
     # auto packs whenever the prompt is shared: on GPT-2 small it is faster and leaner than one pair per row
     # (README, Speed); rows hold up to max_length tokens, a longer pair sits alone in its row
     packed = works and (wanted["packing"] == "on" or (wanted["packing"] == "auto" and share))
     if not works and any(v == "auto" for v in wanted.values()):
-        log(f"layout: {cfg.base} cannot take prefix-shared rows (4D mask); using plain padded rows")
+        log(
+            f"layout: {cfg.base} cannot take prefix-shared rows (4D mask; {describe(probe)}); using plain padded rows"
+        )
     if share or packed:
         collator: Any = PackedCollator(
             pad_token_id, share_prefix=share, row_tokens=max_length if packed else None
@@ -98,5 +105,27 @@ def choose_layout(
         f"layout: {'packed ' if packed else ''}{'prefix-shared' if share else 'plain'} rows, "
         f"{'length-grouped ' if layout.grouped else ''}"
         f"{'token-budget' if cfg.max_tokens_per_batch else 'pair-count'} batches"
+        + (f" ({describe(probe)})" if works else "")
     )
     return layout
+
+
+def probe_pairs(pairs: list[EncodedPair], n: int = 4, among: int = 64) -> list[EncodedPair]:
+    """The pairs the layout probe scores: the `n` shortest of the first `among` (a cheap probe), those that
+    share a prefix first (the case the layout changes)."""
+    return sorted(
+        pairs[:among],
+        key=lambda p: (common_prefix_len(p.chosen, p.rejected) == 0, len(p.chosen) + len(p.rejected)),
+    )[:n]
+
+
+def describe(probe: LayoutProbe | None) -> str:
+    """The probe's numbers for the log: how far packed rewards are from plain ones, and the noise floor."""
+    if probe is None:
+        return "not probed"
+    if probe.packed_diff == float("inf"):
+        return "the model rejects it"
+    return (
+        f"packed vs plain rewards max |diff| {probe.packed_diff:.1e}, "
+        f"noise floor between plain batchings {probe.noise_floor:.1e}"
+    )

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_rm.batch import PackedCollator, PreferenceCollator, pair_cost, plan_grouped_batches
+from lora_rm import rewards
+from lora_rm.batch import PackedBatch, PackedCollator, PreferenceCollator, pair_cost, plan_grouped_batches
 from lora_rm.encode import EncodedPair
 from lora_rm.loss import pairwise_loss
 from lora_rm.model import add_lora, load_base_model, load_tokenizer
-from lora_rm.rewards import packed_layout_works, pair_rewards
+from lora_rm.rewards import packed_layout_works, pair_rewards, probe_packed_layout, within_noise
 
 EOS = 0
 MAX_LEN = 64  # the tiny model's n_positions
@@ -89,6 +90,44 @@ def test_probe_accepts_gpt2_and_rejects_an_encoder(model, tiny_bert):
     assert not packed_layout_works(bert, pairs, tokenizer.pad_token_id)
 
 
+@pytest.mark.parametrize(
+    "packed_diff, noise_floor, scale, exact",
+    [
+        (1e-7, 0.0, 1.0, True),  # fp32: no batch noise, packed equal to rounding
+        (1.9e-3, 0.0, 1.0, True),  # within 2e-3 of the reward scale
+        (2.1e-3, 0.0, 1.0, False),  # ... and no further without noise
+        (0.08, 0.08, 1.0, True),  # int8: packed deviates as much as another plain batching does
+        (0.24, 0.08, 1.0, True),  # up to 3x the floor (+ 2e-3 x scale)
+        (0.25, 0.08, 1.0, False),
+        (0.78, 0.08, 1.0, False),  # a mask ignored: ~10x the floor
+        (float("inf"), 0.1, 1.0, False),  # the model raised on packed rows
+    ],
+)
+def test_packed_is_judged_against_the_noise_floor(packed_diff, noise_floor, scale, exact):
+    assert within_noise(packed_diff, noise_floor, scale) is exact
+
+
+@pytest.mark.parametrize("packed_noise, accepted", [(0.05, True), (2.0, False)])
+def test_probe_measures_batch_to_batch_noise(monkeypatch, model, packed_noise, accepted):
+    """A model whose rewards move by up to 0.05 in every batch (as LLM.int8's do): packed rows that move
+    like plain ones pass, packed rows that move far more do not."""
+    generator = torch.Generator().manual_seed(0)
+    exact_rewards = rewards.pair_rewards
+
+    def noisy(model, batch):
+        amplitude = packed_noise if isinstance(batch, PackedBatch) else 0.05
+        return tuple(
+            r + amplitude * (2 * torch.rand(r.shape, generator=generator) - 1)
+            for r in exact_rewards(model, batch)
+        )
+
+    monkeypatch.setattr(rewards, "pair_rewards", noisy)
+    probe = probe_packed_layout(model, PAIRS[:4], EOS)
+    assert probe.noise_floor > 0.01  # measured, not assumed
+    assert probe.packed_diff > rewards.SCALE_EPSILON * probe.scale  # a fixed tolerance would refuse both
+    assert probe.exact is accepted
+
+
 def test_pair_cost():
     assert pair_cost(PAIRS[0], share_prefix=True) == 3 + 2 + 1
     assert pair_cost(PAIRS[0], share_prefix=False) == 2 * 5
@@ -121,13 +160,13 @@ def test_token_budget_is_respected(packed):
     assert sorted(i for b in batches for i in b) == list(range(300))
 
 
-def _layout(base, **options):
+def _layout(base, quant="none", **options):
     from lora_rm.encode import EncodedPair
     from lora_rm.layout import choose_layout
     from lora_rm.model import add_lora, load_base_model, load_tokenizer
 
     tokenizer = load_tokenizer(str(base))
-    model = add_lora(load_base_model(str(base), tokenizer.pad_token_id, seed=0), dropout=0.0)
+    model = add_lora(load_base_model(str(base), tokenizer.pad_token_id, quant=quant, seed=0), dropout=0.0)
     end = [tokenizer.sep_token_id] if tokenizer.sep_token_id is not None else []  # an encoder's own suffix
     pairs = [EncodedPair([5, 6, 7, 8 + i, *end], [5, 6, 9, *end]) for i in range(6)]
     from lora_rm.config import TrainConfig
@@ -138,13 +177,18 @@ def _layout(base, **options):
     return layout.collator, layout.epoch_batches, lines
 
 
-def test_causal_decoders_default_to_packed_prefix_shared_rows(tiny_gpt2):
+@pytest.mark.parametrize("quant", ["none", "8bit"])
+def test_causal_decoders_default_to_packed_prefix_shared_rows(tiny_gpt2, quant):
     from lora_rm.batch import PackedCollator
 
-    collator, plan_epoch, lines = _layout(tiny_gpt2)
+    collator, plan_epoch, lines = _layout(tiny_gpt2, quant)
     assert isinstance(collator, PackedCollator)
     assert (collator.share_prefix, collator.row_tokens) == (True, 48)  # rows of up to max_length tokens
-    assert "layout: packed prefix-shared rows, length-grouped pair-count batches" in lines
+    line = next(line for line in lines if line.startswith("layout:"))
+    assert line.startswith(
+        "layout: packed prefix-shared rows, length-grouped pair-count batches (packed vs plain"
+    )
+    assert "noise floor between plain batchings" in line
     assert sorted(i for batch in plan_epoch(0) for i in batch) == list(range(6))
 
 
@@ -172,6 +216,6 @@ def test_encoders_fall_back_to_plain_rows_and_refuse_forced_packing(tiny_bert):
 
     collator, _, lines = _layout(tiny_bert)
     assert isinstance(collator, PreferenceCollator)
-    assert any("cannot take prefix-shared rows" in line for line in lines)
+    assert any("cannot take prefix-shared rows (4D mask; the model rejects it)" in line for line in lines)
     with pytest.raises(UserError, match="packing forced on"):
         _layout(tiny_bert, packing="on")
