@@ -17,7 +17,7 @@ from lora_rm.config import TrainConfig, check_against_model
 from lora_rm.encode import EncodedPair, default_max_length
 from lora_rm.errors import UserError
 from lora_rm.model import check_quantization, load_tokenizer, resolve_base
-from lora_rm.optim import resolve_precision
+from lora_rm.optim import choose_precision
 from lora_rm.prepare import prepare_pairs
 
 # Options a resume may change freely: they do not change what is trained, or (data paths, split) what
@@ -109,12 +109,14 @@ def check_inputs(cfg: TrainConfig, log: Any) -> Inputs:
 
     cfg = dataclasses.replace(cfg, base=resolve_base(cfg.base))  # recorded so it loads from anywhere
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    mixed_precision = resolve_precision(cfg.precision, device_type)
+    mixed_precision, why = choose_precision(cfg.precision, device_type, cfg.quant)
     check_quantization(cfg.quant, device_type)
     trackers = None if cfg.report_to == "none" else tracker(cfg.report_to)
     processes = PartialState(cpu=device_type == "cpu")  # rank and world only; no precision yet
     check_distributed(processes.distributed_type)
     log = log if processes.is_main_process else (lambda *_a, **_k: None)
+    if cfg.precision == "auto":
+        log(f"precision: {'fp32' if mixed_precision == 'no' else mixed_precision} ({why})")
     set_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.base, cfg.revision, cfg.trust_remote_code)
