@@ -20,7 +20,17 @@ from lora_rm.errors import UserError
 from lora_rm.guards import guarded_step
 from lora_rm.loss import PairStats, batch_losses
 from lora_rm.rewards import pair_rewards
-from lora_rm.run import Run, log_evaluation, log_training, progress_bar, save, stop_requested, stop_requests
+from lora_rm.run import (
+    Run,
+    learning_check_step,
+    log_evaluation,
+    log_training,
+    progress_bar,
+    save,
+    stop_requested,
+    stop_requests,
+    warn_if_not_learning,
+)
 
 
 class TrainingStopped(Exception):
@@ -39,6 +49,7 @@ def fit(run: Run) -> dict[str, Any]:
     """
     cfg, accelerator, model, optimizer, state = run.cfg, run.accelerator, run.model, run.optimizer, run.state
     last_eval: dict[str, Any] = {}
+    check_at, early = learning_check_step(run), PairStats()  # "not learning" is said after a tenth of the run
     model.train()
     with stop_requests() as stop, progress_bar(run) as bar:
         for window in accumulation_windows(run):
@@ -53,6 +64,8 @@ def fit(run: Run) -> dict[str, Any]:
                 except torch.cuda.OutOfMemoryError:  # the same pairs in smaller micro-batches: same gradient
                     split_micro_batches(run, window)
             state.stats = merge_stats(state.stats, window_stats)
+            if check_at is not None and state.step < check_at:
+                early = merge_stats(early, window_stats)
 
             # one optimizer step (clipped); a non-finite loss, gradient or updated weight would poison the
             # weights: the step is dropped (the weights stay as they were), and counted
@@ -67,6 +80,8 @@ def fit(run: Run) -> dict[str, Any]:
             bar.update(1)
 
             last = state.step >= run.total_steps
+            if state.step == check_at:
+                warn_if_not_learning(run, early)
             if state.step % cfg.logging_steps == 0 or last:
                 log_training(run, grad_norm, bar)
             if run.eval_pairs and (state.step % cfg.eval_steps == 0 or last):

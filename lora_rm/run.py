@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import signal
 import sys
 import threading
@@ -20,7 +21,7 @@ from lora_rm.config import TrainConfig
 from lora_rm.encode import EncodedPair
 from lora_rm.evaluate import evaluate
 from lora_rm.layout import Layout
-from lora_rm.loss import PairStats
+from lora_rm.loss import PairStats, loss_near_chance
 
 
 @dataclass
@@ -86,6 +87,28 @@ def log_training(run: Run, grad_norm: Any, bar: Any) -> None:
         )
     record_metrics(run.accelerator, run.metrics_path, record)
     run.state.stats = PairStats()
+
+
+def learning_check_step(run: Run, min_steps: int = 3) -> int | None:
+    """The step after which `warn_if_not_learning` looks: a tenth of the run, at least `min_steps`; None
+    when that is the run's end (the final evaluation says it then) or the run was resumed."""
+    step = max(min_steps, math.ceil(run.total_steps / 10))
+    return step if step < run.total_steps and run.state.step == 0 else None
+
+
+def warn_if_not_learning(run: Run, stats: PairStats) -> None:
+    """Log one warning, with the change to make, when the training pairs so far (`stats`) have a loss
+    within a hair of ln 2 and margins near 0: the model gives chosen and rejected the same reward, and the
+    rest of the run would most likely end the same way (the most reported reward-model failure)."""
+    summary = stats.summary()
+    if not (loss_near_chance(summary["loss"], 0.005) and abs(summary["mean_margin"]) < 0.05):
+        return
+    lr = run.cfg.learning_rate
+    run.log(
+        f"warning: after {run.state.step} of {run.total_steps} steps the training loss is {summary['loss']:.4f} "
+        f"(ln 2 = 0.6931) and the mean margin {summary['mean_margin']:.4f}: the model is not learning. Stop "
+        f"and rerun with a higher --learning-rate (now {lr:g}; try {10 * lr:g})"
+    )
 
 
 def log_evaluation(run: Run) -> dict[str, Any]:

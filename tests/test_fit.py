@@ -16,7 +16,7 @@ from lora_rm.encode import EncodedPair
 from lora_rm.errors import UserError
 from lora_rm.fit import accumulation_windows, merge_stats, micro_batches, split_micro_batches
 from lora_rm.loss import PairStats
-from lora_rm.run import LoopState, stop_requested
+from lora_rm.run import LoopState, learning_check_step, stop_requested, warn_if_not_learning
 from lora_rm.train import train
 
 
@@ -149,3 +149,47 @@ def test_bad_input_builds_no_accelerator(tmp_path, tiny_gpt2, monkeypatch):
     with pytest.raises(UserError, match="no such file"):
         train(cfg, log=lambda *_: None)
     assert not (tmp_path / "bf16").exists()
+
+
+@pytest.mark.parametrize(
+    "total, start, expected", [(100, 0, 10), (20, 0, 3), (3, 0, None), (100, 5, None), (1000, 0, 100)]
+)
+def test_the_learning_check_comes_after_a_tenth_of_the_run(total, start, expected):
+    assert learning_check_step(_run(LoopState(step=start), total_steps=total)) == expected
+
+
+@pytest.mark.parametrize(
+    "loss, margin_sum, warned",
+    [(0.6931, 0.0, True), (0.690, 0.04, True), (0.68, 0.0, False), (0.6931, 0.4, False), (0.3, 6.0, False)],
+)
+def test_not_learning_is_said_with_the_change_to_make(loss, margin_sum, warned):
+    lines: list[str] = []
+    run = _run(LoopState(step=10))
+    run.log = lines.append
+    warn_if_not_learning(run, PairStats(n_pairs=4, loss_sum=4 * loss, margin_sum=margin_sum))
+    assert bool(lines) is warned
+    if warned:
+        assert "after 10 of 100 steps the training loss is" in lines[0]
+        assert "higher --learning-rate (now 0.0001; try 0.001)" in lines[0]
+
+
+def test_a_run_with_a_tiny_learning_rate_is_told_early(tmp_path, tiny_gpt2, monkeypatch):
+    import sys
+
+    train_module = sys.modules["lora_rm.train"]  # `lora_rm.train` is also the function
+
+    def small_head(*args, **kwargs):  # a head that starts near 0 (as real models' often do): loss ~ln 2
+        model = load_base_model(*args, **kwargs)
+        with torch.no_grad():
+            model.score.weight.mul_(1e-3)
+        return model
+
+    load_base_model = train_module.load_base_model
+    monkeypatch.setattr(train_module, "load_base_model", small_head)
+    lines: list[str] = []
+    train(
+        _cfg(tmp_path, tiny_gpt2, "fp32", max_steps=20, learning_rate=1e-9, logging_steps=100),
+        log=lines.append,
+    )
+    warnings = [line for line in lines if "the model is not learning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: after 3 of 20 steps")
