@@ -83,13 +83,26 @@ def run_lora_rm(name: str, base: Path, rows: list[dict], args) -> dict:
 
     tokenizer = load_tokenizer(str(base))
     pairs, _ = encode_pairs([Row(f"hh:{i}", r) for i, r in enumerate(rows)], "implicit", tokenizer, 1024)
-    precision = resolve_precision(args.precision, args.device)
+    precision = resolve_precision(args.precision, args.device, args.quant)
     accelerator = Accelerator(mixed_precision=precision, cpu=args.device == "cpu")
-    model = load_base_model(str(base), tokenizer.pad_token_id, quant="none", seed=0)
+    quantized = args.quant != "none"  # loaded as lora_rm.train.set_up loads it
+    model = load_base_model(
+        str(base),
+        tokenizer.pad_token_id,
+        quant=args.quant,
+        dtype={"bf16": torch.bfloat16}.get(precision, torch.float32) if quantized else torch.float32,
+        seed=0,
+        device_map={"": 0} if quantized and args.device.startswith("cuda") else None,
+    )
     checkpointing = name.endswith("-ckpt")
     name = name.removesuffix("-ckpt")
     model = add_lora(
-        model, r=16, alpha=32, dropout=0.0, target_modules=["c_attn"], gradient_checkpointing=checkpointing
+        model,
+        r=16,
+        alpha=32,
+        dropout=0.0,
+        target_modules=args.target_modules,
+        gradient_checkpointing=checkpointing,
     )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -186,7 +199,9 @@ def _manual_loop_setup(base_model, args):
     from lora_rm.model import add_lora
     from lora_rm.optim import resolve_precision
 
-    model = add_lora(base_model, r=16, alpha=32, dropout=0.0, target_modules=["c_attn"]).to(args.device)
+    model = add_lora(base_model, r=16, alpha=32, dropout=0.0, target_modules=args.target_modules).to(
+        args.device
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     precision = resolve_precision(args.precision, args.device)
     autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -286,7 +301,7 @@ def run_trl(base: Path, rows: list[dict], args, checkpointing: bool = True) -> d
         gradient_checkpointing=checkpointing,  # RewardConfig's default is True
     )
     peft_config = LoraConfig(
-        task_type=TaskType.SEQ_CLS, r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["c_attn"]
+        task_type=TaskType.SEQ_CLS, r=16, lora_alpha=32, lora_dropout=0.0, target_modules=args.target_modules
     )
     data = Dataset.from_list([{"chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
     trainer = RewardTrainer(
@@ -351,6 +366,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--quant", default="none", choices=["none", "8bit", "4bit"], help="the base of lora_rm's rows"
+    )
+    parser.add_argument(
+        "--target-modules", nargs="+", default=["c_attn"], help="LoRA targets (Llama: q_proj v_proj)"
+    )
     parser.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--cache-dir", default="/tmp/lora_rm_bench")
     parser.add_argument("--run", help=argparse.SUPPRESS)
@@ -386,7 +407,8 @@ def print_table(results: dict, args) -> None:
     any_r = next(iter(results.values()))
     print(
         f"\n{any_r['pairs']} HH pairs, batch {args.batch_size} pairs/step, device {args.device}, "
-        f"precision {_precision(any_r)}, {args.threads} threads, LoRA r=16 on c_attn, GPT-2 small\n"
+        f"precision {_precision(any_r)}, {args.threads} threads, LoRA r=16 on {' '.join(args.target_modules)}, "
+        f"{args.base or 'GPT-2 small'}, lora_rm rows' base quantization {args.quant}\n"
     )
     memory = "peak CUDA memory allocated" if "peak_cuda_mb" in any_r else "peak RSS"
     print(f"| configuration | pairs/s | real tokens/s | padding | {memory} (MB) | vs TRL | vs seed |")
