@@ -3,6 +3,10 @@
 #
 #   benchmarks/gpu.sh --fetch-wheels          # here, with network: wheels of what the device image lacks -> .whl/
 #   benchmarks/gpu.sh [SMOLLM2_DIR]           # there, from the repo root (the device tool carries .whl)
+#
+# SMOLLM2_DIR needs only config.json and the tokenizer files (the weights, 270 MB, cannot be carried): without
+# *.safetensors the model is built with random weights of that shape (throughput and memory do not depend on
+# the values).
 #   benchmarks/gpu.sh --dry-run [SMOLLM2_DIR] # print the commands only (CPU, CI)
 #
 # Parts, each under its own time limit (a part that fails or runs out of time is reported, the rest still run):
@@ -29,9 +33,11 @@ case "${1:-}" in
 esac
 SMOLLM2="${1:-}"
 CACHE="${CACHE:-/tmp/lora_rm_bench}"
-PY=python3
+PY="${PY:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 FAILED=()
+LOGS=$(mktemp -d)
+PARTS=0
 
 part() { # part NAME SECONDS COMMAND...: run with a time limit; a failure is noted, not fatal
     local name=$1 limit=$2
@@ -41,7 +47,14 @@ part() { # part NAME SECONDS COMMAND...: run with a time limit; a failure is not
     echo "\$ $*"
     ((DRY)) && return 0
     local start=$SECONDS rc=0
-    timeout --kill-after=10 "$limit" "$@" || rc=$?
+    set +e
+    PARTS=$((PARTS + 1))
+    local log
+    log="$LOGS/$(printf %02d "$PARTS")"
+    echo "$name" >"$log.name"
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$log.log"
+    rc=${PIPESTATUS[0]}
+    set -e
     echo "($name: exit $rc, $((SECONDS - start)) s)"
     if ((rc != 0)); then FAILED+=("$name (exit $rc$([[ $rc == 124 ]] && echo ', timed out'))"); fi
     return 0
@@ -58,43 +71,76 @@ install_missing() {
     fi
     echo "missing: ${missing[*]}"
     ls .whl/*.whl >/dev/null 2>&1 || { echo "no .whl/ folder: run benchmarks/gpu.sh --fetch-wheels here first"; return 1; }
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    timeout 40 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 }
 
 echo "## lora_rm GPU check ($(date -u +%F))"
 if ((DRY == 0)); then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-    part install 90 install_missing
-    export PYTHONPATH="$PYTHONPATH:/tmp/site"  # after the image's own packages: only what it lacks
+    echo "### install (limit 40s)"
+    install_missing || FAILED+=("install")
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"  # the carried wheels: only installed when something is missing
     $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.__version__, torch.cuda.get_device_name())"
 fi
 
 # GPT-2 small, random weights (throughput.py builds it once in $CACHE from GPT2Config and GPT-2's BPE)
 GPT2_ROWS=(seed trl plain packed)
-part "throughput: GPT-2 small, bf16" 150 \
+part "throughput: GPT-2 small, bf16" 100 \
     $PY benchmarks/throughput.py --pairs 64 --batch-size 8 --precision bf16 --cache-dir "$CACHE" --only "${GPT2_ROWS[@]}"
-part "throughput: GPT-2 small, lora_rm on an 8-bit base" 75 \
+part "throughput: GPT-2 small, lora_rm on an 8-bit base" 50 \
     $PY benchmarks/throughput.py --pairs 64 --batch-size 8 --precision bf16 --cache-dir "$CACHE" --quant 8bit \
     --only plain packed
+if [[ -n "$SMOLLM2" ]] && ! ls "$SMOLLM2"/*.safetensors >/dev/null 2>&1; then
+    part "SmolLM2-135M: random weights of its shape" 30 $PY -c "
+import shutil, sys, torch
+from pathlib import Path
+from transformers import AutoConfig, AutoModelForCausalLM
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+torch.manual_seed(0)
+AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src)).save_pretrained(dst)
+for f in src.iterdir():
+    if f.name.startswith(('tokenizer', 'special_tokens', 'vocab', 'merges', 'chat_template')):
+        shutil.copy(f, dst / f.name)
+" "$SMOLLM2" "$CACHE/smollm2-random"
+    SMOLLM2="$CACHE/smollm2-random"
+fi
 if [[ -n "$SMOLLM2" ]]; then
     LLAMA=(--base "$SMOLLM2" --target-modules q_proj v_proj --pairs 64 --batch-size 8 --precision bf16 --cache-dir "$CACHE")
-    part "throughput: SmolLM2-135M, bf16" 90 $PY benchmarks/throughput.py "${LLAMA[@]}" --only trl plain packed
-    part "throughput: SmolLM2-135M, lora_rm on an 8-bit base" 60 \
+    part "throughput: SmolLM2-135M, bf16" 60 $PY benchmarks/throughput.py "${LLAMA[@]}" --only trl plain packed
+    part "throughput: SmolLM2-135M, lora_rm on an 8-bit base" 45 \
         $PY benchmarks/throughput.py "${LLAMA[@]}" --quant 8bit --only plain packed
 fi
 
 # the planner's estimate next to the measured peak (random weights of each model's shape)
 PLAN_BASE="$CACHE/gpt2-small-random"
-part "plan vs measured: GPT-2 small, 8bit" 45 \
-    $PY scripts/check_plan.py --base "$PLAN_BASE" --quant 8bit --max-length 1024 --batch-size 2
-part "plan vs measured: GPT-2 small, none (bf16)" 45 \
-    $PY scripts/check_plan.py --base "$PLAN_BASE" --quant none --max-length 1024 --batch-size 2
-if [[ -n "$SMOLLM2" ]]; then
-    part "plan vs measured: SmolLM2-135M, 8bit, checkpointing" 45 \
-        $PY scripts/check_plan.py --base "$SMOLLM2" --quant 8bit --max-length 1024 --batch-size 4 --gradient-checkpointing
-fi
+PLAN=(
+    "GPT-2 small, 8bit, 2 pairs x 1024 tokens|--base $PLAN_BASE --quant 8bit --max-length 1024 --batch-size 2"
+    "GPT-2 small, bf16 base, 2 pairs x 1024 tokens|--base $PLAN_BASE --quant none --max-length 1024 --batch-size 2"
+)
+[[ -n "$SMOLLM2" ]] && PLAN+=(
+    "SmolLM2-135M, 8bit, checkpointing, 4 pairs x 1024 tokens|--base $SMOLLM2 --quant 8bit --max-length 1024 --batch-size 4 --gradient-checkpointing"
+)
+for row in "${PLAN[@]}"; do
+    # shellcheck disable=SC2086  # the options are words
+    part "plan: ${row%%|*}" 25 $PY scripts/check_plan.py ${row#*|} --json
+done
+((DRY)) || $PY - "$LOGS" <<'TABLE'
+import json, sys
+from pathlib import Path
+print("\n| configuration | estimated tensors (GiB) | max_memory_allocated (GiB) | estimate / measured | estimated total | device used (GiB) |")
+print("|---|---:|---:|---:|---:|---:|")
+for name in sorted(Path(sys.argv[1]).glob("*.name")):
+    label = name.read_text().strip()
+    if not label.startswith("plan: "):
+        continue
+    log = name.with_suffix(".log")
+    for r in [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]:
+        est, got = r["estimated_tensors_gib"], r["measured_peak_allocated_gib"]
+        label = label.removeprefix("plan: ")
+        print(f"| {label} | {est:.2f} | {got:.2f} | {est / got:.2f} | {r['estimated_total_gib']:.2f} | {r['measured_device_used_gib']:.2f} |")
+TABLE
 
-part "pytest -m gpu" 120 $PY -m pytest -q -p no:randomly -m gpu tests
+part "pytest -m gpu" 75 $PY -m pytest -q -p no:randomly -m gpu tests
 
 echo
 if ((${#FAILED[@]})); then
