@@ -12,8 +12,8 @@ import torch
 from lora_rm.atomic import staged
 from lora_rm.batch import PreferenceCollator
 from lora_rm.encode import EncodedPair
-from lora_rm.model import CONFIG_FILE, load_reward_model
 from lora_rm.rewards import compute_rewards
+from lora_rm.saved import CONFIG_FILE, load_reward_model
 
 __all__ = ["CONFIG_FILE", "merge_adapter", "save_adapter"]
 

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from lora_rm.checkpoint import fingerprint, resume_checkpoint
-from lora_rm.config import TrainConfig, check_against_model
+from lora_rm.config import TrainConfig
 from lora_rm.encode import EncodedPair, default_max_length
-from lora_rm.errors import UserError
+from lora_rm.errors import UserError, problems_message
 from lora_rm.model import check_quantization, load_tokenizer, resolve_base
 from lora_rm.optim import choose_precision
 from lora_rm.prepare import prepare_pairs
@@ -81,6 +81,44 @@ def check_distributed(distributed_type: Any) -> None:
             f"accelerate is set up for {name}, which lora_rm's training loop does not support; "
             "use DDP (distributed_type: MULTI_GPU) or FSDP (examples/accelerate/)"
         )
+
+
+# Models whose learned position table starts after the pad index (RoBERTa's padding_idx + 1 offset).
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "ernie_m")
+CPU_4BIT_BLOCK = 64  # bitsandbytes packs NF4 weights for its CPU kernel in blocks of 64 inputs
+
+
+def model_positions(model_config: Any) -> int | None:
+    """How many positions the model's position table holds, or None if it does not say."""
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            if getattr(model_config, "model_type", "") in _OFFSET_POSITIONS:
+                value -= (getattr(model_config, "pad_token_id", None) or 0) + 1
+            return value
+    return None
+
+
+def check_against_model(cfg: TrainConfig, model_config: Any, device_type: str) -> None:
+    """Raise a UserError for options this model or device cannot run: checked before anything is written,
+    where they would otherwise fail mid-run (an IndexError on the first long pair, a RuntimeError at eval)."""
+    problems = []
+    positions = model_positions(model_config)
+    if cfg.max_length is not None and positions is not None and cfg.max_length > positions:
+        problems.append(
+            f"max_length: must be in [4, {positions}] for {cfg.base} (its position table), got {cfg.max_length}"
+        )
+    hidden = next(
+        (getattr(model_config, n) for n in ("hidden_size", "n_embd", "d_model") if hasattr(model_config, n)),
+        None,
+    )
+    if cfg.quant == "4bit" and device_type == "cpu" and isinstance(hidden, int) and hidden % CPU_4BIT_BLOCK:
+        problems.append(
+            f"quant: 4bit on CPU needs a hidden size that is a multiple of {CPU_4BIT_BLOCK} (bitsandbytes packs "
+            f"NF4 weights for CPU in blocks of {CPU_4BIT_BLOCK}); {cfg.base} has {hidden}. Use --quant none or 8bit"
+        )
+    if problems:
+        raise UserError(problems_message("Invalid configuration:", problems))
 
 
 @dataclass

@@ -1,10 +1,9 @@
-"""Load a base model as a one-output reward model, add LoRA; load a trained adapter back for scoring."""
+"""Load a base model as a one-output reward model (tokenizer, quantization, fused GELU) and add LoRA; loading a
+saved folder back is `lora_rm.saved`."""
 
 from __future__ import annotations
 
-import json
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,34 +16,6 @@ HEAD_NAMES = ("score", "classifier")  # decoders name their head `score`, encode
 # Kept out of int8: a quantized head breaks PEFT's trainable copy of it ("'Parameter' has no attribute 'CB'"),
 # and BERT's pooler / DistilBERT's pre_classifier feed the head directly.
 KEEP_FULL_PRECISION = [*HEAD_NAMES, "pooler", "pre_classifier"]
-
-
-CONFIG_FILE = "lora_rm_config.json"  # the resolved run config, saved beside every adapter and merged model
-# Version of the sequence rule in `lora_rm.encode`. 2: the text as `tokenizer(text)` gives it, read at its last
-# non-pad token, as transformers reads it. Models saved before (no version) had an EOS appended and were read
-# there, a token transformers, pipeline and TRL skip whenever pad == EOS.
-SEQUENCE_FORMAT = 2
-
-
-def check_sequence_format(folder: str | Path) -> None:
-    """Refuse a model folder that lora_rm saved under an older sequence rule: every reader would misread it.
-
-    Folders without lora_rm's config (a model trained by TRL's RewardTrainer or any plain transformers
-    reward model) pass: they are read exactly as transformers reads them.
-    """
-    path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
-        return
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if saved.get("sequence_format") != SEQUENCE_FORMAT:
-        raise UserError(
-            f"{folder}: saved by an older lora_rm that read the reward at an EOS it appended, a token that "
-            "transformers, pipeline and TRL skip when pad == EOS, so its rewards would be misread everywhere. "
-            "Retrain it with this version (the same command), or score it with lora_rm 0.1"
-        )
 
 
 def resolve_base(name: str) -> str:
@@ -273,51 +244,3 @@ def add_lora(
         if p.requires_grad:
             p.data = p.data.float()
     return model
-
-
-def load_reward_model(
-    adapter_dir: str | Path,
-    base: Any = None,
-    quant: str = "none",
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device | None = None,
-) -> tuple[Any, Any]:
-    """Load a trained adapter (LoRA + reward head) onto a base; return (model, tokenizer) ready to score.
-
-    `base` is a hub id, a local path, an already loaded `AutoModelForSequenceClassification`, or None
-    to use the base recorded in the adapter. The model is returned in eval mode.
-    Raises UserError when the folder holds no adapter or the base cannot be loaded.
-    """
-    from peft import PeftModel
-
-    adapter_dir = Path(adapter_dir)
-    config_path = adapter_dir / "adapter_config.json"
-    if not config_path.is_file():
-        raise UserError(f"{adapter_dir}: no adapter_config.json; expected a PEFT adapter folder")
-    check_sequence_format(adapter_dir)
-    recorded = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    # lora_rm saves the tokenizer with the adapter; TRL's RewardTrainer usually does; else it is the base's
-    has_tokenizer = any((adapter_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    if has_tokenizer:
-        tokenizer = load_tokenizer(str(adapter_dir))
-    elif isinstance(base, (str, Path)) or (base is None and recorded):
-        tokenizer = load_tokenizer(str(base or recorded))
-    elif base is not None:
-        tokenizer = load_tokenizer(base.config.name_or_path)
-    else:
-        raise UserError(f"{adapter_dir}: no tokenizer in the folder and no base recorded; pass base=")
-    if base is None or isinstance(base, (str, Path)):
-        if not (base or recorded):
-            raise UserError(f"{adapter_dir}: adapter_config.json records no base model; pass --base / base=")
-        base = load_base_model(str(base or recorded), tokenizer.pad_token_id, quant=quant, dtype=dtype)
-    else:
-        head_name(base)
-        base.config.pad_token_id = tokenizer.pad_token_id
-        fuse_gelu(base)  # the activation training used: same rewards to the last bit
-    with warnings.catch_warnings():
-        # An adapter trained on an int8 GPT-2 (Linear) meets Conv1D here; PEFT flips fan_in_fan_out, as it should.
-        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
-        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-    if device is not None and not getattr(model, "is_quantized", False):
-        model.to(device)
-    return model.eval(), tokenizer

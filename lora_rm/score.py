@@ -24,13 +24,8 @@ from lora_rm.data import Row, load_rows
 from lora_rm.encode import default_max_length, encode_rows, encode_sequences, encode_texts
 from lora_rm.errors import UserError, problems_message
 from lora_rm.evaluate import STATS_FILE, sequence_rewards, write_full_eval
-from lora_rm.model import (
-    CONFIG_FILE,
-    check_sequence_format,
-    load_base_model,
-    load_reward_model,
-    load_tokenizer,
-)
+from lora_rm.model import load_base_model, load_tokenizer
+from lora_rm.saved import CONFIG_FILE, check_sequence_format, load_reward_model
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -22,10 +22,11 @@ from lora_rm.fit import fit
 from lora_rm.inputs import Inputs, check_inputs
 from lora_rm.layout import choose_layout
 from lora_rm.loss import loss_near_chance
-from lora_rm.model import SEQUENCE_FORMAT, add_lora, load_base_model
+from lora_rm.model import add_lora, load_base_model
 from lora_rm.optim import build_optimizer
 from lora_rm.outdir import claim_output_dir, clear_previous_run
 from lora_rm.run import LoopState, Run, trim_metrics
+from lora_rm.saved import SEQUENCE_FORMAT
 
 
 @dataclass

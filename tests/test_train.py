@@ -18,9 +18,10 @@ from lora_rm.config import TrainConfig
 from lora_rm.encode import EncodedPair
 from lora_rm.errors import UserError
 from lora_rm.fit import backward_window
-from lora_rm.model import add_lora, load_base_model, load_reward_model, load_tokenizer
+from lora_rm.model import add_lora, load_base_model, load_tokenizer
 from lora_rm.optim import resolve_precision
 from lora_rm.rewards import compute_rewards
+from lora_rm.saved import load_reward_model
 from lora_rm.train import train
 
 ROOT = Path(__file__).parents[1]
