@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lora_rm.config import TrainConfig, read_config_file, resolve_aliases
+from lora_rm.config import TrainConfig
+from lora_rm.config_file import read_config_file, resolve_aliases
 from lora_rm.errors import UserError
 from lora_rm.fit import TrainingStopped
 from lora_rm.flags import Parser, add_config_flags

@@ -9,7 +9,8 @@ import typing
 from collections.abc import Iterable
 from typing import Any
 
-from lora_rm.config import ALIASES, FLAG_ALIASES, TrainConfig, config_fields
+from lora_rm.config import TrainConfig, config_fields
+from lora_rm.config_file import ALIASES, FLAG_ALIASES
 
 
 def parse_bool(text: str) -> bool:
