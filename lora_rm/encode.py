@@ -91,28 +91,50 @@ class _Text:
     core: list[int]
     suffix: list[int]
     prompt_len: int = 0
+    cut_chars: int = 0  # characters dropped from the left before tokenizing (a text far over max_length)
 
 
-def _tokenize_texts(tokenizer: Any, texts: list[str], chat: bool) -> list[_Text]:
+# A text longer than this many characters per token of max_length loses characters from its left before it is
+# tokenized: its kept tail is the same (the cut lies thousands of tokens before it), and a 50 MB row no longer
+# costs gigabytes of token objects. No tokenizer of note has tokens this long on average.
+CHARS_PER_TOKEN_CAP = 128
+
+
+def _char_cap(max_length: int | None) -> int | None:
+    return None if max_length is None else max_length * CHARS_PER_TOKEN_CAP + 4096
+
+
+def _tokenize_texts(
+    tokenizer: Any, texts: list[str], chat: bool, max_length: int | None = None
+) -> list[_Text]:
     """Tokenize full texts as callers of the saved model do: plain text with the tokenizer's special tokens,
-    rendered chat text without (the template already holds them; adding them again doubles BOS)."""
+    rendered chat text without (the template already holds them; adding them again doubles BOS). A text far
+    over `max_length` tokens is cut from the left first (`CHARS_PER_TOKEN_CAP`)."""
     if not texts:
         return []
+    cap = _char_cap(max_length)
+    cuts = [max(0, len(t) - cap) if cap else 0 for t in texts]
+    shown = [t[c:] for t, c in zip(texts, cuts)]
+    out = []
     if chat:
         bos = getattr(tokenizer, "bos_token_id", None)
-        out = []
-        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        for ids, text, cut in zip(tokenizer(shown, add_special_tokens=False)["input_ids"], texts, cuts):
+            if cut and bos is not None:  # the template's BOS, where the cut text lost it
+                ids = tokenizer(text[:64], add_special_tokens=False)["input_ids"][:1] + ids
             keep = 1 if bos is not None and ids[:1] == [bos] else 0  # the template's BOS survives truncation
-            out.append(_Text(ids[:keep], ids[keep:], []))
-        return out
-    prefix, suffix = special_tokens(tokenizer)
-    out = []
-    for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]:
-        head = prefix if ids[: len(prefix)] == prefix else []
-        tail = (
-            suffix if suffix and len(ids) > len(head) + len(suffix) and ids[-len(suffix) :] == suffix else []
-        )
-        out.append(_Text(head, ids[len(head) : len(ids) - len(tail)], tail))
+            out.append(_Text(ids[:keep], ids[keep:], [], cut_chars=cut))
+    else:
+        prefix, suffix = special_tokens(tokenizer)
+        for ids, cut in zip(tokenizer(shown, add_special_tokens=True)["input_ids"], cuts):
+            head = prefix if ids[: len(prefix)] == prefix else []
+            tail = (
+                suffix
+                if suffix and len(ids) > len(head) + len(suffix) and ids[-len(suffix) :] == suffix
+                else []
+            )
+            out.append(_Text(head, ids[len(head) : len(ids) - len(tail)], tail, cut_chars=cut))
+    if any(t.cut_chars and len(t.core) <= max_length for t in out):  # tokens over 128 characters: be exact
+        return _tokenize_texts(tokenizer, texts, chat)
     return out
 
 
@@ -120,6 +142,11 @@ def _with_prompt_len(texts: list[_Text], prompts: list[list[int]]) -> list[_Text
     for t, p in zip(texts, prompts):
         t.prompt_len = common_prefix_len(p, t.core)
     return texts
+
+
+def _prompt_ids(tokenizer: Any, prompts: list[str], sides: list[_Text]) -> list[list[int]]:
+    """Token ids of each prompt, or of the part of it left in its side's text after a character cut."""
+    return _ids(tokenizer, [p[t.cut_chars :] for p, t in zip(prompts, sides)])
 
 
 def _fit(text: _Text, max_length: int, pad_token_id: int | None) -> tuple[list[int], str | None]:
@@ -172,13 +199,17 @@ def _check_budget(tokenizer: Any, max_length: int) -> None:
         raise UserError(f"max_length {max_length} leaves no room for text after the special tokens")
 
 
-def _over(text: _Text, max_length: int) -> int:
-    """How many tokens `text` has when it is longer than `max_length`, else 0."""
+def _over(text: _Text, max_length: int) -> str:
+    """How many tokens `text` has when it is longer than `max_length` ("" when it fits)."""
     n = len(text.prefix) + len(text.core) + len(text.suffix)
-    return n if n > max_length else 0
+    if text.cut_chars:
+        return f"more than {n} tokens"
+    return f"{n} tokens" if n > max_length else ""
 
 
-def _pair_texts(rows: list[Row], fmt: str, tokenizer: Any) -> tuple[list[_Text], list[_Text]]:
+def _pair_texts(
+    rows: list[Row], fmt: str, tokenizer: Any, max_length: int
+) -> tuple[list[_Text], list[_Text]]:
     """The chosen and rejected texts of each row, tokenized whole, with the prompt's share of each."""
     chat = fmt == "conversational"
     if chat:
@@ -193,10 +224,17 @@ def _pair_texts(rows: list[Row], fmt: str, tokenizer: Any) -> tuple[list[_Text],
     else:
         texts_c = [r.fields["chosen"] for r in rows]
         texts_r = [r.fields["rejected"] for r in rows]
-    side_c, side_r = _tokenize_texts(tokenizer, texts_c, chat), _tokenize_texts(tokenizer, texts_r, chat)
+    side_c = _tokenize_texts(tokenizer, texts_c, chat, max_length)
+    side_r = _tokenize_texts(tokenizer, texts_r, chat, max_length)
     if fmt == "explicit":
-        prompts = _ids(tokenizer, [r.fields["prompt"] for r in rows])
-        return _with_prompt_len(side_c, prompts), _with_prompt_len(side_r, prompts)
+        prompts = [r.fields["prompt"] for r in rows]
+        if not any(t.cut_chars for t in side_c + side_r):  # the common case: one tokenization of the prompts
+            ids = _ids(tokenizer, prompts)
+            return _with_prompt_len(side_c, ids), _with_prompt_len(side_r, ids)
+        return (
+            _with_prompt_len(side_c, _prompt_ids(tokenizer, prompts, side_c)),
+            _with_prompt_len(side_r, _prompt_ids(tokenizer, prompts, side_r)),
+        )
     # the prompt is the longest common token prefix of the two texts
     shared = [c.core[: common_prefix_len(c.core, r.core)] for c, r in zip(side_c, side_r)]
     return _with_prompt_len(side_c, shared), _with_prompt_len(side_r, shared)
@@ -211,10 +249,10 @@ def encode_pairs(
     with a side over `max_length` tokens.
     """
     _check_budget(tokenizer, max_length)
-    side_c, side_r = _pair_texts(rows, fmt, tokenizer)
+    side_c, side_r = _pair_texts(rows, fmt, tokenizer, max_length)
     if policy == "error":
         too_long = [
-            f"{row.where}: {side}: {n} tokens > max_length {max_length}"
+            f"{row.where}: {side}: {n} > max_length {max_length}"
             for row, tc, tr in zip(rows, side_c, side_r)
             for side, n in (("chosen", _over(tc, max_length)), ("rejected", _over(tr, max_length)))
             if n
@@ -247,13 +285,13 @@ def encode_rankings(
     Pairs whose sides become identical are dropped and counted as in `encode_pairs`.
     """
     _check_budget(tokenizer, max_length)
-    prompts = _ids(tokenizer, [r.fields["prompt"] for r in rows])
     report, pairs, too_long = LengthReport(), [], []
-    for group, (row, prompt) in enumerate(zip(rows, prompts)):
+    for group, row in enumerate(rows):
         texts = [row.fields["prompt"] + r for r in row.fields["responses"]]
-        sides = _with_prompt_len(_tokenize_texts(tokenizer, texts, chat=False), [prompt] * len(texts))
+        sides = _tokenize_texts(tokenizer, texts, False, max_length)
+        sides = _with_prompt_len(sides, _prompt_ids(tokenizer, [row.fields["prompt"]] * len(texts), sides))
         too_long += [
-            f"{row.where}: responses[{k}]: {n} tokens > max_length {max_length}"
+            f"{row.where}: responses[{k}]: {n} > max_length {max_length}"
             for k, t in enumerate(sides)
             if (n := _over(t, max_length))
         ]
@@ -295,7 +333,7 @@ def encode_texts(
     chat template, tokenized without adding special tokens again), cut to `max_length` from the left."""
     _check_budget(tokenizer, max_length)
     pad = tokenizer.pad_token_id
-    return [_fit(t, max_length, pad)[0] for t in _tokenize_texts(tokenizer, list(texts), chat)]
+    return [_fit(t, max_length, pad)[0] for t in _tokenize_texts(tokenizer, list(texts), chat, max_length)]
 
 
 def chat_text(tokenizer: Any, prompt: list[dict[str, str]], response: Any, where: str = "sequence") -> str:

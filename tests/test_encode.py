@@ -458,3 +458,28 @@ def test_default_max_length_of_tiny_models(tiny_gpt2, tiny_bert, gpt2_tok, bert_
     assert default_max_length(AutoConfig.from_pretrained(str(tiny_bert)), bert_tok) == 64
     # the position limit alone, when the tokenizer has none (transformers' "very large" sentinel)
     assert default_max_length(AutoConfig.from_pretrained(str(tiny_gpt2)), tok_with(int(1e30))) == 64
+
+
+# ---------------------------------------------------------------- texts far over the limit
+
+
+def test_a_huge_text_is_cut_by_characters_first_and_keeps_the_exact_tail(gpt2_tok):
+    # more than max_length * CHARS_PER_TOKEN_CAP characters: cut from the left before tokenizing (a 50 MB row
+    # would otherwise cost gigabytes of token objects); the kept tokens are those of the whole text
+    from lora_rm.encode import CHARS_PER_TOKEN_CAP
+
+    over = 8 * CHARS_PER_TOKEN_CAP + 4096  # characters a text of max_length 8 may have before it is cut
+    long_answer = " sure first you should mix then heat" * (over // 20)  # 36 characters a repeat
+    long_prompt = "question : how do i make a cake ? " * (over // 20) + "answer :"
+    rows = [
+        explicit(PROMPT, long_answer, " whatever", where="big.jsonl:1"),
+        explicit(long_prompt, " sure first", " whatever", where="big.jsonl:2"),
+    ]
+    pairs, report = encode_pairs(rows, "explicit", gpt2_tok, max_length=8)
+    assert pairs[0].chosen == gpt2_tok(PROMPT + long_answer)["input_ids"][-8:]
+    assert pairs[1].chosen == gpt2_tok(long_prompt + " sure first")["input_ids"][-8:]
+    assert pairs[1].rejected == gpt2_tok(long_prompt + " whatever")["input_ids"][-8:]
+    assert (report.response_truncated, report.prompt_truncated) == (1, 1)
+    with pytest.raises(UserError, match=r"big.jsonl:1: chosen: more than \d+ tokens > max_length 8"):
+        encode_pairs(rows, "explicit", gpt2_tok, max_length=8, policy="error")
+    assert encode_texts([PROMPT + long_answer], gpt2_tok, 8) == [pairs[0].chosen]
