@@ -158,8 +158,9 @@ def run_lora_rm(name: str, base: Path, rows: list[dict], args) -> dict:
 def run_ceiling(base: Path, rows: list[dict], args) -> dict:
     """Each pair as one unpadded row of the tokens prefix sharing needs, batch of one row: the cost floor."""
     from lora_rm.data import Row
-    from lora_rm.encode import common_prefix_len, encode_pairs
+    from lora_rm.encode import encode_pairs
     from lora_rm.model import load_base_model, load_tokenizer
+    from lora_rm.sequences import common_prefix_len
 
     tokenizer = load_tokenizer(str(base))
     pairs, _ = encode_pairs([Row(f"hh:{i}", r) for i, r in enumerate(rows)], "implicit", tokenizer, 1024)

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_rm.encode import EncodedPair, common_prefix_len
+from lora_rm.encode import EncodedPair
+from lora_rm.sequences import common_prefix_len
 
 
 @dataclass

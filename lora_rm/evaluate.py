@@ -20,10 +20,11 @@ import torch.nn.functional as F
 
 from lora_rm import metrics, plots
 from lora_rm.batch import PreferenceCollator, pad_sequences, plan_batches
-from lora_rm.encode import EncodedPair, common_prefix_len
+from lora_rm.encode import EncodedPair
 from lora_rm.loss import LN2, PairStats, all_pairs_loss, loss_near_chance, pairwise_loss, plackett_luce_loss
 from lora_rm.quiet import progress
 from lora_rm.rewards import compute_rewards, pair_rewards
+from lora_rm.sequences import common_prefix_len
 
 STATS_FILE = "reward_stats.json"
 

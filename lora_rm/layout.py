@@ -15,9 +15,10 @@ from lora_rm.batch import (
     plan_grouped_batches,
 )
 from lora_rm.config import TrainConfig
-from lora_rm.encode import EncodedPair, common_prefix_len
+from lora_rm.encode import EncodedPair
 from lora_rm.errors import UserError
 from lora_rm.rewards import LayoutProbe, probe_packed_layout
+from lora_rm.sequences import common_prefix_len
 
 
 @dataclass

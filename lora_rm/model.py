@@ -48,7 +48,7 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
 
     The fallback pad is EOS, as TRL and most reward-model code set it, and it is saved with the model, so every
     caller pads and pools the same way: the reward is read at the last token that is not the pad id (so a
-    trailing EOS is never read; `lora_rm.encode` builds no sequence ending in one). Padding is on the right.
+    trailing EOS is never read; `lora_rm.sequences` builds no sequence ending in one). Padding is on the right.
     """
     from transformers import AutoTokenizer
 

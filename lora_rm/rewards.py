@@ -38,7 +38,7 @@ def compute_rewards(
     The head's per-token output is captured and pooled here rather than taken from `.logits`, so that packed
     rows can be read too, and an attention-masked row (rows are padded on the right) is pooled among its
     attended tokens; a row whose attended tokens are all pad ids is read at its last one. lora_rm's own
-    sequences never end in a pad id (`lora_rm.encode`), so this is their last token. Encoders, whose head
+    sequences never end in a pad id (`lora_rm.sequences`), so this is their last token. Encoders, whose head
     already sees one pooled vector, are returned as they are.
     With a 4D `attention_mask` (packed rows), `index` gives the flat positions (into rows x tokens) to
     read, one reward each. Raises ValueError for a row with no attended token.

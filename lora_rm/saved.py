@@ -17,7 +17,7 @@ from lora_rm.errors import UserError
 from lora_rm.model import fuse_gelu, head_name, load_base_model, load_tokenizer
 
 CONFIG_FILE = "lora_rm_config.json"  # the resolved run config, saved beside every adapter and merged model
-# Version of the sequence rule in `lora_rm.encode`. 2: the text as `tokenizer(text)` gives it, read at its last
+# Version of the sequence rule in `lora_rm.sequences`. 2: the text as `tokenizer(text)` gives it, read at its last
 # non-pad token, as transformers reads it. Models saved before (no version) had an EOS appended and were read
 # there, a token transformers, pipeline and TRL skip whenever pad == EOS.
 SEQUENCE_FORMAT = 2

@@ -1,6 +1,6 @@
 """Use a trained reward model: load it, score responses, compare two, evaluate it on a dataset.
 
-Sequences are built exactly as in training (`lora_rm.encode`: `tokenizer(prompt + response)`, or the chat
+Sequences are built exactly as in training (`lora_rm.sequences`: `tokenizer(prompt + response)`, or the chat
 template rendered to text; `max_length` from the saved `lora_rm_config.json`) and read by `compute_rewards`
 at the token transformers reads, so a score here is the reward the model gave that text during training and
 the one `AutoModelForSequenceClassification`, `pipeline` and TRL get from the saved model. Models from other
@@ -21,11 +21,12 @@ import torch
 from lora_rm.atomic import staged
 from lora_rm.checks import check_rows, detect_format, messages_problem, text_problem
 from lora_rm.data import Row, load_rows
-from lora_rm.encode import default_max_length, encode_rows, encode_sequences, encode_texts
+from lora_rm.encode import default_max_length, encode_rows
 from lora_rm.errors import UserError, problems_message
 from lora_rm.evaluate import STATS_FILE, sequence_rewards, write_full_eval
 from lora_rm.model import load_base_model, load_tokenizer
 from lora_rm.saved import CONFIG_FILE, check_sequence_format, load_reward_model
+from lora_rm.sequences import encode_sequences, encode_texts
 
 
 def _read_json(path: Path) -> dict[str, Any]:

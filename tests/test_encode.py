@@ -13,11 +13,10 @@ from lora_rm.encode import (
     LengthReport,
     default_max_length,
     encode_pairs,
-    encode_texts,
-    special_tokens,
 )
 from lora_rm.errors import UserError
 from lora_rm.model import load_tokenizer
+from lora_rm.sequences import encode_texts, special_tokens
 
 PROMPT = "question : how do i make a cake ? answer :"
 PROMPT_TOKENS = ["question", ":", "how", "do", "i", "make", "a", "cake", "?", "answer", ":"]
@@ -466,7 +465,7 @@ def test_default_max_length_of_tiny_models(tiny_gpt2, tiny_bert, gpt2_tok, bert_
 def test_a_huge_text_is_cut_by_characters_first_and_keeps_the_exact_tail(gpt2_tok):
     # more than max_length * CHARS_PER_TOKEN_CAP characters: cut from the left before tokenizing (a 50 MB row
     # would otherwise cost gigabytes of token objects); the kept tokens are those of the whole text
-    from lora_rm.encode import CHARS_PER_TOKEN_CAP
+    from lora_rm.sequences import CHARS_PER_TOKEN_CAP
 
     over = 8 * CHARS_PER_TOKEN_CAP + 4096  # characters a text of max_length 8 may have before it is cut
     long_answer = " sure first you should mix then heat" * (over // 20)  # 36 characters a repeat

@@ -11,10 +11,11 @@ from conftest import PROMPTS, preference_rows
 
 from lora_rm.batch import PreferenceCollator
 from lora_rm.data import Row
-from lora_rm.encode import encode_pairs, encode_sequences
+from lora_rm.encode import encode_pairs
 from lora_rm.errors import UserError
 from lora_rm.rewards import compute_rewards
 from lora_rm.score import RewardModel
+from lora_rm.sequences import encode_sequences
 
 LONG_PROMPT = " ".join(["question : how do i make a cake ?"] * 12) + " answer :"  # > 64 tokens
 
