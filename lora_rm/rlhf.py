@@ -6,13 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lora_rm.encode import chat_text
-from lora_rm.errors import UserError
 from lora_rm.score import RewardModel
-
-
-def _is_chat(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
 def reward_function(
@@ -37,13 +31,8 @@ def reward_function(
     def reward(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        chat = [_is_chat(p) for p in prompts]
-        if any(chat) and not all(chat):
-            raise UserError("prompts mix text and chat messages: give all as text or all as message lists")
-        if not any(chat):
-            return rm.score_texts([p + c for p, c in zip(prompts, completions)], batch_size, normalize)
-        texts = [chat_text(rm.tokenizer, p, c) for p, c in zip(prompts, completions)]
-        return rm.score_texts(texts, batch_size, normalize, chat=True)
+        # a (prompt, completion) pair is what `score` reads: the joined text, or the rendered chat
+        return rm.score(list(prompts), list(completions), batch_size, normalize)
 
     reward.__name__ = reward.__qualname__ = name  # TRL logs each reward function under its __name__
     reward.reward_model = rm  # type: ignore[attr-defined]
