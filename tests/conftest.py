@@ -176,30 +176,30 @@ def prefs_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "prefs.jsonl", preference_rows(48))
 
 
+def tiny_run_config(base: Path, data: Path, output_dir: Path, **overrides):
+    """A TrainConfig for a seconds-long CPU run on a tiny model: no quantization, fp32 forced (so a test means
+    the same on CPUs with and without bf16), 4 x 2 pairs a step, a high learning rate, 25% held out, no LoRA
+    dropout, seed 0; `overrides` win."""
+    from lora_rm.config import TrainConfig
+
+    options = dict(
+        quant="none", precision="fp32", batch_size=4, gradient_accumulation_steps=2, learning_rate=5e-3,
+        eval_fraction=0.25, lora_dropout=0.0, seed=0,
+    )  # fmt: skip
+    return TrainConfig(
+        base=str(base), dataset=str(data), output_dir=str(output_dir), **{**options, **overrides}
+    )
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, tiny_gpt2):
     """The one trained model the suite shares (test_train, test_score, test_evaluate, test_export, test_hub, ...):
     a short run on the tiny GPT-2 with a merged model, eval outputs and reward statistics (~3 s idle)."""
-    from lora_rm.config import TrainConfig
     from lora_rm.train import train
 
     tmp = tmp_path_factory.mktemp("trained-run")
     data = write_jsonl(tmp / "prefs.jsonl", preference_rows(48))
-    cfg = TrainConfig(
-        base=str(tiny_gpt2),
-        dataset=str(data),
-        output_dir=str(tmp / "run"),
-        quant="none",
-        batch_size=4,
-        gradient_accumulation_steps=2,
-        learning_rate=5e-3,
-        epochs=8,
-        eval_fraction=0.25,
-        eval_steps=1000,  # once, at the end
-        logging_steps=2,
-        lora_dropout=0.0,
-        precision="fp32",
-        seed=0,
-        merge=True,
-    )
+    cfg = tiny_run_config(
+        tiny_gpt2, data, tmp / "run", epochs=8, eval_steps=1000, logging_steps=2, merge=True
+    )  # eval once, at the end
     return train(cfg, log=lambda *_: None)

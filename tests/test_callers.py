@@ -12,14 +12,13 @@ other way round, an adapter trained by TRL's RewardTrainer is read by lora_rm ex
 from __future__ import annotations
 
 import json
-import os
 import re
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import BAD, GOOD, PROMPTS, WORDS, preference_rows, write_jsonl
+from conftest import BAD, GOOD, PROMPTS, WORDS, preference_rows, tiny_run_config, write_jsonl
 
 import lora_rm
 from lora_rm.errors import UserError
@@ -101,7 +100,6 @@ def _chat_rows(n: int) -> list[dict]:
 def run(request, tmp_path_factory):
     """A base of one tokenizer kind, trained by lora_rm with a merged model; the base is given as a path
     relative to the working directory, as a user types it."""
-    from lora_rm.config import TrainConfig
     from lora_rm.train import train
 
     kind = request.param
@@ -109,27 +107,11 @@ def run(request, tmp_path_factory):
     base = _base(tmp / "bases" / kind, kind)
     rows = _chat_rows(48) if kind == "chat" else preference_rows(48)
     data = write_jsonl(tmp / "prefs.jsonl", rows)
-    cwd = os.getcwd()
-    os.chdir(tmp / "bases")
-    try:
-        cfg = TrainConfig(
-            base=kind,  # relative to the working directory
-            dataset=str(data),
-            output_dir=str(tmp / "run"),
-            quant="8bit" if kind == "gpt2" else "none",
-            batch_size=4,
-            gradient_accumulation_steps=2,
-            learning_rate=5e-3,
-            epochs=2,
-            eval_fraction=0.25,
-            lora_dropout=0.0,
-            precision="fp32",
-            seed=0,
-            merge=True,
-        )
+    quant = "8bit" if kind == "gpt2" else "none"  # GPT-2 on the default 8-bit path
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp / "bases")  # the base is given as a path relative to here
+        cfg = tiny_run_config(kind, data, tmp / "run", quant=quant, epochs=2, merge=True)
         result = train(cfg, log=lambda *_: None)
-    finally:
-        os.chdir(cwd)
     prompts = [r["prompt"] for r in rows[:6]]
     responses = [r["chosen"] if i % 2 else r["rejected"] for i, r in enumerate(rows[:6])]
     if kind != "chat":  # a response ending in the EOS text: transformers never reads a trailing pad id

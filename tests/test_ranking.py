@@ -8,11 +8,10 @@ import json
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import BAD, GOOD, PROMPTS, write_jsonl
+from conftest import BAD, GOOD, PROMPTS, tiny_run_config, write_jsonl
 
 from lora_rm.batch import PreferenceCollator, plan_group_batches
 from lora_rm.checks import check_rows, detect_format
-from lora_rm.config import TrainConfig
 from lora_rm.data import Row, load_rows
 from lora_rm.encode import EncodedPair, encode_rankings
 from lora_rm.errors import UserError
@@ -155,20 +154,8 @@ def test_window_counts_each_list_once(model, loss):
 @pytest.mark.parametrize("loss", ["all_pairs", "plackett_luce"])
 def test_training_on_ranked_lists(tmp_path, tiny_gpt2, loss):
     data = write_jsonl(tmp_path / "ranked.jsonl", ranked_rows(40))
-    cfg = TrainConfig(
-        base=str(tiny_gpt2),
-        dataset=str(data),
-        output_dir=str(tmp_path / "run"),
-        quant="none",
-        loss=loss,
-        batch_size=6,
-        gradient_accumulation_steps=1,
-        learning_rate=5e-3,
-        epochs=2,
-        eval_fraction=0.25,
-        lora_dropout=0.0,
-        precision="fp32",
-        seed=0,
+    cfg = tiny_run_config(
+        tiny_gpt2, data, tmp_path / "run", loss=loss, batch_size=6, gradient_accumulation_steps=1, epochs=2
     )
     result = train(cfg, log=lambda *_: None)
     assert result.eval_metrics["n_pairs"] == 10 * 3  # eval sees every pair of its 10 lists

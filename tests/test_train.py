@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from conftest import tiny_run_config
 from safetensors.torch import load_file
 
 from lora_rm.batch import PreferenceCollator
@@ -68,23 +69,9 @@ def test_resolve_precision():
 
 
 def _cfg(tmp_path, base, data, **kw) -> TrainConfig:
-    options = dict(
-        base=str(base),
-        dataset=str(data),
-        output_dir=str(tmp_path / "run"),
-        quant="none",
-        batch_size=4,
-        gradient_accumulation_steps=2,
-        learning_rate=5e-3,
-        epochs=3,
-        eval_fraction=0.25,
-        eval_steps=1000,
-        logging_steps=2,
-        lora_dropout=0.0,
-        precision="fp32",
-        seed=0,
+    return tiny_run_config(
+        base, data, tmp_path / "run", **{"epochs": 3, "eval_steps": 1000, "logging_steps": 2, **kw}
     )
-    return TrainConfig(**{**options, **kw})
 
 
 @pytest.fixture
