@@ -50,6 +50,24 @@ def baseline_server(model: str, port: int, device: str | None) -> int:
     return 0
 
 
+def gpt2_small(out: Path) -> Path:
+    """A GPT-2-small-sized sequence-classification model with random weights (seed 0) and the quickstart
+    tokenizer, saved to `out` unless it is there already."""
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "examples" / "tiny-gpt2")
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    ids = {k: tokenizer.pad_token_id for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tokenizer), num_labels=1, **ids))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 class Process:
     """A server started in the background; its URL is read from the line it prints when ready."""
 
@@ -151,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=3, help="runs of each level; requests/s is their median"
     )
     parser.add_argument("--smoke", action="store_true", help="concurrency 1 and 4, 40 requests, 1 run (CI)")
+    parser.add_argument(
+        "--gpt2-small",
+        action="store_true",
+        help="serve a GPT-2-small-sized reward model (87M parameters, random weights, the quickstart tokenizer), "
+        "written to runs/serve-gpt2-small if missing: where the model, not HTTP, does most of the work",
+    )
     parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -158,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         return baseline_server(args.model, args.port, args.device)
     if args.smoke:
         args.concurrency, args.requests, args.repeats = [1, 4], 40, 1
+    if args.gpt2_small:
+        args.model = str(gpt2_small(ROOT / "runs" / "serve-gpt2-small"))
     args.model = os.path.relpath(Path(args.model).resolve(), ROOT)  # the servers run in ROOT
     if not (ROOT / args.model / "config.json").is_file():
         raise SystemExit(
