@@ -66,6 +66,9 @@ class TrainConfig:
     )
     gradient_accumulation_steps: int = _opt(4, "micro-batches per optimizer step")
     learning_rate: float = _opt(1e-4, "peak learning rate")
+    head_learning_rate: float | None = _opt(
+        None, "peak learning rate of the reward head (default: --learning-rate)"
+    )
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     lr_scheduler: str = _opt("cosine", "decay after warmup", choices=SCHEDULER_CHOICES)
     warmup_ratio: float = _opt(0.05, "fraction of optimizer steps spent warming up")
@@ -168,10 +171,16 @@ class TrainConfig:
 
     def _number_problems(self) -> list[str]:
         """Finiteness and range of the float options, and the seed's range (numpy and torch take 32 bits)."""
-        nonfinite = [n for n in _FLOAT_FIELDS if not math.isfinite(getattr(self, n))]
+        nonfinite = [
+            n for n in _FLOAT_FIELDS if getattr(self, n) is not None and not math.isfinite(getattr(self, n))
+        ]
         checks = {
             # an Adam step moves each weight by about the learning rate: above 1 no run learns anything
             "learning_rate": (0 < self.learning_rate <= 1, "must be in (0, 1]"),
+            "head_learning_rate": (
+                self.head_learning_rate is None or 0 < self.head_learning_rate <= 1,
+                "must be in (0, 1]",
+            ),
             "weight_decay": (self.weight_decay >= 0, "must be >= 0"),
             "max_grad_norm": (self.max_grad_norm >= 0, "must be >= 0 (0 disables clipping)"),
             "center_rewards_coefficient": (self.center_rewards_coefficient >= 0, "must be >= 0"),
@@ -207,7 +216,14 @@ class TrainConfig:
 
 
 _FRACTIONS = ("eval_fraction", "warmup_ratio", "lora_dropout")
-_FLOAT_FIELDS = ("learning_rate", "weight_decay", "max_grad_norm", "center_rewards_coefficient", *_FRACTIONS)
+_FLOAT_FIELDS = (
+    "learning_rate",
+    "head_learning_rate",
+    "weight_decay",
+    "max_grad_norm",
+    "center_rewards_coefficient",
+    *_FRACTIONS,
+)
 
 _KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +172,14 @@ def write_reward_stats(model_dir: str | Path, stats: dict[str, Any], source: str
     return path
 
 
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of a full evaluation `report` that the quick `evaluate` also gives, in its names."""
+    return {
+        **{k: report[k] for k in ("loss", "accuracy", "ties", "n_pairs")},
+        "mean_margin": report["margin_mean"],
+    }
+
+
 def write_full_eval(
     model: Any,
     tokenizer: Any,
@@ -182,13 +190,21 @@ def write_full_eval(
     batch_size: int = 16,
     source: str | None = None,
     log: Any = print,
+    record_eval: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run `full_evaluation` and write into `out_dir`: eval.json, reward_hist.png, reliability.png and,
     when `metrics_jsonl` has training records, training_curves.png; reward_stats.json goes into
-    `out_dir` and every folder of `model_dirs` (None entries skipped). Returns the report ({} without
+    `out_dir` and every folder of `model_dirs` (None entries skipped). `record_eval` (end of training) gets
+    the eval metrics, in metrics.jsonl's names, before the curves are drawn. Returns the report ({} without
     pairs, when only the training curves are drawn)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    report, r_c, r_r = (
+        full_evaluation(model, pairs, tokenizer.pad_token_id, batch_size) if pairs else ({}, [], [])
+    )
+    if report and record_eval is not None:
+        record_eval({f"eval_{k}": v for k, v in summary(report).items()})
     if metrics_jsonl is not None and Path(metrics_jsonl).is_file():
         try:
             plots.training_curves(metrics_jsonl, out / "training_curves.png")
@@ -197,8 +213,6 @@ def write_full_eval(
     if not pairs:
         log("eval: no eval pairs, so no eval.json and no reward_stats.json")
         return {}
-    started = time.perf_counter()
-    report, r_c, r_r = full_evaluation(model, pairs, tokenizer.pad_token_id, batch_size)
     (out / "eval.json").write_text(json.dumps(_json_safe(report), indent=2), encoding="utf-8")
     plots.reward_histograms(r_c, r_r, out / "reward_hist.png")
     plots.reliability_curve(

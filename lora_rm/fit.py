@@ -42,7 +42,9 @@ class TrainingStopped(Exception):
 
 
 def fit(run: Run) -> dict[str, Any]:
-    """Train from `run.state` to `run.total_steps`; returns the last evaluation ({} without eval pairs).
+    """Train from `run.state` to `run.total_steps`; returns the last in-loop evaluation ({} if none ran).
+
+    The final evaluation is not here: `train.save_outputs` runs the full one, on every eval pair, once.
 
     Raises TrainingStopped after saving a checkpoint on Ctrl-C / SIGTERM, or after `max_bad_steps`
     non-finite steps in a row.
@@ -84,7 +86,7 @@ def fit(run: Run) -> dict[str, Any]:
                 warn_if_not_learning(run, early)
             if state.step % cfg.logging_steps == 0 or last:
                 log_training(run, grad_norm, bar)
-            if run.eval_pairs and (state.step % cfg.eval_steps == 0 or last):
+            if run.eval_pairs and state.step % cfg.eval_steps == 0 and not last:  # the last: save_outputs'
                 last_eval = log_evaluation(run)
             if state.bad_streak >= cfg.max_bad_steps:
                 path = save(run)

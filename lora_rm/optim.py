@@ -9,6 +9,7 @@ import torch
 
 from lora_rm.config import TrainConfig
 from lora_rm.errors import UserError
+from lora_rm.model import HEAD_NAMES
 
 
 def resolve_precision(precision: str, device_type: str, quant: str = "none") -> str:
@@ -52,10 +53,24 @@ def choose_precision(precision: str, device_type: str, quant: str = "none") -> t
     return "no", "auto: this CPU lacks AVX512-BF16/AMX, where bf16 is emulated and slower than fp32"
 
 
+def param_groups(model: Any, lr: float, head_lr: float | None) -> list[dict[str, Any]]:
+    """The trainable parameters as optimizer groups: the reward head (`score`/`classifier`, PEFT's trained
+    copy included) at `head_lr`, everything else (the LoRA adapters) at `lr`; one group when `head_lr` is None."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if head_lr is None:
+        return [{"params": [p for _, p in trainable], "lr": lr}]
+    in_head = [any(part in HEAD_NAMES for part in name.split(".")) for name, _ in trainable]
+    groups = [
+        {"params": [p for (_, p), head in zip(trainable, in_head) if not head], "lr": lr},
+        {"params": [p for (_, p), head in zip(trainable, in_head) if head], "lr": head_lr},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def build_optimizer(model: Any, cfg: TrainConfig, total_steps: int, device_type: str) -> tuple[Any, Any]:
     from transformers import get_scheduler
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = param_groups(model, cfg.learning_rate, cfg.head_learning_rate)
     if cfg.optimizer == "paged_adamw_8bit":
         if device_type != "cuda":
             raise UserError("optimizer: paged_adamw_8bit needs a CUDA GPU; use adamw")

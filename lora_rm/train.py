@@ -16,16 +16,15 @@ from lora_rm.batch import shard_batches
 from lora_rm.checkpoint import load_checkpoint
 from lora_rm.config import TrainConfig
 from lora_rm.encode import LengthReport
-from lora_rm.evaluate import evaluate, write_full_eval, write_reward_stats
+from lora_rm.evaluate import summary, write_full_eval, write_reward_stats
 from lora_rm.export import merge_adapter, save_adapter
 from lora_rm.fit import fit
 from lora_rm.inputs import Inputs, check_inputs
 from lora_rm.layout import choose_layout
-from lora_rm.loss import loss_near_chance
 from lora_rm.model import add_lora, load_base_model
 from lora_rm.optim import build_optimizer
 from lora_rm.outdir import claim_output_dir, clear_previous_run
-from lora_rm.run import LoopState, Run, trim_metrics
+from lora_rm.run import LoopState, Run, record_metrics, trim_metrics
 from lora_rm.saved import SEQUENCE_FORMAT
 
 
@@ -162,28 +161,20 @@ def run_config(run: Run, inputs: Inputs) -> dict[str, Any]:
 def save_outputs(run: Run, inputs: Inputs, eval_metrics: dict[str, Any], started: float) -> TrainResult:
     """Save the adapter (and with --merge the merged model), the full evaluation and the model card."""
     cfg, accelerator, log, out = run.cfg, run.accelerator, run.log, run.output_dir
-    if not eval_metrics and run.eval_pairs:  # resumed from the final checkpoint: the loop ran no eval
-        eval_metrics = evaluate(
-            run.model, run.eval_pairs, run.layout.collator, cfg.batch_size * 2, accelerator
-        )
-    if eval_metrics and loss_near_chance(eval_metrics["loss"]):
-        log(
-            "warning: eval loss is ~ln 2: the model gives chosen and rejected nearly equal rewards; it has not learned"
-        )
     config = run_config(run, inputs)
     accelerator.wait_for_everyone()
     adapter_dir, merged_dir = out / "adapter", None
     unwrapped = accelerator.unwrap_model(run.model)
     if accelerator.is_main_process:
-        # The full evaluation (every eval pair, plain rows) gives the run's one final number: the last
-        # in-loop eval ran on the training layout, where an int8 base can differ in the last digits.
+        # The full evaluation (every eval pair, plain rows) is the run's one final evaluation, logged
+        # and appended to metrics.jsonl as the last step's eval record.
         report = write_full_eval(
             unwrapped, inputs.tokenizer, run.eval_pairs, out / "eval", [], run.metrics_path, cfg.batch_size * 2,
             source=cfg.eval_dataset or cfg.dataset, log=log,
+            record_eval=lambda record: record_metrics(accelerator, run.metrics_path, {"step": run.state.step, **record}),
         )  # fmt: skip
         if report:
-            eval_metrics = {k: report[k] for k in ("loss", "accuracy", "ties", "n_pairs")}
-            eval_metrics["mean_margin"] = report["margin_mean"]
+            eval_metrics = summary(report)
         save_adapter(unwrapped, inputs.tokenizer, {**config, "eval": eval_metrics}, adapter_dir)
         log(f"saved adapter (LoRA + reward head) to {adapter_dir}")
         if cfg.merge:

@@ -61,6 +61,8 @@ def test_base_and_dataset_required():
         ("learning_rate", -1e-4, "learning_rate: must be in (0, 1], got -0.0001"),
         ("learning_rate", float("nan"), "learning_rate: must be a finite number, got nan"),
         ("learning_rate", "inf", "learning_rate: must be a finite number, got inf"),
+        ("head_learning_rate", 0, "head_learning_rate: must be in (0, 1], got 0.0"),
+        ("head_learning_rate", "nan", "head_learning_rate: must be a finite number, got nan"),
         ("weight_decay", -1, "weight_decay: must be >= 0, got -1.0"),
         ("max_grad_norm", -0.5, "max_grad_norm: must be >= 0 (0 disables clipping), got -0.5"),
         ("center_rewards_coefficient", float("inf"), "center_rewards_coefficient: must be a finite number"),

@@ -109,3 +109,27 @@ def test_a_run_logs_the_precision_auto_chose(monkeypatch, tmp_path, tiny_gpt2, p
     precision_lines = [line for line in lines if line.startswith("precision:")]
     assert precision_lines[0].startswith("precision: fp32 (auto: on CPU the 8bit base runs fastest in fp32")
     assert precision_lines[1] == "precision: bf16 (auto: this CPU has AVX512-BF16/AMX)"
+
+
+def test_the_reward_head_can_have_its_own_learning_rate():
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, num_labels=1, pad_token_id=0)
+    model = get_peft_model(
+        GPT2ForSequenceClassification(config), LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["c_attn"])
+    )
+    head = {id(p) for n, p in model.named_parameters() if p.requires_grad and ".score." in n}
+    lora = {id(p) for n, p in model.named_parameters() if p.requires_grad and "lora_" in n}
+    assert len(head) == 1 and len(lora) == 2  # PEFT's trained copy of `score`, LoRA's A and B
+
+    cfg = TrainConfig(base="b", dataset="d.jsonl", learning_rate=1e-4, head_learning_rate=1e-3)
+    optimizer, scheduler = build_optimizer(model, cfg, total_steps=10, device_type="cpu")
+    groups = [({id(p) for p in g["params"]}, g["initial_lr"]) for g in optimizer.param_groups]
+    assert groups == [(lora, 1e-4), (head, 1e-3)]
+    scheduler.step()  # the schedule scales both rates alike
+    assert scheduler.get_last_lr()[1] / scheduler.get_last_lr()[0] == pytest.approx(10)
+
+    same = TrainConfig(base="b", dataset="d.jsonl", learning_rate=1e-4)
+    optimizer, _ = build_optimizer(model, same, total_steps=10, device_type="cpu")
+    assert [({id(p) for p in g["params"]}, g["initial_lr"]) for g in optimizer.param_groups] == [(lora | head, 1e-4)]

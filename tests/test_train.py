@@ -259,3 +259,18 @@ def test_ddp_and_fsdp_pass_the_backend_check(name):
     from lora_rm.inputs import check_distributed
 
     check_distributed(DistributedType[name])
+
+
+def test_the_end_of_training_is_evaluated_once(tmp_path, tiny_gpt2, prefs_file):
+    """The last step has no in-loop eval: the full evaluation is the one final number, in the log and in
+    metrics.jsonl (the in-loop one ran on the training layout and could differ in the last digits)."""
+    lines: list[str] = []
+    cfg = tiny_run_config(tiny_gpt2, prefs_file, tmp_path / "run", max_steps=4, eval_steps=2)
+    result = train(cfg, log=lines.append)
+    assert [line.split(":")[0] for line in lines if line.startswith("eval")] == ["eval @ step 2", "eval"]
+    records = [
+        json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
+    evals = [r for r in records if "eval_accuracy" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert evals[-1] == {"step": 4, **{f"eval_{k}": v for k, v in result.eval_metrics.items()}}
