@@ -65,7 +65,12 @@ class TrainConfig:
         choices=("auto", "on", "off"),
     )
     gradient_accumulation_steps: int = _opt(4, "micro-batches per optimizer step")
-    learning_rate: float = _opt(1e-4, "peak learning rate")
+    learning_rate: float | None = _opt(
+        None,
+        "peak learning rate; auto (the default): 1e-3 for bases up to 576 wide, scaled down by the width "
+        "above that (7B, 4096 wide: 1.4e-4); the rate used is logged and saved with the model",
+        auto=True,
+    )
     head_learning_rate: float | None = _opt(
         None, "peak learning rate of the reward head (default: --learning-rate)"
     )
@@ -176,7 +181,7 @@ class TrainConfig:
         ]
         checks = {
             # an Adam step moves each weight by about the learning rate: above 1 no run learns anything
-            "learning_rate": (0 < self.learning_rate <= 1, "must be in (0, 1]"),
+            "learning_rate": (self.learning_rate is None or 0 < self.learning_rate <= 1, "must be in (0, 1]"),
             "head_learning_rate": (
                 self.head_learning_rate is None or 0 < self.head_learning_rate <= 1,
                 "must be in (0, 1]",
@@ -200,6 +205,9 @@ class TrainConfig:
         hints = typing.get_type_hints(TrainConfig)
         for f in dataclasses.fields(self):
             value, hint = getattr(self, f.name), hints[f.name]
+            if isinstance(value, str) and value.strip().lower() == "auto" and f.metadata.get("auto"):
+                value = None  # chosen later, when the model is known
+                setattr(self, f.name, value)
             if value is None:
                 continue
             kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)

@@ -8,6 +8,7 @@ scores, and writes eval.json, PNG plots and reward_stats.json.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -56,13 +57,10 @@ def evaluate(
             stats.add(r_c, r_r, pairwise_loss(r_c, r_r, batch.margin))
             bar.update(len(idx) * world)
     if world > 1:
-        sums = torch.tensor(
-            [stats.n_pairs, stats.loss_sum, stats.correct, stats.ties, stats.margin_sum],
-            dtype=torch.float64,
-            device=device,
-        )
+        names = [f.name for f in dataclasses.fields(stats)]
+        sums = torch.tensor([getattr(stats, n) for n in names], dtype=torch.float64, device=device)
         sums = accelerator.reduce(sums, reduction="sum").tolist()
-        stats = PairStats(int(sums[0]), sums[1], int(sums[2]), int(sums[3]), sums[4])
+        stats = PairStats(**{n: type(getattr(stats, n))(v) for n, v in zip(names, sums)})
     model.train(was_training)
     return stats.summary()
 

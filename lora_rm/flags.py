@@ -77,6 +77,16 @@ def flag_type(f: Any) -> tuple[Any, dict[str, Any]]:
     return hint, {}
 
 
+def or_auto(kind: Any) -> Any:
+    """An argparse type that also takes `auto` (any case): TrainConfig then chooses the value."""
+
+    def parse(text: str) -> Any:
+        return "auto" if text.strip().lower() == "auto" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid float value" message
+    return parse
+
+
 def add_config_flags(
     parser: argparse.ArgumentParser, names: Iterable[str] | None = None, field_defaults: bool = False
 ) -> None:
@@ -102,7 +112,8 @@ def add_config_flags(
                 else f.default
             )
             help_text += f" (default: {default})"
-        extra |= {"type": kind} | {k: f.metadata[k] for k in ("choices", "nargs", "const") if k in f.metadata}
+        extra |= {"type": or_auto(kind) if f.metadata.get("auto") else kind}
+        extra |= {k: f.metadata[k] for k in ("choices", "nargs", "const") if k in f.metadata}
         flag = "--" + f.name.replace("_", "-")
         default = f.default if field_defaults else None
         parser.add_argument(

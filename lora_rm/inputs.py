@@ -17,7 +17,7 @@ from lora_rm.config import TrainConfig
 from lora_rm.encode import EncodedPair, default_max_length
 from lora_rm.errors import UserError, problems_message
 from lora_rm.model import check_quantization, load_tokenizer, resolve_base
-from lora_rm.optim import choose_precision
+from lora_rm.optim import auto_learning_rate, choose_precision
 from lora_rm.prepare import prepare_pairs
 
 # Options a resume may change freely: they do not change what is trained, or (data paths, split) what
@@ -165,6 +165,10 @@ def check_inputs(cfg: TrainConfig, log: Any) -> Inputs:
     except (OSError, ValueError) as e:
         raise UserError(f"{cfg.base}: cannot read the model config ({type(e).__name__})") from None
     check_against_model(cfg, model_config, device_type)
+    if cfg.learning_rate is None:
+        lr, why = auto_learning_rate(model_config)
+        cfg = dataclasses.replace(cfg, learning_rate=lr)
+        log(f"learning rate: {lr:g} ({why})")
     max_length = cfg.max_length or default_max_length(model_config, tokenizer)
     if cfg.vram:  # micro-batch, accumulation and checkpointing that fit the card; the effective batch is kept
         from lora_rm.plan import fit_to_vram

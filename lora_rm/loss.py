@@ -43,6 +43,7 @@ class PairStats:
     correct: int = 0
     ties: int = 0
     margin_sum: float = 0.0
+    abs_margin_sum: float = 0.0  # how far apart chosen and rejected are scored, whichever is ahead
     nonfinite: int = 0  # pairs whose loss was NaN or infinite (their step is dropped)
 
     def add(self, r_chosen: torch.Tensor, r_rejected: torch.Tensor, losses: torch.Tensor) -> None:
@@ -52,6 +53,7 @@ class PairStats:
         self.correct += int((diff > 0).sum().item())
         self.ties += int((diff == 0).sum().item())
         self.margin_sum += diff.sum().item()
+        self.abs_margin_sum += diff.abs().sum().item()
         self.nonfinite += int((~torch.isfinite(losses.detach().float())).sum().item())
 
     def summary(self) -> dict[str, float | int]:
@@ -61,6 +63,7 @@ class PairStats:
             "accuracy": (self.correct + 0.5 * self.ties) / n,
             "ties": self.ties,
             "mean_margin": self.margin_sum / n,
+            "mean_abs_margin": self.abs_margin_sum / n,
             "n_pairs": self.n_pairs,
         }
 

@@ -53,6 +53,24 @@ def choose_precision(precision: str, device_type: str, quant: str = "none") -> t
     return "no", "auto: this CPU lacks AVX512-BF16/AMX, where bf16 is emulated and slower than fp32"
 
 
+AUTO_LR, AUTO_LR_WIDTH = 1e-3, 576
+
+
+def auto_learning_rate(model_config: Any) -> tuple[float, str]:
+    """`--learning-rate auto`: (rate, why) for a base with this transformers config.
+
+    1e-3 for bases up to 576 wide (measured best or level with the best of 1e-5..3e-3 for LoRA reward models
+    on all-MiniLM-L6-v2 and SmolLM2-135M: `benchmarks/defaults.py`); wider bases get 1e-3 * 576 / width, the
+    field's practice for wider models (QLoRA: 2e-4 at 7B/13B, 1e-4 at 33B/65B; this gives 1.4e-4 at 4096,
+    1.1e-4 at 5120, 7e-5 at 8192), which a CPU cannot measure.
+    """
+    width = getattr(model_config, "hidden_size", None)
+    if not isinstance(width, int) or width <= AUTO_LR_WIDTH:
+        return AUTO_LR, f"auto: {AUTO_LR:g} for a base up to {AUTO_LR_WIDTH} wide"
+    lr = float(f"{AUTO_LR * AUTO_LR_WIDTH / width:.2g}")
+    return lr, f"auto: {AUTO_LR:g} x {AUTO_LR_WIDTH} / {width}, the base's width"
+
+
 def param_groups(model: Any, lr: float, head_lr: float | None) -> list[dict[str, Any]]:
     """The trainable parameters as optimizer groups: the reward head (`score`/`classifier`, PEFT's trained
     copy included) at `head_lr`, everything else (the LoRA adapters) at `lr`; one group when `head_lr` is None."""

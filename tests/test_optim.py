@@ -132,4 +132,28 @@ def test_the_reward_head_can_have_its_own_learning_rate():
 
     same = TrainConfig(base="b", dataset="d.jsonl", learning_rate=1e-4)
     optimizer, _ = build_optimizer(model, same, total_steps=10, device_type="cpu")
-    assert [({id(p) for p in g["params"]}, g["initial_lr"]) for g in optimizer.param_groups] == [(lora | head, 1e-4)]
+    assert [({id(p) for p in g["params"]}, g["initial_lr"]) for g in optimizer.param_groups] == [
+        (lora | head, 1e-4)
+    ]
+
+
+@pytest.mark.parametrize(
+    "width, expected", [(384, 1e-3), (576, 1e-3), (768, 7.5e-4), (4096, 1.4e-4), (8192, 7e-5), (None, 1e-3)]
+)
+def test_auto_learning_rate_by_the_base_width(width, expected):
+    from types import SimpleNamespace
+
+    from lora_rm.optim import auto_learning_rate
+
+    lr, why = auto_learning_rate(SimpleNamespace(hidden_size=width))
+    assert lr == pytest.approx(expected) and why.startswith("auto: ")
+
+
+def test_learning_rate_auto_from_the_command_line_and_config_files():
+    assert TrainConfig(base="b", dataset="d.jsonl").learning_rate is None  # auto is the default
+    assert TrainConfig(base="b", dataset="d.jsonl", learning_rate="Auto").learning_rate is None
+    assert TrainConfig(base="b", dataset="d.jsonl", learning_rate="2e-4").learning_rate == 2e-4
+    with pytest.raises(UserError, match="learning_rate: expected a number, got 'fast'"):
+        TrainConfig(base="b", dataset="d.jsonl", learning_rate="fast")
+    with pytest.raises(UserError, match="head_learning_rate: expected a number, got 'auto'"):
+        TrainConfig(base="b", dataset="d.jsonl", head_learning_rate="auto")  # no auto for the head

@@ -274,3 +274,13 @@ def test_the_end_of_training_is_evaluated_once(tmp_path, tiny_gpt2, prefs_file):
     evals = [r for r in records if "eval_accuracy" in r]
     assert [r["step"] for r in evals] == [2, 4]
     assert evals[-1] == {"step": 4, **{f"eval_{k}": v for k, v in result.eval_metrics.items()}}
+
+
+def test_the_auto_learning_rate_is_logged_and_saved_with_the_model(tmp_path, tiny_gpt2, prefs_file):
+    lines: list[str] = []
+    cfg = tiny_run_config(tiny_gpt2, prefs_file, tmp_path / "run", max_steps=2, learning_rate=None)
+    result = train(cfg, log=lines.append)
+    assert "learning rate: 0.001 (auto: 0.001 for a base up to 576 wide)" in lines  # the tiny GPT-2: 64 wide
+    saved = json.loads((result.adapter_dir / "lora_rm_config.json").read_text(encoding="utf-8"))
+    assert saved["learning_rate"] == 1e-3
+    assert "0.001 (cosine" in (result.adapter_dir / "README.md").read_text(encoding="utf-8")
