@@ -150,9 +150,13 @@ def main() -> None:
         )
         accs.append(acc)
     record(f"lora_rm defaults (lr {picked:g})", accs)
+    default_accs = dict(zip(args.seeds, accs))
     for lr in args.grid:
         accs = []
         for seed in args.grid_seeds or args.seeds:
+            if lr == picked and seed in default_accs:  # the very same command as the defaults' run
+                accs.append(default_accs[seed])
+                continue
             acc, seconds, _ = run_lora_rm(base, train, heldout, out / f"lr{lr:g}-s{seed}", seed, lr, extra)
             print(
                 f"  lora_rm --learning-rate {lr:g}, seed {seed}: accuracy {acc:.3f}, {seconds:.0f}s",

@@ -146,9 +146,33 @@ def load_base_model(
     except (OSError, ValueError) as e:
         raise hub_load_error(name, e, "model") from None
     model.config.pad_token_id = pad_token_id
-    head_name(model)  # fail now, with a clear message, for a model without a known head
+    fp32_head(model)  # fails now, with a clear message, for a model without a known head
     fuse_gelu(model)
     return model
+
+
+class Fp32Linear(torch.nn.Linear):
+    """A linear reward head that computes in fp32 whatever the autocast or the weights' dtype.
+
+    Rewards are compared by their differences: in bf16 (8 significant bits) two rewards near 3 that differ
+    by less than 0.016 come out equal, so evaluations counted hundreds of ties and `compare` called close
+    answers even. Same parameters and state-dict names as `nn.Linear`; saved models are unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.nn.functional.linear(x.float(), self.weight.float(), bias)
+
+
+def fp32_head(model: torch.nn.Module) -> str:
+    """Make the model's linear reward head an `Fp32Linear` (other head kinds are left as they are); returns
+    the head's name. Raises UserError for a model without a known head."""
+    name = head_name(model)
+    head = getattr(unwrap_model(model), name)
+    if type(head) is torch.nn.Linear:
+        head.__class__ = Fp32Linear
+    return name
 
 
 def fuse_gelu(model: torch.nn.Module) -> int:

@@ -156,3 +156,33 @@ def test_gpt2_gelu_runs_fused_with_the_same_rewards_and_less_saved_memory(tiny_g
         for p in model.parameters():
             p.requires_grad_(True)
     assert _saved_activation_bytes(fused, ids) < 0.8 * _saved_activation_bytes(stock, ids)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_bert"])
+def test_the_reward_head_computes_in_fp32_under_bf16(fixture, request):
+    """bf16 keeps 8 significant bits: rewards near 3 that differ by < 0.016 would tie. The head works in fp32
+    on the (bf16) hidden states, in training (LoRA's trained copy of the head) and in a plain model."""
+    from lora_rm.model import Fp32Linear
+
+    model, tokenizer = _model(request.getfixturevalue(fixture))
+    base = model.get_base_model()
+    head = getattr(base, head_name(model))
+    assert isinstance(head.modules_to_save["default"], Fp32Linear) and isinstance(
+        head.original_module, Fp32Linear
+    )
+
+    layer = head.modules_to_save["default"]
+    x = torch.randn(64, layer.in_features).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        plain = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert out.dtype == torch.float32 and plain.dtype == torch.bfloat16
+    expected = x.double() @ layer.weight.double().T + (0 if layer.bias is None else layer.bias.double())
+    assert torch.allclose(out.double(), expected, atol=1e-5)
+    ids = tokenizer(["how do i cook rice", "whatever go away"], padding=True, return_tensors="pt")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rewards = compute_rewards(model, ids["input_ids"], ids["attention_mask"])
+    assert rewards.dtype == torch.float32
+    plain = load_base_model(str(request.getfixturevalue(fixture)), tokenizer.pad_token_id, seed=0)
+    assert isinstance(getattr(plain, head_name(plain)), Fp32Linear)
+    assert list(plain.state_dict()) == list(type(plain)(plain.config).state_dict())  # saved names unchanged
