@@ -34,9 +34,21 @@ GRID = [1e-5, 1e-4, 3e-4, 1e-3, 3e-3]
 
 
 def run_lora_rm(
-    base: str, train: Path, heldout: Path, out: Path, seed: int, lr: float | None, extra: list[str]
+    base: str,
+    train: Path,
+    heldout: Path,
+    out: Path,
+    seed: int,
+    lr: float | None,
+    extra: list[str],
+    reuse: bool,
 ):
-    """One `lora-rm train` process; returns (held-out accuracy, seconds, the learning rate it used)."""
+    """One `lora-rm train` process; returns (held-out accuracy, seconds, the learning rate it used). A run
+    already finished in `out` (an earlier, interrupted benchmark) is read back with --reuse."""
+    saved_config = out / "adapter" / "lora_rm_config.json"
+    if reuse and saved_config.is_file():
+        saved = json.loads(saved_config.read_text(encoding="utf-8"))
+        return saved["eval"]["accuracy"], float("nan"), saved["learning_rate"]
     cmd = [sys.executable, "-m", "lora_rm.cli", "train", "--base", base, "--dataset", str(train)]
     cmd += [
         "--eval-dataset",
@@ -123,6 +135,9 @@ def main() -> None:
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--extra", default="", help="more flags for every lora_rm row, e.g. '--quant none'")
     parser.add_argument("--output-dir", default="runs/defaults")
+    parser.add_argument(
+        "--reuse", action="store_true", help="read back runs already finished in --output-dir"
+    )
     args = parser.parse_args()
 
     base = str(minilm_dir()) if args.base == "minilm" else str(Path(args.base).resolve())
@@ -144,7 +159,9 @@ def main() -> None:
 
     accs, picked = [], None
     for seed in args.seeds:
-        acc, seconds, picked = run_lora_rm(base, train, heldout, out / f"default-s{seed}", seed, None, extra)
+        acc, seconds, picked = run_lora_rm(
+            base, train, heldout, out / f"default-s{seed}", seed, None, extra, args.reuse
+        )
         print(
             f"  lora_rm defaults, seed {seed}: accuracy {acc:.3f}, lr {picked:g}, {seconds:.0f}s", flush=True
         )
@@ -157,7 +174,9 @@ def main() -> None:
             if lr == picked and seed in default_accs:  # the very same command as the defaults' run
                 accs.append(default_accs[seed])
                 continue
-            acc, seconds, _ = run_lora_rm(base, train, heldout, out / f"lr{lr:g}-s{seed}", seed, lr, extra)
+            acc, seconds, _ = run_lora_rm(
+                base, train, heldout, out / f"lr{lr:g}-s{seed}", seed, lr, extra, args.reuse
+            )
             print(
                 f"  lora_rm --learning-rate {lr:g}, seed {seed}: accuracy {acc:.3f}, {seconds:.0f}s",
                 flush=True,

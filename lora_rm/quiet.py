@@ -26,6 +26,9 @@ EXPECTED_LOGS = [
     ("bitsandbytes.backends.cpu.ops", r"Failed to load CPU gemm_4bit_forward"),
     # LLM.int8 casts matmul inputs to fp16 by design and says so on every call
     ("bitsandbytes.autograd._functions", r"MatMul8bitLt: inputs will be cast"),
+    # lora_rm tokenizes a whole text, then cuts it to max_length itself (prompt from the left, response tail
+    # kept): the model never sees the over-long ids this warns about
+    ("transformers.tokenization_utils_base", r"Token indices sequence length is longer than the specified"),
 ]
 # transformers logs the report on the caller's logger (modeling_utils), or its own by default
 LOAD_REPORT_LOGGERS = ("transformers.modeling_utils", "transformers.utils.loading_report")

@@ -35,7 +35,8 @@ def test_expected_noise_is_dropped_and_the_rest_kept():
     seen_logs: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: seen_logs.append(record.getMessage())
-    loggers = [bnb, logging.getLogger("transformers.modeling_utils")]
+    tokenization = logging.getLogger("transformers.tokenization_utils_base")
+    loggers = [bnb, logging.getLogger("transformers.modeling_utils"), tokenization]
     for logger in loggers:  # transformers' loggers do not propagate to the root logger
         logger.addHandler(handler)
     try:
@@ -43,6 +44,10 @@ def test_expected_noise_is_dropped_and_the_rest_kept():
         bnb.warning("CUDA is broken")
         loggers[1].warning(HEAD_ONLY)
         loggers[1].warning(HEAD_ONLY.replace("score.weight", "wte.weight"))
+        tokenization.warning(
+            "Token indices sequence length is longer than the specified maximum sequence length for this model "
+            "(623 > 512). Running this sequence through the model will result in indexing errors"
+        )
     finally:
         for logger in loggers:
             logger.removeHandler(handler)
