@@ -379,7 +379,7 @@ def test_training_with_trl_flag_names(source_runs):
 
 # lora_rm's own lines; a tqdm bar or an eval line may follow a bar on the same line
 OWN_LINE_STARTS = ("data: ", "model: ", "layout: ", "train: ", "step ", "eval @ step", "eval: ", "saved ",
-                   "final eval: ", "done in ", "precision: ", "warning: eval loss is ~ln 2", "warning: loss ")  # fmt: skip
+                   "final eval: ", "done in ", "precision: ", "learning rate: ", "warning: eval loss is ~ln 2", "warning: loss ")  # fmt: skip
 
 
 def test_a_quickstart_prints_only_lora_rm_lines(source_runs):
