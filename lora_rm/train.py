@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import math
 import os
@@ -57,13 +59,33 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
     started = time.perf_counter()
     try:
         with claim_output_dir(cfg, main_process=os.environ.get("RANK", "0") == "0"):
-            run, inputs = set_up(cfg, log)
+            with collector_paused():
+                run, inputs = set_up(cfg, log)
             eval_metrics = fit(run)
             return save_outputs(run, inputs, eval_metrics, started)
     finally:
         # accelerate keeps the mixed precision process-wide: without this a second train() in the same
         # process with another --precision would raise
         AcceleratorState._reset_state()
+
+
+@contextlib.contextmanager
+def collector_paused():
+    """Python's cyclic garbage collector off for the block, then one full pass and on again (if it was on).
+
+    Set-up imports transformers, PEFT and bitsandbytes and builds the model: a few hundred thousand objects
+    that live as long as the run, and next to no cyclic garbage. Left on, the collector walks all of them
+    each time the heap grows by a quarter (eight full passes, about 1 s on GPT-2 small) and frees almost
+    nothing. One pass at the end moves them to the oldest generation, where the loop's collections skip them.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.collect()
+            gc.enable()
 
 
 def set_up(cfg: TrainConfig, log: Any) -> tuple[Run, Inputs]:

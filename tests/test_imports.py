@@ -96,3 +96,21 @@ def test_every_module_imports_on_its_own():
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=240
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_the_cli_leaves_heavy_libraries_to_the_commands_that_use_them():
+    """`import lora_rm.cli` and `lora-rm --help` (what every command pays before it starts) import none of
+    transformers, PEFT, accelerate, bitsandbytes, datasets or matplotlib."""
+    heavy = ["transformers", "peft", "accelerate", "bitsandbytes", "datasets", "matplotlib"]
+    script = (
+        "import contextlib, io, sys\n"
+        "from lora_rm.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['--help'])\n"
+        f"print([m for m in {heavy!r} if m in sys.modules])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import subprocess
@@ -23,7 +24,7 @@ from lora_rm.model import add_lora, load_base_model, load_tokenizer
 from lora_rm.optim import resolve_precision
 from lora_rm.rewards import compute_rewards
 from lora_rm.saved import load_reward_model
-from lora_rm.train import train
+from lora_rm.train import collector_paused, train
 
 ROOT = Path(__file__).parents[1]
 
@@ -60,6 +61,21 @@ def test_accumulation_of_k_micro_batches_equals_one_big_batch(tiny_gpt2):
         torch.testing.assert_close(small[name], big[name], rtol=1e-4, atol=1e-7, msg=name)
     assert small_stats["n_pairs"] == big_stats["n_pairs"] == 3
     assert small_stats["loss"] == pytest.approx(big_stats["loss"], rel=1e-5)
+
+
+def test_the_collector_is_paused_for_set_up_and_left_as_it_was():
+    assert gc.isenabled()
+    with pytest.raises(UserError), collector_paused():
+        assert not gc.isenabled()
+        raise UserError("set-up failed")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()  # a caller that had it off keeps it off
+    finally:
+        gc.enable()
 
 
 def test_resolve_precision():
