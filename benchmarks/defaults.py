@@ -155,7 +155,9 @@ def main() -> None:
         results[name] = accs
         mean, sd = _mean_sd(accs)
         print(f"{name}: " + " ".join(f"{a:.3f}" for a in accs) + f"  mean {mean:.3f} +- {sd:.3f}", flush=True)
-        (out / "defaults.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+        (out / "defaults.json").write_text(
+            json.dumps({"args": vars(args), "results": results}, indent=2), encoding="utf-8"
+        )
 
     accs, picked = [], None
     for seed in args.seeds:
