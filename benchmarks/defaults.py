@@ -77,20 +77,22 @@ def run_trl(base: str, train: Path, heldout: Path, out: Path, seed: int) -> tupl
     import torch
     from datasets import Dataset
     from peft import LoraConfig, TaskType
+    from transformers import AutoConfig
     from trl import RewardConfig, RewardTrainer
 
     from lora_rm.checks import check_rows, detect_format
     from lora_rm.data import load_rows
-    from lora_rm.encode import encode_pairs
+    from lora_rm.encode import default_max_length, encode_pairs
     from lora_rm.evaluate import full_evaluation
     from lora_rm.model import load_tokenizer
 
     tokenizer = load_tokenizer(base)
+    max_length = default_max_length(AutoConfig.from_pretrained(base), tokenizer)  # lora_rm's default
     encoded = {}
     for name, path in (("train", train), ("heldout", heldout)):
         rows = load_rows(str(path))[0]
         fmt = detect_format(rows, str(path))
-        encoded[name] = encode_pairs(check_rows(rows, fmt, str(path)), fmt, tokenizer, None)[0]
+        encoded[name] = encode_pairs(check_rows(rows, fmt, str(path)), fmt, tokenizer, max_length)[0]
     dataset = Dataset.from_dict(
         {
             "chosen_ids": [p.chosen for p in encoded["train"]],
