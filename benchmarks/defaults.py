@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import _mean_sd, minilm_dir, split_data  # noqa: E402
+from quality import _mean_sd, encode_file, minilm_dir, split_data  # noqa: E402
 
 GRID = [1e-5, 1e-4, 3e-4, 1e-3, 3e-3]
 
@@ -80,35 +80,31 @@ def run_trl(base: str, train: Path, heldout: Path, out: Path, seed: int) -> tupl
     from transformers import AutoConfig
     from trl import RewardConfig, RewardTrainer
 
-    from lora_rm.checks import check_rows, detect_format
-    from lora_rm.data import load_rows
-    from lora_rm.encode import default_max_length, encode_pairs
+    from lora_rm.encode import default_max_length
     from lora_rm.evaluate import full_evaluation
     from lora_rm.model import load_tokenizer
+    from lora_rm.optim import choose_precision
 
     tokenizer = load_tokenizer(base)
     max_length = default_max_length(AutoConfig.from_pretrained(base), tokenizer)  # lora_rm's default
-    encoded = {}
-    for name, path in (("train", train), ("heldout", heldout)):
-        rows = load_rows(str(path))[0]
-        fmt = detect_format(rows, str(path))
-        encoded[name] = encode_pairs(check_rows(rows, fmt, str(path)), fmt, tokenizer, max_length)[0]
+    encoded = {
+        name: encode_file(path, tokenizer, max_length)
+        for name, path in (("train", train), ("heldout", heldout))
+    }
     dataset = Dataset.from_dict(
         {
             "chosen_ids": [p.chosen for p in encoded["train"]],
             "rejected_ids": [p.rejected for p in encoded["train"]],
         }
     )
-    bf16 = any(
-        getattr(torch.cpu, f, lambda: False)()
-        for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     config = RewardConfig(
         output_dir=str(out),
         num_train_epochs=1,
         seed=seed,
-        use_cpu=not torch.cuda.is_available(),
-        bf16=bf16 or torch.cuda.is_available(),
+        use_cpu=device == "cpu",
+        bf16=choose_precision("auto", device)[0]
+        == "bf16",  # where the machine runs it fast, as lora_rm's auto
         gradient_checkpointing=False,  # speed only
         save_strategy="no",
         report_to=[],

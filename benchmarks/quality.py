@@ -46,6 +46,17 @@ def split_data(out: Path, n_train: int, n_heldout: int, seed: int) -> tuple[Path
     return paths
 
 
+def encode_file(path: Path, tokenizer, max_length: int) -> list:
+    """The pairs of a data file as lora_rm encodes them for training (`EncodedPair`s)."""
+    from lora_rm.checks import check_rows, detect_format
+    from lora_rm.data import load_rows
+    from lora_rm.encode import encode_pairs
+
+    rows = load_rows(str(path))[0]
+    fmt = detect_format(rows, str(path))
+    return encode_pairs(check_rows(rows, fmt, str(path)), fmt, tokenizer, max_length)[0]
+
+
 def train_lora_rm(args, seed: int, base: Path, train_file: Path, heldout_file: Path, out: Path):
     from lora_rm import TrainConfig, train
 
@@ -195,9 +206,6 @@ HEADER = (
 
 def run_seed(args, seed: int, base: Path, train_file: Path, heldout_file: Path, out: Path):
     """Train lora_rm, then TRL (when installed) with the same seed; both reports on the same held-out pairs."""
-    from lora_rm.checks import check_rows, detect_format
-    from lora_rm.data import load_rows
-    from lora_rm.encode import encode_pairs
     from lora_rm.evaluate import full_evaluation
 
     started = time.perf_counter()
@@ -206,11 +214,10 @@ def run_seed(args, seed: int, base: Path, train_file: Path, heldout_file: Path, 
 
     # the same encoded pairs for both trainers: training pairs for TRL, held-out pairs for both evaluations
     tokenizer = result.tokenizer
-    encoded = {}
-    for name, path in (("train", train_file), ("heldout", heldout_file)):
-        rows = load_rows(str(path))[0]
-        fmt = detect_format(rows, str(path))
-        encoded[name] = encode_pairs(check_rows(rows, fmt, str(path)), fmt, tokenizer, args.max_length)[0]
+    encoded = {
+        name: encode_file(path, tokenizer, args.max_length)
+        for name, path in (("train", train_file), ("heldout", heldout_file))
+    }
     heldout = encoded["heldout"]
     # lora_rm's own end-of-training report: `full_evaluation` of these very pairs
     reports = {"lora_rm": json.loads((out / "lora_rm" / "eval" / "eval.json").read_text(encoding="utf-8"))}

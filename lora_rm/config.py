@@ -179,13 +179,11 @@ class TrainConfig:
         nonfinite = [
             n for n in _FLOAT_FIELDS if getattr(self, n) is not None and not math.isfinite(getattr(self, n))
         ]
+        # an Adam step moves each weight by about the learning rate: above 1 no run learns anything
         checks = {
-            # an Adam step moves each weight by about the learning rate: above 1 no run learns anything
-            "learning_rate": (self.learning_rate is None or 0 < self.learning_rate <= 1, "must be in (0, 1]"),
-            "head_learning_rate": (
-                self.head_learning_rate is None or 0 < self.head_learning_rate <= 1,
-                "must be in (0, 1]",
-            ),
+            n: (getattr(self, n) is None or 0 < getattr(self, n) <= 1, "must be in (0, 1]") for n in _RATES
+        }
+        checks |= {
             "weight_decay": (self.weight_decay >= 0, "must be >= 0"),
             "max_grad_norm": (self.max_grad_norm >= 0, "must be >= 0 (0 disables clipping)"),
             "center_rewards_coefficient": (self.center_rewards_coefficient >= 0, "must be >= 0"),
@@ -224,14 +222,8 @@ class TrainConfig:
 
 
 _FRACTIONS = ("eval_fraction", "warmup_ratio", "lora_dropout")
-_FLOAT_FIELDS = (
-    "learning_rate",
-    "head_learning_rate",
-    "weight_decay",
-    "max_grad_norm",
-    "center_rewards_coefficient",
-    *_FRACTIONS,
-)
+_RATES = ("learning_rate", "head_learning_rate")  # None: auto, or the same as learning_rate
+_FLOAT_FIELDS = (*_RATES, "weight_decay", "max_grad_norm", "center_rewards_coefficient", *_FRACTIONS)
 
 _KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
 

@@ -41,8 +41,8 @@ class TrainingStopped(Exception):
         self.checkpoint, self.exit_code = checkpoint, exit_code
 
 
-def fit(run: Run) -> dict[str, Any]:
-    """Train from `run.state` to `run.total_steps`; returns the last in-loop evaluation ({} if none ran).
+def fit(run: Run) -> None:
+    """Train from `run.state` to `run.total_steps`, evaluating every `eval_steps` on the way.
 
     The final evaluation is not here: `train.save_outputs` runs the full one, on every eval pair, once.
 
@@ -50,7 +50,6 @@ def fit(run: Run) -> dict[str, Any]:
     non-finite steps in a row.
     """
     cfg, accelerator, model, optimizer, state = run.cfg, run.accelerator, run.model, run.optimizer, run.state
-    last_eval: dict[str, Any] = {}
     check_at, early = learning_check_step(run), PairStats()  # "not learning" is said after a tenth of the run
     model.train()
     with stop_requests() as stop, progress_bar(run) as bar:
@@ -87,7 +86,7 @@ def fit(run: Run) -> dict[str, Any]:
             if state.step % cfg.logging_steps == 0 or last:
                 log_training(run, grad_norm, bar)
             if run.eval_pairs and state.step % cfg.eval_steps == 0 and not last:  # the last: save_outputs'
-                last_eval = log_evaluation(run)
+                log_evaluation(run)
             if state.bad_streak >= cfg.max_bad_steps:
                 path = save(run)
                 raise TrainingStopped(
@@ -108,7 +107,6 @@ def fit(run: Run) -> dict[str, Any]:
                 )
             if last:
                 break
-    return last_eval
 
 
 def backward_window(

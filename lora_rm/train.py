@@ -61,8 +61,8 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
         with claim_output_dir(cfg, main_process=os.environ.get("RANK", "0") == "0"):
             with collector_paused():
                 run, inputs = set_up(cfg, log)
-            eval_metrics = fit(run)
-            return save_outputs(run, inputs, eval_metrics, started)
+            fit(run)
+            return save_outputs(run, inputs, started)
     finally:
         # accelerate keeps the mixed precision process-wide: without this a second train() in the same
         # process with another --precision would raise
@@ -180,13 +180,14 @@ def run_config(run: Run, inputs: Inputs) -> dict[str, Any]:
     }
 
 
-def save_outputs(run: Run, inputs: Inputs, eval_metrics: dict[str, Any], started: float) -> TrainResult:
+def save_outputs(run: Run, inputs: Inputs, started: float) -> TrainResult:
     """Save the adapter (and with --merge the merged model), the full evaluation and the model card."""
     cfg, accelerator, log, out = run.cfg, run.accelerator, run.log, run.output_dir
     config = run_config(run, inputs)
     accelerator.wait_for_everyone()
     adapter_dir, merged_dir = out / "adapter", None
     unwrapped = accelerator.unwrap_model(run.model)
+    eval_metrics: dict[str, Any] = {}  # the main process's; the others return none
     if accelerator.is_main_process:
         # The full evaluation (every eval pair, plain rows) is the run's one final evaluation, logged
         # and appended to metrics.jsonl as the last step's eval record.
