@@ -94,3 +94,23 @@ def test_ranked_lists_are_read_back_in_rank_order():
     ]
     rewards = {tuple(a): 1.0, tuple(b): 2.0, tuple(c): 0.0, tuple(d): 5.0}
     assert _ranked_lists(pairs, rewards) == [[1.0, 2.0, 0.0], [5.0, 0.0]]
+
+
+def test_sequence_rewards_score_in_eval_mode_and_give_the_mode_back(tiny_gpt2):
+    """A model in training mode is scored without dropout and handed back in training mode; a model already in
+    eval mode (the server's, every call) is not walked module by module again."""
+    from lora_rm.evaluate import sequence_rewards
+
+    model = load_base_model(str(tiny_gpt2), 0, seed=0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.9  # in training mode, rewards would differ from call to call
+    seqs = [[5, 6, 7, 8], [9, 10, 11]]
+    model.train()
+    first, second = sequence_rewards(model, seqs, 0), sequence_rewards(model, seqs, 0)
+    assert torch.equal(first, second) and model.training
+    assert all(m.training for m in model.modules())
+    model.eval()
+    calls = []
+    model.train = lambda mode=True: calls.append(mode)  # eval() is train(False)
+    assert torch.equal(sequence_rewards(model, seqs, 0), first) and calls == []
