@@ -165,6 +165,22 @@ class Fp32Linear(torch.nn.Linear):
             return torch.nn.functional.linear(x.float(), self.weight.float(), bias)
 
 
+def init_head(model: torch.nn.Module) -> None:
+    """Draw the new linear reward head again with std 1 / (width + 1) and a zero bias, as OpenRLHF does.
+
+    transformers draws it with the base's `initializer_range` (0.02), which on a decoder's last hidden state
+    (SmolLM2-135M: norm ~46) gives rewards of std ~0.4 and random margins of std ~0.55 before any training:
+    Adam moves each weight ~lr a step, so at 1e-3 the random head takes ~20 steps to unlearn. Training only;
+    a saved or loaded model's head is never touched.
+    """
+    head = getattr(unwrap_model(model), head_name(model))
+    if isinstance(head, torch.nn.Linear):
+        with torch.no_grad():
+            head.weight.normal_(0.0, 1.0 / (head.in_features + 1))
+            if head.bias is not None:
+                head.bias.zero_()
+
+
 def fp32_head(model: torch.nn.Module) -> str:
     """Make the model's linear reward head an `Fp32Linear` (other head kinds are left as they are); returns
     the head's name. Raises UserError for a model without a known head."""

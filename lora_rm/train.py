@@ -23,7 +23,7 @@ from lora_rm.export import merge_adapter, save_adapter
 from lora_rm.fit import fit
 from lora_rm.inputs import Inputs, check_inputs
 from lora_rm.layout import choose_layout
-from lora_rm.model import add_lora, load_base_model
+from lora_rm.model import add_lora, init_head, load_base_model
 from lora_rm.optim import build_optimizer
 from lora_rm.outdir import claim_output_dir, clear_previous_run
 from lora_rm.run import LoopState, Run, record_metrics, trim_metrics
@@ -119,6 +119,7 @@ def set_up(cfg: TrainConfig, log: Any) -> tuple[Run, Inputs]:
         trust_remote_code=cfg.trust_remote_code,
         device_map={"": accelerator.local_process_index} if quantized and device_type == "cuda" else None,
     )
+    init_head(model)
     model = add_lora(
         model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.gradient_checkpointing
     )

@@ -114,3 +114,14 @@ def test_sequence_rewards_score_in_eval_mode_and_give_the_mode_back(tiny_gpt2):
     calls = []
     model.train = lambda mode=True: calls.append(mode)  # eval() is train(False)
     assert torch.equal(sequence_rewards(model, seqs, 0), first) and calls == []
+
+
+@pytest.mark.parametrize(
+    "loss, margin_std, flagged",
+    [(math.log(2), 0.0, True), (0.6931, 0.05, True), (0.6837, 0.78, False), (0.60, 0.0, False)],
+)
+def test_only_equal_rewards_are_flagged_as_not_learned(loss, margin_std, flagged):
+    """Near ln 2 with margins spread wide is a model that learned a hard task a little (SmolLM2 on HH)."""
+    from lora_rm.evaluate import chance_warning
+
+    assert (chance_warning(loss, margin_std) is not None) is flagged

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lora_rm.errors import UserError
-from lora_rm.model import add_lora, head_name, load_base_model, load_tokenizer
+from lora_rm.model import add_lora, head_name, init_head, load_base_model, load_tokenizer, unwrap_model
 from lora_rm.rewards import compute_rewards
 
 
@@ -81,6 +81,27 @@ def test_seeded_head_is_reproducible(tiny_gpt2):
     a = load_base_model(str(tiny_gpt2), 0, seed=3).score.weight
     b = load_base_model(str(tiny_gpt2), 0, seed=3).score.weight
     assert torch.equal(a, b)
+
+
+def test_a_new_head_is_drawn_with_std_one_over_width_plus_one():
+    model = torch.nn.Module()
+    model.score = torch.nn.Linear(4000, 1)
+    torch.nn.init.constant_(model.score.bias, 1.0)
+    torch.manual_seed(0)
+    init_head(model)
+    assert abs(model.score.weight.std().item() * 4001 - 1) < 0.05  # 4000 draws: ~1% sampling error
+    assert torch.equal(model.score.bias, torch.zeros(1))
+
+
+def test_training_starts_from_the_small_head_and_seeds_it(trained_run, tiny_gpt2):
+    """The trained copy of the head starts from init_head's draw (PEFT keeps the start as original_module)."""
+    start = unwrap_model(trained_run.model).score.original_module.weight
+    tokenizer = load_tokenizer(str(tiny_gpt2))
+    expected = load_base_model(str(tiny_gpt2), tokenizer.pad_token_id, seed=0)  # the suite's run has seed 0
+    assert not torch.equal(start, expected.score.weight)  # transformers' draw (std 0.02) is not what trains
+    init_head(expected)
+    assert torch.equal(start, expected.score.weight)
+    assert abs(start.std().item() * 33 - 1) < 0.5  # std 1/33 for this 32-wide model (32 draws)
 
 
 @pytest.mark.parametrize(
