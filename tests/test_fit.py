@@ -188,14 +188,11 @@ def test_a_run_with_a_tiny_learning_rate_is_told_early(tmp_path, tiny_gpt2, monk
 
     train_module = sys.modules["lora_rm.train"]  # `lora_rm.train` is also the function
 
-    def small_head(*args, **kwargs):  # a head that starts near 0 (as real models' often do): loss ~ln 2
-        model = load_base_model(*args, **kwargs)
+    def tiny_head(model):  # a head that starts near 0 (as on a real base's wide hidden states): loss ~ln 2
         with torch.no_grad():
             model.score.weight.mul_(1e-3)
-        return model
 
-    load_base_model = train_module.load_base_model
-    monkeypatch.setattr(train_module, "load_base_model", small_head)
+    monkeypatch.setattr(train_module, "init_head", tiny_head)
     lines: list[str] = []
     train(
         _cfg(tmp_path, tiny_gpt2, "fp32", max_steps=20, learning_rate=1e-9, logging_steps=100),
