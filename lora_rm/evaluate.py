@@ -146,7 +146,8 @@ def full_evaluation(
             "plackett_luce_loss": float(sum(plackett_luce_loss(t) for t in tensors)) / len(lists),
             "all_pairs_loss": float(sum(all_pairs_loss(t) for t in tensors if t.numel() > 1)) / len(lists),
         }
-    report["warnings"] = [w for w in [chance_warning(report["loss"], report["margin_std"])] if w]
+    warning = chance_warning(report["loss"], report["margin_std"])
+    report["warnings"] = [warning] if warning else []
     return report, r_c, r_r
 
 

@@ -69,7 +69,8 @@ class PairStats:
 
 
 def loss_near_chance(loss: float, tolerance: float = 0.01) -> bool:
-    """True when the loss sits at ln 2: the model gives chosen and rejected (almost) the same reward."""
+    """True when the loss sits at ln 2. Not proof of equal rewards on its own: wide margins of both signs give
+    it too (a model that learned a hard task a little), so callers also ask that the margins be near 0."""
     return abs(loss - LN2) < tolerance
 
 
