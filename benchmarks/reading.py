@@ -1,15 +1,22 @@
-"""Held-out accuracy of the reward read where transformers reads it (this checkout) against lora_rm 0.1's reading
-(an EOS appended to every sequence and the reward read there), on a real causal LM, same data and settings.
+"""Held-out accuracy of the reward read where transformers reads it (the last token of the text, this version)
+against lora_rm 0.1's reading (an EOS appended to every sequence and the reward read there), on a real causal LM,
+same code, data and settings.
 
-    git worktree add ../lora_rm-0.1 13b940e                    # lora_rm 0.1, the old reading
     python ../shared/tools/make_smollm2.py /tmp/smollm2         # SmolLM2-135M-Instruct, offline
-    python benchmarks/reading.py --base /tmp/smollm2 --old ../lora_rm-0.1 --seeds 0 1 2
+    python benchmarks/reading.py --base /tmp/smollm2 --seeds 0 1 2
+
+Both readings run in this checkout, so they share everything else (head init, learning rate, batching). The
+appended-EOS reading is built the way a user would get it from any tool: the EOS is written at the end of
+every chosen and rejected text (`<|im_end|>` for SmolLM2), and the base's tokenizer gets a pad token distinct
+from EOS (its `<|endoftext|>`, id 0), so transformers pools the EOS instead of skipping it as padding. The
+sequences are then the last-token reading's plus one EOS id. `--old DIR` adds lora_rm 0.1's own run (a checkout
+of commit 13b940e: `git worktree add ../lora_rm-0.1 13b940e`), which also differs in head init.
 
 Reads ../shared/data/hh_harmless_dev.jsonl.gz (Anthropic HH harmless, implicit prompt), shuffles it with
 --data-seed, holds out --heldout pairs and trains on the next --train. Each run is `lora-rm train` as a user
-types it, from this checkout or from --old (PYTHONPATH), with the held-out file as --eval-dataset; the accuracy
-is each run's own final evaluation (eval/eval.json), i.e. each model read the way it was trained. Prints a
-markdown table per seed and the mean +- sd.
+types it, with the held-out file as --eval-dataset; the accuracy is each run's own final evaluation
+(eval/eval.json), i.e. each model read the way it was trained. Prints a markdown table per seed, the mean +- sd
+of each reading and of the paired differences.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,9 +37,9 @@ from quality import split_data  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(checkout: Path, args, seed: int, train_file: Path, heldout: Path, out: Path) -> dict:
+def run(checkout: Path, args, base: Path, seed: int, train_file: Path, heldout: Path, out: Path) -> dict:
     flags = [
-        "--base", str(args.base), "--dataset", str(train_file), "--eval-dataset", str(heldout),
+        "--base", str(base), "--dataset", str(train_file), "--eval-dataset", str(heldout),
         "--output-dir", str(out), "--quant", args.quant, "--precision", args.precision,
         "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
         "--gradient-accumulation-steps", str(args.accumulation), "--learning-rate", str(args.learning_rate),
@@ -41,7 +49,8 @@ def run(checkout: Path, args, seed: int, train_file: Path, heldout: Path, out: P
     started = time.perf_counter()
     code = "import sys; from lora_rm.cli import main; sys.exit(main(sys.argv[1:]))"
     # run from the output folder: `python -c` puts the working directory first on sys.path, before PYTHONPATH
-    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     cmd = [sys.executable, "-c", code, "train", *flags]
     subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=out)
     report = json.loads((out / "eval" / "eval.json").read_text(encoding="utf-8"))
@@ -50,10 +59,46 @@ def run(checkout: Path, args, seed: int, train_file: Path, heldout: Path, out: P
     return {"accuracy": report["accuracy"], "loss": report["loss"], "seconds": time.perf_counter() - started}
 
 
+def eos_base(base: Path, out: Path) -> tuple[Path, str]:
+    """A view of `base` whose tokenizer and config pad with special token id 0 (SmolLM2: `<|endoftext|>`)
+    instead of EOS (weights linked, not copied), and the EOS text to append. Refuses a base whose pad already
+    differs from EOS."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.eos_token is None or tokenizer.pad_token_id not in (None, tokenizer.eos_token_id):
+        raise SystemExit(f"{base}: expected a tokenizer with EOS and pad == EOS or no pad")
+    pad = tokenizer.convert_ids_to_tokens(0)
+    if pad == tokenizer.eos_token or pad not in tokenizer.all_special_tokens:
+        raise SystemExit(f"{base}: token id 0 ({pad!r}) is not a special token distinct from EOS")
+    view = out / "base-distinct-pad"
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir(parents=True)
+    for f in base.iterdir():
+        if f.suffix not in (".json", ".jinja", ".txt", ".model"):
+            (view / f.name).symlink_to(f.resolve())
+        elif f.name != "config.json":
+            shutil.copy(f, view / f.name)
+    config = json.loads((base / "config.json").read_text(encoding="utf-8"))
+    config["pad_token_id"] = 0
+    (view / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    tokenizer.pad_token = pad
+    tokenizer.save_pretrained(view)
+    return view, tokenizer.eos_token
+
+
+def with_eos(path: Path, eos: str, out: Path) -> Path:
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    out.write_text(
+        "".join(json.dumps({k: v + eos for k, v in r.items()}) + "\n" for r in rows), encoding="utf-8"
+    )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, type=Path, help="a causal LM folder, e.g. SmolLM2-135M")
-    parser.add_argument("--old", required=True, type=Path, help="a checkout of lora_rm 0.1 (commit 13b940e)")
+    parser.add_argument("--old", type=Path, help="also run a checkout of lora_rm 0.1 (commit 13b940e)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--train", type=int, default=600)
@@ -61,14 +106,28 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--accumulation", type=int, default=2)
-    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--quant", default="none")
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "reading")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     train_file, heldout = split_data(args.out, args.train, args.heldout, args.data_seed)
-    readings = {"last non-pad token (this checkout)": ROOT, "appended EOS (lora_rm 0.1)": args.old.resolve()}
+    view, eos = eos_base(args.base.resolve(), args.out)
+    readings = {
+        "last token (this version)": (ROOT, args.base.resolve(), train_file, heldout),
+        "appended EOS": (
+            ROOT, view, with_eos(train_file, eos, args.out / "train-eos.jsonl"),
+            with_eos(heldout, eos, args.out / "heldout-eos.jsonl"),
+        ),
+    }  # fmt: skip
+    if args.old:
+        readings["appended EOS (lora_rm 0.1)"] = (
+            args.old.resolve(),
+            args.base.resolve(),
+            train_file,
+            heldout,
+        )
     results: dict[str, list[dict]] = {name: [] for name in readings}
     print(
         f"{args.base.name}: {args.train} HH pairs, 1 epoch, {args.batch_size} x {args.accumulation} pairs a step, "
@@ -77,18 +136,26 @@ def main() -> None:
     )
     print("| seed | reading | held-out accuracy | loss | time (s) |\n|---:|---|---:|---:|---:|")
     for seed in args.seeds:
-        for n, (name, checkout) in enumerate(readings.items()):
-            r = run(checkout, args, seed, train_file, heldout, args.out / f"seed{seed}-{n}")
+        for n, (name, (checkout, base, train, held)) in enumerate(readings.items()):
+            r = run(checkout, args, base, seed, train, held, args.out / f"seed{seed}-{n}")
             results[name].append(r)
             print(
                 f"| {seed} | {name} | {r['accuracy']:.3f} | {r['loss']:.4f} | {r['seconds']:.0f} |",
                 flush=True,
             )
     print()
+    first = next(iter(results.values()))
     for name, rs in results.items():
         acc = [r["accuracy"] for r in rs]
-        sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        print(f"{name}: accuracy {statistics.mean(acc):.3f} +- {sd:.3f} over seeds {args.seeds}")
+        line = f"{name}: accuracy {statistics.mean(acc):.3f} +- {_sd(acc):.3f}"
+        if rs is not first:
+            diff = [a["accuracy"] - b["accuracy"] for a, b in zip(first, rs)]
+            line += f"; last token minus this: {statistics.mean(diff):+.3f} +- {_sd(diff):.3f}"
+        print(line + f" over seeds {args.seeds}")
+
+
+def _sd(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
 if __name__ == "__main__":
