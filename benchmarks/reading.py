@@ -12,7 +12,7 @@ from EOS (its `<|endoftext|>`, id 0), so transformers pools the EOS instead of s
 sequences are then the last-token reading's plus one EOS id. `--old DIR` adds lora_rm 0.1's own run (a checkout
 of commit 13b940e: `git worktree add ../lora_rm-0.1 13b940e`), which also differs in head init.
 
-Reads ../shared/data/hh_harmless_dev.jsonl.gz (Anthropic HH harmless, implicit prompt), shuffles it with
+Reads ../shared/data/hh_harmless_dev.jsonl.gz (Anthropic HH harmless, implicit prompt) or --data, shuffles it with
 --data-seed, holds out --heldout pairs and trains on the next --train. Each run is `lora-rm train` as a user
 types it, with the held-out file as --eval-dataset; the accuracy is each run's own final evaluation
 (eval/eval.json), i.e. each model read the way it was trained. Prints a markdown table per seed, the mean +- sd
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import split_data  # noqa: E402
+from quality import DATA, split_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,9 +89,8 @@ def eos_base(base: Path, out: Path) -> tuple[Path, str]:
 
 def with_eos(path: Path, eos: str, out: Path) -> Path:
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    out.write_text(
-        "".join(json.dumps({k: v + eos for k, v in r.items()}) + "\n" for r in rows), encoding="utf-8"
-    )
+    rows = [{**r, "chosen": r["chosen"] + eos, "rejected": r["rejected"] + eos} for r in rows]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return out
 
 
@@ -100,6 +99,7 @@ def main() -> None:
     parser.add_argument("--base", required=True, type=Path, help="a causal LM folder, e.g. SmolLM2-135M")
     parser.add_argument("--old", type=Path, help="also run a checkout of lora_rm 0.1 (commit 13b940e)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--data", type=Path, default=DATA, help="preference pairs (JSON lines, .gz or not)")
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--train", type=int, default=600)
     parser.add_argument("--heldout", type=int, default=600)
@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "reading")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    train_file, heldout = split_data(args.out, args.train, args.heldout, args.data_seed)
+    train_file, heldout = split_data(args.out, args.train, args.heldout, args.data_seed, args.data)
     view, eos = eos_base(args.base.resolve(), args.out)
     readings = {
         "last token (this version)": (ROOT, args.base.resolve(), train_file, heldout),

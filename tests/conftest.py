@@ -203,3 +203,64 @@ def trained_run(tmp_path_factory, tiny_gpt2):
         tiny_gpt2, data, tmp / "run", epochs=8, eval_steps=1000, logging_steps=2, merge=True
     )  # eval once, at the end
     return train(cfg, log=lambda *_: None)
+
+
+CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
+
+
+def caller_tokenizer(kind: str):
+    """A word-level tokenizer of one of four kinds: GPT-2's (pad == EOS, nothing added), Llama's (adds BOS),
+    one with a distinct pad token, and a chat-template model's (pad == EOS == `<|im_end|>`, `<unk>` at id 0)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {
+        "gpt2": ["<|endoftext|>"],
+        "llama_bos": ["<unk>", "<s>", "</s>"],
+        "distinct_pad": ["<|endoftext|>", "<pad>"],
+        "chat": ["<unk>", "<|im_start|>", "<|im_end|>"],
+    }[kind]
+    words = sorted(set(WORDS) | {"user", "assistant"})
+    vocab = {t: i for i, t in enumerate(specials + words + ["?", ":", ".", ","])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials[0]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    names = {
+        "gpt2": {"eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
+        "llama_bos": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+        "distinct_pad": {"eos_token": "<|endoftext|>", "pad_token": "<pad>", "unk_token": "<|endoftext|>"},
+        "chat": {"eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "unk_token": "<unk>"},
+    }[kind]
+    if kind == "llama_bos":  # adds BOS to every text, as Llama's tokenizer does
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=64, **names)
+    if kind == "chat":
+        out.chat_template = CHAT_TEMPLATE
+    return out
+
+
+def caller_base(folder: Path, kind: str) -> Path:
+    """A tiny causal-LM checkpoint with the tokenizer of `kind` (as a hub base model is: no score head)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tok = caller_tokenizer(kind)
+    torch.manual_seed(0)
+    if kind in ("gpt2", "distinct_pad"):
+        config = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2)
+        model = GPT2LMHeadModel(config)
+    else:
+        config = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=64,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        model = LlamaForCausalLM(config)
+    folder.mkdir(parents=True)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

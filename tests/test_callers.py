@@ -18,71 +18,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BAD, GOOD, PROMPTS, WORDS, preference_rows, tiny_run_config, write_jsonl
+from conftest import (
+    BAD,
+    GOOD,
+    PROMPTS,
+    caller_base,
+    caller_tokenizer,
+    preference_rows,
+    tiny_run_config,
+    write_jsonl,
+)
 
 import lora_rm
 from lora_rm.errors import UserError
 from lora_rm.score import RewardModel
 
 ATOL = 1e-4
-CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
-KINDS = ["gpt2", "llama_bos", "distinct_pad", "chat"]
-
-
-def _tokenizer(kind: str):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = {
-        "gpt2": ["<|endoftext|>"],
-        "llama_bos": ["<unk>", "<s>", "</s>"],
-        "distinct_pad": ["<|endoftext|>", "<pad>"],
-        "chat": ["<unk>", "<|im_start|>", "<|im_end|>"],
-    }[kind]
-    words = sorted(set(WORDS) | {"user", "assistant"})
-    vocab = {t: i for i, t in enumerate(specials + words + ["?", ":", ".", ","])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials[0]))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    names = {
-        "gpt2": {"eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
-        "llama_bos": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
-        "distinct_pad": {"eos_token": "<|endoftext|>", "pad_token": "<pad>", "unk_token": "<|endoftext|>"},
-        "chat": {"eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "unk_token": "<unk>"},
-    }[kind]
-    if kind == "llama_bos":  # adds BOS to every text, as Llama's tokenizer does
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=64, **names)
-    if kind == "chat":
-        out.chat_template = CHAT_TEMPLATE
-    return out
-
-
-def _base(folder: Path, kind: str) -> Path:
-    """A tiny causal-LM checkpoint with the tokenizer of `kind` (as a hub base model is: no score head)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    tok = _tokenizer(kind)
-    torch.manual_seed(0)
-    if kind in ("gpt2", "distinct_pad"):
-        config = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2)
-        model = GPT2LMHeadModel(config)
-    else:
-        config = LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=64,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
-        model = LlamaForCausalLM(config)
-    folder.mkdir(parents=True)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def _chat_rows(n: int) -> list[dict]:
@@ -96,6 +47,9 @@ def _chat_rows(n: int) -> list[dict]:
     ]
 
 
+KINDS = ["gpt2", "llama_bos", "distinct_pad", "chat"]
+
+
 @pytest.fixture(scope="module", params=KINDS)
 def run(request, tmp_path_factory):
     """A base of one tokenizer kind, trained by lora_rm with a merged model; the base is given as a path
@@ -104,7 +58,7 @@ def run(request, tmp_path_factory):
 
     kind = request.param
     tmp = tmp_path_factory.mktemp(f"callers-{kind}")
-    base = _base(tmp / "bases" / kind, kind)
+    base = caller_base(tmp / "bases" / kind, kind)
     rows = _chat_rows(48) if kind == "chat" else preference_rows(48)
     data = write_jsonl(tmp / "prefs.jsonl", rows)
     quant = "8bit" if kind == "gpt2" else "none"  # GPT-2 on the default 8-bit path
@@ -115,7 +69,7 @@ def run(request, tmp_path_factory):
     prompts = [r["prompt"] for r in rows[:6]]
     responses = [r["chosen"] if i % 2 else r["rejected"] for i, r in enumerate(rows[:6])]
     if kind != "chat":  # a response ending in the EOS text: transformers never reads a trailing pad id
-        responses[0] = responses[0] + _tokenizer(kind).eos_token
+        responses[0] = responses[0] + caller_tokenizer(kind).eos_token
     else:
         responses = [r[0]["content"] for r in responses]
     rm = RewardModel.from_pretrained(result.adapter_dir, device="cpu", dtype=torch.float32)
