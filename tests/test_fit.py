@@ -159,27 +159,28 @@ def test_the_learning_check_comes_after_a_tenth_of_the_run(total, start, expecte
 
 
 @pytest.mark.parametrize(
-    "loss, margin_sum, lr, warned",
+    "loss, abs_margin_sum, lr, warned",
     [
         (0.6931, 0.0, 1e-4, True),
-        (0.690, 0.04, 1e-4, True),
+        (0.690, 0.16, 1e-4, True),  # mean |margin| 0.04
         (0.68, 0.0, 1e-4, False),
-        (0.6931, 0.4, 1e-4, False),
+        (0.6931, 0.4, 1e-4, False),  # mean |margin| 0.1: margins of both signs, averaging to 0
         (0.3, 6.0, 1e-4, False),
         # at auto's rate (1e-3 here) a stuck start is normal on hard data: the end of the run says it if it stays
         (0.6931, 0.0, 1e-3, False),
         (0.6931, 0.0, 3e-3, False),
     ],
 )
-def test_not_learning_is_said_with_the_change_to_make(loss, margin_sum, lr, warned):
+def test_not_learning_is_said_with_the_change_to_make(loss, abs_margin_sum, lr, warned):
     lines: list[str] = []
     run = _run(LoopState(step=10))
     run.cfg.learning_rate = lr
     run.log = lines.append
-    warn_if_not_learning(run, PairStats(n_pairs=4, loss_sum=4 * loss, margin_sum=margin_sum))
+    stats = PairStats(n_pairs=4, loss_sum=4 * loss, margin_sum=0.0, abs_margin_sum=abs_margin_sum)
+    warn_if_not_learning(run, stats)
     assert bool(lines) is warned
     if warned:
-        assert "after 10 of 100 steps the training loss is" in lines[0]
+        assert "after 10 of 100 steps the training loss is" in lines[0] and "mean |margin|" in lines[0]
         assert "--learning-rate auto (0.001 for this base; now 0.0001)" in lines[0]
 
 
