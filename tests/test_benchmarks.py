@@ -43,8 +43,20 @@ def test_the_appended_eos_reading_is_read_at_the_eos(tmp_path):
 @pytest.mark.slow
 def test_reading_benchmark_runs_smoke_sized(tmp_path):
     base = caller_base(tmp_path / "base", "chat")
-    data = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(24))
-    flags = ["--base", str(base), "--data", str(data), "--train", "16", "--heldout", "8", "--seeds", "0"]
+    data = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(30))
+    flags = [
+        "--base",
+        str(base),
+        "--data",
+        str(data),
+        "--train",
+        "16",
+        "--heldout",
+        "8",
+        "--seeds",
+        "0",
+        "--rest",
+    ]
     flags += ["--max-length", "48", "--batch-size", "4", "--accumulation", "1", "--precision", "fp32"]
     bench = subprocess.run(
         [sys.executable, "benchmarks/reading.py", *flags, "--out", str(tmp_path / "runs")],
@@ -52,4 +64,8 @@ def test_reading_benchmark_runs_smoke_sized(tmp_path):
     )  # fmt: skip
     assert bench.returncode == 0, bench.stdout + bench.stderr
     assert "| 0 | last token (this version) |" in bench.stdout and "| 0 | appended EOS |" in bench.stdout
-    assert "appended EOS: accuracy" in bench.stdout and "last token minus this:" in bench.stdout
+    assert "| 0 | appended EOS |" in bench.stdout and " (6) | " in bench.stdout  # the 6 pairs left over
+    assert (
+        "appended EOS, all held-out pairs: accuracy" in bench.stdout
+        and "last token minus this:" in bench.stdout
+    )
