@@ -18,7 +18,8 @@ types it, with the held-out file as --eval-dataset; the accuracy is each run's o
 (eval/eval.json), i.e. each model read the way it was trained. Prints a markdown table per seed, the mean +- sd
 of each reading and of the paired differences. `--rest` also scores every model with `lora-rm eval` on all the
 pairs used neither for training nor held out (with --train 500 --heldout 300, the other 1,000 of the 1,800: a
-tighter comparison for no more training); `--reuse` reads back runs already finished in --out.
+tighter comparison for no more training; on a CPU slow, as `lora-rm eval` scores in fp32 on plain padded rows:
+over 15 minutes per SmolLM2 model on 2 busy cores); `--reuse` reads back runs already finished in --out.
 """
 
 from __future__ import annotations
