@@ -162,7 +162,7 @@ def main() -> None:
         mean, sd = _mean_sd(accs)
         print(f"{name}: " + " ".join(f"{a:.3f}" for a in accs) + f"  mean {mean:.3f} +- {sd:.3f}", flush=True)
         (out / "defaults.json").write_text(
-            json.dumps({"args": vars(args), "results": results}, indent=2), encoding="utf-8"
+            json.dumps({"args": vars(args), "results": results}, indent=2, default=str), encoding="utf-8"
         )
 
     accs, picked = [], None

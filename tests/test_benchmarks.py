@@ -69,3 +69,28 @@ def test_reading_benchmark_runs_smoke_sized(tmp_path):
         "appended EOS, all held-out pairs: accuracy" in bench.stdout
         and "last token minus this:" in bench.stdout
     )
+
+
+@pytest.mark.slow
+def test_defaults_benchmark_runs_smoke_sized(tmp_path, tiny_bert):
+    train = write_jsonl(tmp_path / "train.jsonl", preference_rows(16))
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", preference_rows(24)[16:])
+    flags = ["--base", str(tiny_bert), "--files", str(train), str(heldout), "--seeds", "0", "--grid", "3e-3"]
+    flags += [
+        "--extra",
+        "--quant none --precision fp32 --batch-size 4",
+        "--output-dir",
+        str(tmp_path / "runs"),
+    ]
+    bench = subprocess.run(
+        [sys.executable, "benchmarks/defaults.py", *flags],
+        cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert bench.returncode == 0, bench.stdout + bench.stderr
+    table = bench.stdout[bench.stdout.index("16 train / 8 held-out") :]
+    for row in (
+        "| lora_rm defaults (lr 0.001) |",
+        "| lora_rm --learning-rate 0.003 |",
+        "| TRL RewardTrainer",
+    ):
+        assert row in table
