@@ -1,6 +1,6 @@
 """Held-out accuracy of the reward read where transformers reads it (the last token of the text, this version)
-against lora_rm 0.1's reading (an EOS appended to every sequence and the reward read there), on a real causal LM,
-same code, data and settings.
+against lora_rm 0.1's reading (an EOS appended to every sequence and the reward read there), on a real causal
+LM, same code, data and settings.
 
     python ../shared/tools/make_smollm2.py /tmp/smollm2         # SmolLM2-135M-Instruct, offline
     python benchmarks/reading.py --base /tmp/smollm2 --seeds 0 1 2
@@ -9,17 +9,18 @@ Both readings run in this checkout, so they share everything else (head init, le
 appended-EOS reading is built the way a user would get it from any tool: the EOS is written at the end of
 every chosen and rejected text (`<|im_end|>` for SmolLM2), and the base's tokenizer gets a pad token distinct
 from EOS (its `<|endoftext|>`, id 0), so transformers pools the EOS instead of skipping it as padding. The
-sequences are then the last-token reading's plus one EOS id. `--old DIR` adds lora_rm 0.1's own run (a checkout
-of commit 13b940e: `git worktree add ../lora_rm-0.1 13b940e`), which also differs in head init.
+sequences are then the last-token reading's plus one EOS id. `--old DIR` adds lora_rm 0.1's own run (a
+checkout of commit 13b940e: `git worktree add ../lora_rm-0.1 13b940e`), which also differs in head init.
 
-Reads ../shared/data/hh_harmless_dev.jsonl.gz (Anthropic HH harmless, implicit prompt) or --data, shuffles it with
---data-seed, holds out --heldout pairs and trains on the next --train. Each run is `lora-rm train` as a user
-types it, with the held-out file as --eval-dataset; the accuracy is each run's own final evaluation
-(eval/eval.json), i.e. each model read the way it was trained. Prints a markdown table per seed, the mean +- sd
-of each reading and of the paired differences. `--rest` also scores every model with `lora-rm eval` on all the
-pairs used neither for training nor held out (with --train 500 --heldout 300, the other 1,000 of the 1,800: a
-tighter comparison for no more training; on a CPU slow, as `lora-rm eval` scores in fp32 on plain padded rows:
-over 15 minutes per SmolLM2 model on 2 busy cores); `--reuse` reads back runs already finished in --out.
+Reads ../shared/data/hh_harmless_dev.jsonl.gz (Anthropic HH harmless, implicit prompt) or --data, shuffles it
+with --data-seed, holds out --heldout pairs and trains on the next --train. Each run is `lora-rm train` as a
+user types it, with the held-out file as --eval-dataset; the accuracy is each run's own final evaluation
+(eval/eval.json), i.e. each model read the way it was trained. Prints a markdown table per seed, the mean +-
+sd of each reading and of the paired differences. `--rest` also scores every model with `lora-rm eval` on all
+the pairs used neither for training nor held out (with --train 500 --heldout 300, the other 1,000 of the
+1,800: a tighter comparison for no more training; on a CPU slow, as `lora-rm eval` scores in fp32 on plain
+padded rows: over 15 minutes per SmolLM2 model on 2 busy cores); `--reuse` reads back runs already finished in
+--out.
 """
 
 from __future__ import annotations
@@ -40,6 +41,15 @@ from quality import DATA, shuffled_rows, split_data  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def lora_rm_cli(checkout: Path, cwd: Path, *argv: str) -> None:
+    """`lora-rm ARGV` with the package of `checkout` (PYTHONPATH), offline, run from `cwd` (an output folder):
+    `python -c` puts the working directory first on sys.path, before PYTHONPATH, so from this repository's
+    root it would import this checkout's package instead of --old's."""
+    env = {**os.environ, "PYTHONPATH": str(checkout), "HF_HUB_OFFLINE": "1"}
+    code = "import sys; from lora_rm.cli import main; sys.exit(main(sys.argv[1:]))"
+    subprocess.run([sys.executable, "-c", code, *argv], env=env, check=True, capture_output=True, cwd=cwd)
+
+
 def run(checkout: Path, args, base: Path, seed: int, train_file: Path, heldout: Path, out: Path) -> dict:
     flags = [
         "--base", str(base), "--dataset", str(train_file), "--eval-dataset", str(heldout),
@@ -51,14 +61,10 @@ def run(checkout: Path, args, base: Path, seed: int, train_file: Path, heldout: 
     if args.reuse and (out / "eval" / "eval.json").is_file():
         report = json.loads((out / "eval" / "eval.json").read_text(encoding="utf-8"))
         return {"accuracy": report["accuracy"], "loss": report["loss"], "seconds": float("nan")}
-    env = {**os.environ, "PYTHONPATH": str(checkout), "HF_HUB_OFFLINE": "1"}
     started = time.perf_counter()
-    code = "import sys; from lora_rm.cli import main; sys.exit(main(sys.argv[1:]))"
-    # run from the output folder: `python -c` puts the working directory first on sys.path, before PYTHONPATH
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    cmd = [sys.executable, "-c", code, "train", *flags]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=out)
+    lora_rm_cli(checkout, out, "train", *flags)
     report = json.loads((out / "eval" / "eval.json").read_text(encoding="utf-8"))
     saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
     assert saved.get("sequence_format") == (None if checkout != ROOT else 2), f"{checkout} did not run"
@@ -67,12 +73,8 @@ def run(checkout: Path, args, base: Path, seed: int, train_file: Path, heldout: 
 
 def eval_rest(checkout: Path, out: Path, rest: Path) -> dict:
     """`lora-rm eval` of the run in `out` on `rest` (pairs used neither for training nor for --heldout)."""
-    env = {**os.environ, "PYTHONPATH": str(checkout), "HF_HUB_OFFLINE": "1"}
-    code = "import sys; from lora_rm.cli import main; sys.exit(main(sys.argv[1:]))"
     flags = ["--model", str(out / "adapter"), "--dataset", str(rest), "--output-dir", str(out / "rest-eval")]
-    subprocess.run(
-        [sys.executable, "-c", code, "eval", *flags], env=env, check=True, capture_output=True, cwd=out
-    )
+    lora_rm_cli(checkout, out, "eval", *flags)
     report = json.loads((out / "rest-eval" / "eval.json").read_text(encoding="utf-8"))
     return {"accuracy": report["accuracy"], "n": report["n_pairs"]}
 
@@ -184,8 +186,8 @@ def main() -> None:
             results[name].append(r)
             print(row, flush=True)
     print()
+    first = next(iter(results.values()))
     for key, what in (("accuracy", f"{args.heldout} held-out pairs"), ("all", "all held-out pairs")):
-        first = next(iter(results.values()))
         for name, rs in results.items():
             if not all(key in r for r in rs):
                 continue

@@ -102,11 +102,12 @@ def learning_check_step(run: Run, min_steps: int = 3) -> int | None:
 
 def warn_if_not_learning(run: Run, stats: PairStats) -> None:
     """Log one warning, with the change to make, when the training pairs so far (`stats`) have a loss
-    within a hair of ln 2 and margins near 0 (their mean size: wide margins of both signs average to 0) *and* the learning rate is below `--learning-rate auto`'s: the
-    model gives chosen and rejected the same reward, and at that rate the rest of the run would most likely
-    end the same way (the most reported reward-model failure). At auto's rate or above nothing is said yet:
-    on hard data (all-MiniLM on HH) a run that ends well looks exactly like this for its first ~15 steps, at
-    1e-4 and at 1e-3 alike (`mean_abs_margin` ~0.004 in metrics.jsonl); the final evaluation says it then."""
+    within a hair of ln 2 and margins near 0 (their mean size: wide margins of both signs average to 0) *and*
+    the learning rate is below `--learning-rate auto`'s: the model gives chosen and rejected the same reward,
+    and at that rate the rest of the run would most likely end the same way (the most reported reward-model
+    failure). At auto's rate or above nothing is said yet: on hard data (all-MiniLM on HH) a run that ends
+    well looks exactly like this for its first ~15 steps, at 1e-4 and at 1e-3 alike (`mean_abs_margin`
+    ~0.004 in metrics.jsonl); the final evaluation says it then."""
     summary = stats.summary()
     if not (loss_near_chance(summary["loss"], 0.005) and summary["mean_abs_margin"] < 0.05):
         return
@@ -116,8 +117,9 @@ def warn_if_not_learning(run: Run, stats: PairStats) -> None:
         return
     run.log(
         f"warning: after {run.state.step} of {run.total_steps} steps the training loss is {summary['loss']:.4f} "
-        f"(ln 2 = 0.6931) and the mean |margin| {summary['mean_abs_margin']:.4f}: the model is not learning. Stop "
-        f"and rerun with a higher learning rate: --learning-rate auto ({auto_lr:g} for this base; now {lr:g})"
+        f"(ln 2 = 0.6931) and the mean |margin| {summary['mean_abs_margin']:.4f}: the model is not learning. "
+        f"Stop and rerun with a higher learning rate: --learning-rate auto ({auto_lr:g} for this base; "
+        f"now {lr:g})"
     )
 
 
