@@ -67,8 +67,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = _opt(4, "micro-batches per optimizer step")
     learning_rate: float | None = _opt(
         None,
-        "peak learning rate; auto (the default): 1e-3 for bases up to 576 wide, scaled down by the width "
-        "above that (7B, 4096 wide: 1.4e-4); the rate used is logged and saved with the model",
+        "peak learning rate; auto (the default): 2e-3 for causal decoders and 1e-3 for encoders up to 576 wide, "
+        "scaled down by the width above that (a 7B decoder, 4096 wide: 2.8e-4); logged and saved with the model",
         auto=True,
     )
     head_learning_rate: float | None = _opt(

@@ -53,22 +53,42 @@ def choose_precision(precision: str, device_type: str, quant: str = "none") -> t
     return "no", "auto: this CPU lacks AVX512-BF16/AMX, where bf16 is emulated and slower than fp32"
 
 
-AUTO_LR, AUTO_LR_WIDTH = 1e-3, 576
+AUTO_LR_DECODER, AUTO_LR_OTHER, AUTO_LR_WIDTH = 2e-3, 1e-3, 576
+
+
+def reads_last_token(model_config: Any) -> bool:
+    """Whether the base is a causal decoder (GPT-2, Llama, Qwen, ...), whose sequence-classification model
+    reads the reward at the last token, rather than an encoder (BERT, DeBERTa, ...), which reads it through the
+    first token: a model type transformers has causal-LM classes for and no masked-LM class."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = getattr(model_config, "model_type", None)
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def auto_learning_rate(model_config: Any) -> tuple[float, str]:
     """`--learning-rate auto`: (rate, why) for a base with this transformers config.
 
-    1e-3 for bases up to 576 wide (measured best or level with the best of 1e-5..3e-3 for LoRA reward models
-    on all-MiniLM-L6-v2 and SmolLM2-135M: `benchmarks/defaults.py`); wider bases get 1e-3 * 576 / width, the
-    field's practice for wider models (QLoRA: 2e-4 at 7B/13B, 1e-4 at 33B/65B; this gives 1.4e-4 at 4096,
-    1.1e-4 at 5120, 7e-5 at 8192), which a CPU cannot measure.
+    For bases up to 576 wide, 2e-3 for causal decoders and 1e-3 for other bases (encoders), the rates measured
+    best or within 1 point of the best of 1e-5..3e-3 for LoRA reward models (`benchmarks/defaults.py`, README
+    "Do the defaults learn?"): SmolLM2-135M, a Llama decoder, 0.7 points behind 3e-3 and 0.7 ahead of 1e-3
+    over 5 seeds; all-MiniLM-L6-v2, an encoder, best at 1e-3 and unstable at 2e-3 (0.52 to 0.63 over 3
+    seeds). Wider bases get that rate x 576 / width, the field's practice of lower rates for wider models
+    (QLoRA: 2e-4 at 7B/13B, 1e-4 at 33B/65B; for a decoder this gives 2.8e-4 at 4096, 2.2e-4 at 5120, 1.4e-4 at
+    8192), which a CPU cannot measure.
     """
+    if reads_last_token(model_config):
+        rate, kind = AUTO_LR_DECODER, "a causal decoder"
+    else:
+        rate, kind = AUTO_LR_OTHER, "a base other than a causal decoder"
     width = getattr(model_config, "hidden_size", None)
     if not isinstance(width, int) or width <= AUTO_LR_WIDTH:
-        return AUTO_LR, f"auto: {AUTO_LR:g} for a base up to {AUTO_LR_WIDTH} wide"
-    lr = float(f"{AUTO_LR * AUTO_LR_WIDTH / width:.2g}")
-    return lr, f"auto: {AUTO_LR:g} x {AUTO_LR_WIDTH} / {width}, the base's width"
+        return rate, f"auto: {rate:g} for {kind} up to {AUTO_LR_WIDTH} wide"
+    lr = float(f"{rate * AUTO_LR_WIDTH / width:.2g}")
+    return lr, f"auto: {rate:g} for {kind}, x {AUTO_LR_WIDTH} / {width}, the base's width"
 
 
 def param_groups(model: Any, lr: float, head_lr: float | None) -> list[dict[str, Any]]:

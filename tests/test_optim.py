@@ -138,15 +138,42 @@ def test_the_reward_head_can_have_its_own_learning_rate():
 
 
 @pytest.mark.parametrize(
-    "width, expected", [(384, 1e-3), (576, 1e-3), (768, 7.5e-4), (4096, 1.4e-4), (8192, 7e-5), (None, 1e-3)]
+    "model_type, width, expected",
+    [
+        ("llama", 576, 2e-3),  # SmolLM2-135M
+        ("gpt2", 64, 2e-3),
+        ("gpt2", 768, 1.5e-3),  # 2e-3 x 576 / 768
+        ("mistral", 4096, 2.8e-4),  # 2e-3 x 576 / 4096 = 2.8125e-4, two digits
+        ("llama", 8192, 1.4e-4),
+        ("bert", 384, 1e-3),  # all-MiniLM-L6-v2
+        ("bert", 768, 7.5e-4),
+        ("deberta-v2", 1024, 5.6e-4),  # 1e-3 x 576 / 1024 = 5.625e-4
+        ("t5", 512, 1e-3),  # neither: the lower rate
+        (None, None, 1e-3),
+    ],
 )
-def test_auto_learning_rate_by_the_base_width(width, expected):
+def test_auto_learning_rate_by_the_kind_and_width_of_the_base(model_type, width, expected):
     from types import SimpleNamespace
 
     from lora_rm.optim import auto_learning_rate
 
-    lr, why = auto_learning_rate(SimpleNamespace(hidden_size=width))
-    assert lr == pytest.approx(expected) and why.startswith("auto: ")
+    lr, why = auto_learning_rate(SimpleNamespace(model_type=model_type, hidden_size=width))
+    decoder = model_type in ("llama", "gpt2", "mistral")
+    base = "0.002 for a causal decoder" if decoder else "0.001 for a base other"
+    assert lr == pytest.approx(expected) and why.startswith(f"auto: {base}")
+
+
+def test_causal_decoders_are_told_from_encoders_by_their_model_type():
+    from transformers import AutoConfig
+
+    from lora_rm.optim import reads_last_token
+
+    decoders = ["gpt2", "llama", "qwen2", "mistral", "gemma", "phi3", "gpt_neox", "opt", "falcon"]
+    others = ["bert", "roberta", "xlm-roberta", "electra", "distilbert", "deberta-v2", "modernbert", "bart"]
+    others += ["t5"]  # an encoder-decoder: neither
+    assert all(reads_last_token(AutoConfig.for_model(kind)) for kind in decoders)
+    assert not any(reads_last_token(AutoConfig.for_model(kind)) for kind in others)
+    assert not reads_last_token(None)
 
 
 def test_learning_rate_auto_from_the_command_line_and_config_files():

@@ -296,7 +296,7 @@ def test_the_auto_learning_rate_is_logged_and_saved_with_the_model(tmp_path, tin
     lines: list[str] = []
     cfg = tiny_run_config(tiny_gpt2, prefs_file, tmp_path / "run", max_steps=2, learning_rate=None)
     result = train(cfg, log=lines.append)
-    assert "learning rate: 0.001 (auto: 0.001 for a base up to 576 wide)" in lines  # the tiny GPT-2: 64 wide
+    assert "learning rate: 0.002 (auto: 0.002 for a causal decoder up to 576 wide)" in lines  # 64 wide
     saved = json.loads((result.adapter_dir / "lora_rm_config.json").read_text(encoding="utf-8"))
-    assert saved["learning_rate"] == 1e-3
-    assert "0.001 (cosine" in (result.adapter_dir / "README.md").read_text(encoding="utf-8")
+    assert saved["learning_rate"] == 2e-3
+    assert "0.002 (cosine" in (result.adapter_dir / "README.md").read_text(encoding="utf-8")
