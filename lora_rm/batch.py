@@ -251,22 +251,33 @@ class PackedCollator:
                 chosen_index.append(r * width + offset + c_end)
                 rejected_index.append(r * width + offset + r_end)
                 offset += len(ids)
-        i = torch.arange(width)
-        causal = i[None, :] <= i[:, None]
-        same = segment[:, :, None] == segment[:, None, :]
-        blind = (part[:, :, None] == 2) & (part[:, None, :] == 1)  # rejected never sees chosen's suffix
-        mask = causal & same & ~blind & (segment[:, :, None] >= 0)
-        mask |= torch.eye(width, dtype=torch.bool)  # pads attend to themselves: no empty softmax rows
         margin = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
         return PackedBatch(
             input_ids,
-            mask[:, None],
+            shared_prefix_mask(segment, part),
             position_ids,
             torch.tensor(chosen_index),
             torch.tensor(rejected_index),
             margin,
             *_weights_and_groups(pairs),
         )
+
+
+def shared_prefix_mask(segment: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """The 4D attention mask [R, 1, T, T] (True = may attend) of packed rows.
+
+    `segment` [R, T] numbers the units of a row (-1: padding); `part` [R, T] is 0 on a unit's shared prefix
+    and k > 0 on its k-th suffix. A token sees the earlier tokens of its own unit's prefix and of its own
+    suffix, never another suffix (a pair's rejected side never sees its chosen side), so each suffix reads
+    exactly as the separate sequence prefix + suffix."""
+    width = segment.shape[1]
+    i = torch.arange(width)
+    causal = i[None, :] <= i[:, None]
+    same = segment[:, :, None] == segment[:, None, :]
+    visible = (part[:, None, :] == 0) | (part[:, :, None] == part[:, None, :])
+    mask = causal & same & visible & (segment[:, :, None] >= 0)
+    mask |= torch.eye(width, dtype=torch.bool)  # pads attend to themselves: no empty softmax rows
+    return mask[:, None]
 
 
 def pair_weights(batch: PreferenceBatch | PackedBatch) -> torch.Tensor:
