@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from lora_rm import metrics, plots
 from lora_rm.batch import PreferenceCollator, pad_sequences, plan_batches
 from lora_rm.encode import EncodedPair
+from lora_rm.engine import Throughput, score_sequences
 from lora_rm.loss import LN2, PairStats, all_pairs_loss, loss_near_chance, pairwise_loss, plackett_luce_loss
 from lora_rm.quiet import progress
 from lora_rm.rewards import compute_rewards, pair_rewards
@@ -104,9 +105,16 @@ def _ranked_lists(pairs: list[EncodedPair], rewards: dict[tuple[int, ...], float
 
 
 def full_evaluation(
-    model: Any, pairs: list[EncodedPair], pad_token_id: int, batch_size: int = 16
+    model: Any,
+    pairs: list[EncodedPair],
+    pad_token_id: int,
+    batch_size: int = 16,
+    max_tokens: int | None = None,
+    log: Any = print,
 ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    """(report, chosen rewards, rejected rewards) of `pairs`, each distinct sequence scored once.
+    """(report, chosen rewards, rejected rewards) of `pairs`, each distinct sequence scored once by the scoring
+    engine (`lora_rm.engine`: sides that share a prompt in one row, `max_tokens` per forward, default
+    batch_size x the longest sequence; `log` gets its line when the model needs plain rows).
 
     The report has `accuracy` (ties count half), `ties`, `loss` (margins applied), `n_pairs`, the margin
     mean, std and quantiles, `calibration` (ECE and curve), `length_bias` (response length in tokens after
@@ -117,8 +125,10 @@ def full_evaluation(
     for p in pairs:
         for side in (p.chosen, p.rejected):
             index.setdefault(tuple(side), len(index))
+    seqs = [list(k) for k in index]
+    budget = max_tokens or batch_size * max(len(s) for s in seqs)
     with progress(len(index), "full eval", unit="seq") as bar:
-        rewards = sequence_rewards(model, [list(k) for k in index], pad_token_id, batch_size, bar.update)
+        rewards = score_sequences(model, seqs, pad_token_id, max_tokens=budget, progress=bar.update, log=log)
     r_c = rewards[[index[tuple(p.chosen)] for p in pairs]]
     r_r = rewards[[index[tuple(p.rejected)] for p in pairs]]
     margin = torch.tensor([p.margin for p in pairs], dtype=torch.float64)
@@ -200,18 +210,23 @@ def write_full_eval(
     source: str | None = None,
     log: Any = print,
     record_eval: Callable[[dict[str, Any]], None] | None = None,
+    max_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Run `full_evaluation` and write into `out_dir`: eval.json, reward_hist.png, reliability.png and,
     when `metrics_jsonl` has training records, training_curves.png; reward_stats.json goes into
     `out_dir` and every folder of `model_dirs` (None entries skipped). `record_eval` (end of training) gets
     the eval metrics, in metrics.jsonl's names, before the curves are drawn. Returns the report ({} without
-    pairs, when only the training curves are drawn)."""
+    pairs, when only the training curves are drawn). `max_tokens` bounds one forward (`full_evaluation`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    speed = Throughput(list({tuple(s) for p in pairs for s in (p.chosen, p.rejected)}))
     report, r_c, r_r = (
-        full_evaluation(model, pairs, tokenizer.pad_token_id, batch_size) if pairs else ({}, [], [])
+        full_evaluation(model, pairs, tokenizer.pad_token_id, batch_size, max_tokens, log)
+        if pairs
+        else ({}, [], [])
     )
+    scored = speed.line()
     if report and record_eval is not None:
         record_eval({f"eval_{k}": v for k, v in summary(report).items()})
     if metrics_jsonl is not None and Path(metrics_jsonl).is_file():
@@ -236,7 +251,7 @@ def write_full_eval(
         f"ECE {report['calibration']['ece']:.3f}, reward-length spearman {bias['reward_length_spearman']:.3f}, "
         f"{report['n_pairs']} pairs"
         + (f"; top-1 {report['ranking']['top1_accuracy']:.3f}" if "ranking" in report else "")
-        + f"; written to {out} in {time.perf_counter() - started:.1f}s"
+        + f"; written to {out} in {time.perf_counter() - started:.1f}s ({scored})"
     )
     for warning in report["warnings"]:
         log(f"warning: {warning}")

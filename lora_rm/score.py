@@ -11,7 +11,9 @@ Rewards are raw (no sigmoid).
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,11 @@ from lora_rm.atomic import staged
 from lora_rm.checks import check_rows, detect_format, messages_problem, text_problem
 from lora_rm.data import Row, load_rows
 from lora_rm.encode import default_max_length, encode_rows
+from lora_rm.engine import Throughput, score_sequences
 from lora_rm.errors import UserError, problems_message
-from lora_rm.evaluate import STATS_FILE, sequence_rewards, write_full_eval
-from lora_rm.model import load_base_model, load_tokenizer
+from lora_rm.evaluate import STATS_FILE, write_full_eval
+from lora_rm.model import check_quantization, load_base_model, load_tokenizer
+from lora_rm.optim import choose_precision
 from lora_rm.saved import CONFIG_FILE, check_sequence_format, load_reward_model
 from lora_rm.sequences import encode_sequences, encode_texts
 
@@ -42,16 +46,39 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_ENV = "LORA_RM_SCORE_DTYPE"  # the default of every scoring caller: auto, fp32, bf16 or fp16
+
+
+def scoring_dtype(
+    device: torch.device, dtype: torch.dtype | str | None = None, quant: str = "none"
+) -> tuple[torch.dtype, str]:
+    """(dtype, why) to score in: `dtype` when given (a torch dtype or auto/fp32/bf16/fp16), else $LORA_RM_SCORE_DTYPE,
+    else auto: bf16 on GPUs that have it (fp16 on others) and on CPUs with AVX512-BF16/AMX, fp32 elsewhere and
+    for a quantized base on the CPU (`lora_rm.optim.choose_precision`). Raises UserError for an unknown name."""
+    if isinstance(dtype, torch.dtype):
+        return dtype, "asked for"
+    name = dtype or os.environ.get(DTYPE_ENV) or "auto"
+    if name != "auto" and name not in DTYPES:
+        raise UserError(f"dtype: one of auto, {', '.join(DTYPES)}; got {name!r}")
+    if name != "auto":
+        return DTYPES[name], "asked for" if dtype else f"${DTYPE_ENV}"
+    precision, why = choose_precision("auto", device.type, quant)
+    return DTYPES.get(precision, torch.float32), why
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPUs that have it, else fp16 on GPUs; fp32 on the CPU (where half precision is slow)."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    """The dtype `scoring_dtype` picks on `device` for an unquantized model."""
+    return scoring_dtype(device)[0]
 
 
 class RewardModel:
     """A trained reward model ready to score text: the model (eval mode), its tokenizer, the training's
-    `max_length` and data format, and the reward statistics saved with it (None if there are none)."""
+    `max_length` and data format, and the reward statistics saved with it (None if there are none).
+
+    Every method scores through `lora_rm.engine.score_sequences`: rows sharing a prompt are read once, short ones
+    packed, batches cut by `max_tokens_per_batch` tokens (default: batch_size x max_length). `log` gets the
+    engine's one line when the model needs plain rows, and the throughput of a scoring command."""
 
     def __init__(
         self,
@@ -61,9 +88,12 @@ class RewardModel:
         data_format: str = "explicit",
         reward_stats: dict[str, Any] | None = None,
         path: Path | None = None,
+        max_tokens_per_batch: int | None = None,
+        log: Any = None,
     ):
         self.model, self.tokenizer, self.max_length = model.eval(), tokenizer, max_length
         self.data_format, self.reward_stats, self.path = data_format, reward_stats, path
+        self.max_tokens_per_batch, self.log = max_tokens_per_batch, log or logging.getLogger("lora_rm").info
 
     @classmethod
     def from_pretrained(
@@ -71,32 +101,33 @@ class RewardModel:
         path: str | Path,
         base: Any = None,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
+        quant: str = "none",
+        max_tokens_per_batch: int | None = None,
+        log: Any = None,
     ) -> RewardModel:
         """Load an adapter folder (LoRA + head; onto its recorded base, or `base`: a hub id, a path or a
         loaded `AutoModelForSequenceClassification`) or a merged model folder.
 
-        `device` defaults to CUDA when available, `dtype` to bf16/fp16 on a GPU and fp32 on the CPU.
-        Raises UserError for a folder that holds neither, or a base that cannot be loaded.
+        An adapter is merged into its unquantized base in memory (the folder is untouched), so scoring runs no
+        adapter matmuls; `quant` "8bit"/"4bit" loads the base quantized instead and keeps the adapter apart (less
+        memory, slower, LLM.int8 rewards shift with the batch). `device` defaults to CUDA when available, `dtype`
+        to `scoring_dtype`'s choice, which is logged. Raises UserError for a folder that holds neither, a base
+        that cannot be loaded, or a quantization this machine cannot run.
         """
         path = Path(path)
         device = torch.device(device) if device is not None else default_device()
-        dtype = dtype or default_dtype(device)
+        dtype, why = scoring_dtype(device, dtype, quant)
+        check_quantization(quant, device.type)
         check_sequence_format(path)
         if (path / "adapter_config.json").is_file():
-            from transformers.utils import logging as hf_logging
-
-            verbosity = hf_logging.get_verbosity()
-            hf_logging.set_verbosity_error()  # the base's "score.weight newly initialized": the adapter brings it
-            try:
-                model, tokenizer = load_reward_model(path, base=base, dtype=dtype, device=device)
-            finally:
-                hf_logging.set_verbosity(verbosity)
+            model, tokenizer = _load_adapter(path, base, dtype, device, quant)
         elif (path / "config.json").is_file():
             if base is not None:
                 raise UserError(f"{path}: a merged model folder; base= only applies to adapter folders")
             tokenizer = load_tokenizer(str(path))
-            model = load_base_model(str(path), tokenizer.pad_token_id, dtype=dtype).to(device)
+            model = load_base_model(str(path), tokenizer.pad_token_id, quant=quant, dtype=dtype)
+            model = model if quant != "none" else model.to(device)
         else:
             raise UserError(
                 f"{path}: neither an adapter folder (adapter_config.json) nor a merged model folder "
@@ -105,7 +136,11 @@ class RewardModel:
         saved = _read_json(path / CONFIG_FILE)
         max_length = saved.get("max_length") or default_max_length(model.config, tokenizer)
         stats = _read_json(path / STATS_FILE) or None
-        return cls(model, tokenizer, int(max_length), saved.get("data_format", "explicit"), stats, path)
+        rm = cls(model, tokenizer, int(max_length), saved.get("data_format", "explicit"), stats, path)
+        rm.max_tokens_per_batch, rm.log = max_tokens_per_batch, log or rm.log
+        weights = f"{quant} base + adapter" if quant != "none" else "merged weights"
+        rm.log(f"scoring: {str(dtype).removeprefix('torch.')} ({why}), {weights}, on {device}")
+        return rm
 
     def _normalizer(self) -> tuple[float, float]:
         stats = self.reward_stats
@@ -125,24 +160,41 @@ class RewardModel:
         batch_size: int = 16,
         normalize: bool = False,
         progress: bool = False,
+        max_tokens_per_batch: int | None = None,
     ) -> list[float]:
         """Raw reward of each (prompt, response), in order; with `normalize`, (reward - mean) / std of the
         stored eval rewards (UserError if none are stored). Prompts and responses are text (the reward of
         `tokenizer(prompt + response)`), or message lists and the assistant's reply (text or messages) rendered
-        with the chat template. `progress` shows a tqdm bar."""
+        with the chat template. Responses to one prompt are read in one shared-prefix row. `progress` shows a
+        tqdm bar and logs the throughput; `max_tokens_per_batch` (default: the model's, else batch_size x
+        max_length) bounds the tokens of one forward."""
         if isinstance(prompts, str) or isinstance(responses, str):
             raise TypeError("prompts and responses are lists: score([prompt], [response]) for one")
         mean, std = self._normalizer() if normalize else (0.0, 1.0)
         seqs = encode_sequences(prompts, responses, self.tokenizer, self.max_length)
-        return self._rewards(seqs, batch_size, progress, mean, std)
+        keys = [p if isinstance(p, str) else json.dumps(p, sort_keys=True) for p in prompts]
+        return self._rewards(seqs, keys, batch_size, progress, mean, std, max_tokens_per_batch)
 
     def _rewards(
-        self, seqs: list[list[int]], batch_size: int, progress: bool, mean: float, std: float
+        self,
+        seqs: list[list[int]],
+        keys: list[str] | None,
+        batch_size: int,
+        progress: bool,
+        mean: float,
+        std: float,
+        max_tokens: int | None,
     ) -> list[float]:
         from tqdm.auto import tqdm
 
+        budget = max_tokens or self.max_tokens_per_batch or batch_size * self.max_length
+        speed = Throughput(seqs)
         with tqdm(total=len(seqs), desc="score", unit="seq", disable=not progress) as bar:
-            rewards = sequence_rewards(self.model, seqs, self.tokenizer.pad_token_id, batch_size, bar.update)
+            rewards = score_sequences(
+                self.model, seqs, self.tokenizer.pad_token_id, keys, budget, progress=bar.update, log=self.log
+            )
+        if progress:
+            self.log(speed.line())
         return [(r - mean) / std for r in rewards.tolist()]
 
     def score_texts(
@@ -152,15 +204,17 @@ class RewardModel:
         normalize: bool = False,
         progress: bool = False,
         chat: bool = False,
+        max_tokens_per_batch: int | None = None,
     ) -> list[float]:
         """Raw reward of each full text (prompt and response already joined) as `AutoModelForSequenceClassification`
         reads `tokenizer(text)`; `chat=True` for text that is a rendered chat template (tokenized without adding
-        special tokens again, as TRL does); `normalize` as in `score`."""
+        special tokens again, as TRL does); texts that start alike share their common tokens' row; `normalize`,
+        `progress` and `max_tokens_per_batch` as in `score`."""
         if isinstance(texts, str):
             raise TypeError("texts is a list: score_texts([text]) for one")
         mean, std = self._normalizer() if normalize else (0.0, 1.0)
         seqs = encode_texts(texts, self.tokenizer, self.max_length, chat=chat)
-        return self._rewards(seqs, batch_size, progress, mean, std)
+        return self._rewards(seqs, None, batch_size, progress, mean, std, max_tokens_per_batch)
 
     def compare(self, prompt: Any, a: Any, b: Any) -> dict[str, float]:
         """Rewards of two responses to one prompt and the Bradley-Terry probability that `a` is preferred,
@@ -178,10 +232,12 @@ class RewardModel:
         skip_invalid: bool = False,
         save_stats: bool = True,
         log: Any = print,
+        max_tokens_per_batch: int | None = None,
     ) -> dict[str, Any]:
         """Full evaluation on `dataset` (any format training accepts, every row used): eval.json and PNGs
         in `output_dir` (training_curves.png too when the run's metrics.jsonl sits beside the model folder),
-        and, with `save_stats`, reward_stats.json in the model folder. Returns the report."""
+        and, with `save_stats`, reward_stats.json in the model folder. Returns the report. `max_tokens_per_batch`
+        as in `score`."""
         rows = load_rows(dataset, split)[0]
         fmt = detect_format(rows, dataset)
         rows = check_rows(rows, fmt, dataset, skip_invalid, log)
@@ -200,7 +256,25 @@ class RewardModel:
             batch_size,
             source=dataset,
             log=log,
+            max_tokens=max_tokens_per_batch or self.max_tokens_per_batch,
         )
+
+
+def _load_adapter(
+    path: Path, base: Any, dtype: torch.dtype, device: torch.device, quant: str
+) -> tuple[Any, Any]:
+    """The adapter on its base: merged into it when the base is unquantized, kept apart on an 8/4-bit base."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the base's "score.weight newly initialized": the adapter brings it
+    try:
+        model, tokenizer = load_reward_model(path, base=base, quant=quant, dtype=dtype, device=device)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if quant == "none":
+        model = model.merge_and_unload().eval()
+    return model, tokenizer
 
 
 def read_score_rows(path: str | Path) -> list[Row]:

@@ -196,6 +196,7 @@ def save_outputs(run: Run, inputs: Inputs, started: float) -> TrainResult:
             unwrapped, inputs.tokenizer, run.eval_pairs, out / "eval", [], run.metrics_path, cfg.batch_size * 2,
             source=cfg.eval_dataset or cfg.dataset, log=log,
             record_eval=lambda record: record_metrics(accelerator, run.metrics_path, {"step": run.state.step, **record}),
+            max_tokens=cfg.max_tokens_per_batch,
         )  # fmt: skip
         if report:
             eval_metrics = summary(report)

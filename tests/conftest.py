@@ -15,6 +15,9 @@ from lora_rm.errors import UserError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Scoring in fp32, so a test means the same on CPUs with and without bf16 (auto picks bf16 on AMX CPUs); the
+# tests of the dtype choice pass dtype= or --dtype themselves.
+os.environ.setdefault("LORA_RM_SCORE_DTYPE", "fp32")
 
 
 @pytest.fixture(autouse=True)
