@@ -75,9 +75,32 @@ def _model_parser(prog: str, description: str, batch_size: int = 16) -> argparse
     parser.add_argument("--base", help="base model for an adapter (default: the one recorded in the adapter)")
     parser.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
     parser.add_argument(
-        "--batch-size", type=int, default=batch_size, help=f"sequences per forward (default: {batch_size})"
+        "--batch-size",
+        type=int,
+        default=batch_size,
+        help=f"sequences per forward in plain rows; the token budget defaults to this x max_length (default: {batch_size})",
+    )
+    parser.add_argument(
+        "--max-tokens-per-batch",
+        type=int,
+        help="tokens per forward (rows x width, padding included): bounds scoring memory on CPU and GPU alike",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="precision to score in (default auto: bf16 on GPUs and on CPUs with AVX512-BF16/AMX, else fp32)",
+    )
+    parser.add_argument(
+        "--quant",
+        choices=["none", "8bit", "4bit"],
+        default="none",
+        help="load the base quantized, adapter kept apart (less memory, slower; default none: merged weights)",
     )
     return parser
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -85,13 +108,23 @@ def _load(args: argparse.Namespace) -> Any:
 
     if args.batch_size <= 0:
         raise UserError(f"--batch-size: must be > 0, got {args.batch_size}")
+    if args.max_tokens_per_batch is not None and args.max_tokens_per_batch <= 0:
+        raise UserError(f"--max-tokens-per-batch: must be > 0, got {args.max_tokens_per_batch}")
     base = args.base
     adapter_config = Path(args.model) / "adapter_config.json"
     if base is None and adapter_config.is_file():
         base = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
     if base:
         require_hub(str(base), "base model")  # fail in seconds when the recorded base is out of reach
-    return RewardModel.from_pretrained(args.model, base=args.base, device=args.device)
+    return RewardModel.from_pretrained(
+        args.model,
+        base=args.base,
+        device=args.device,
+        dtype=args.dtype,
+        quant=args.quant,
+        max_tokens_per_batch=args.max_tokens_per_batch,
+        log=_stderr,
+    )
 
 
 def run_score(argv: list[str]) -> int:

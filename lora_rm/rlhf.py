@@ -14,6 +14,7 @@ def reward_function(
     batch_size: int = 16,
     normalize: bool = False,
     name: str = "lora_rm_reward",
+    max_tokens_per_batch: int | None = None,
     **load_kwargs: Any,
 ) -> Callable[..., list[float]]:
     """A function `f(prompts, completions, **kwargs) -> list[float]` for TRL's `GRPOTrainer`/`RLOOTrainer`
@@ -22,7 +23,9 @@ def reward_function(
     `model` is a RewardModel or a folder (adapter or merged; `load_kwargs` go to `RewardModel.from_pretrained`).
     Plain prompts and completions are joined as text (`tokenizer(prompt + completion)`); conversational ones
     (lists of messages) are rendered with the tokenizer's chat template, as TRL renders them for a reward
-    model. Rewards are computed in batches of `batch_size` on the model's device; `normalize` gives
+    model. Rewards come from the scoring engine (`lora_rm.engine`): the completions of one prompt (a GRPO/RLOO
+    group) are read in one shared-prefix row, and a forward holds at most `max_tokens_per_batch` tokens
+    (default batch_size x max_length), on the model's device; `normalize` gives
     (reward - mean) / std of the stored eval rewards. Other keyword arguments (TRL passes the dataset's
     columns, `completion_ids`, `trainer_state`, ...) are ignored.
     """
@@ -32,7 +35,9 @@ def reward_function(
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
         # a (prompt, completion) pair is what `score` reads: the joined text, or the rendered chat
-        return rm.score(list(prompts), list(completions), batch_size, normalize)
+        return rm.score(
+            list(prompts), list(completions), batch_size, normalize, max_tokens_per_batch=max_tokens_per_batch
+        )
 
     reward.__name__ = reward.__qualname__ = name  # TRL logs each reward function under its __name__
     reward.reward_model = rm  # type: ignore[attr-defined]
