@@ -50,15 +50,16 @@ def group_by_key(keys: Sequence[Hashable]) -> list[list[int]]:
 
 def group_by_prefix(seqs: Sequence[Sequence[int]]) -> list[list[int]]:
     """Groups of sequences that start alike, found without prompts (full texts): sequences in token order, a
-    neighbour joining the group when the tokens it saves (the shared prefix) outweigh what sharing a shorter
-    prefix costs the members already there."""
+    neighbour joining the group when the tokens it saves (the shared prefix) outweigh what the shorter shared
+    prefix costs the other members (k members with prefix p, joined at p' < p: it saves p', costs
+    (k - 1)(p - p'); the first member's own tokens are read either way)."""
     order = sorted(range(len(seqs)), key=lambda i: list(seqs[i]))
     groups: list[list[int]] = []
     prefix = 0
     for i in order:
         if groups:
             shared = min(prefix, common_prefix_len(seqs[groups[-1][-1]], seqs[i]))
-            if shared > len(groups[-1]) * (prefix - shared):
+            if shared > (len(groups[-1]) - 1) * (prefix - shared):
                 groups[-1].append(i)
                 prefix = shared
                 continue
