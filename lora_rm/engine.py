@@ -11,6 +11,7 @@ mask, int8 noise beyond its floor) read plain right-padded rows, longest first, 
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
 from collections import Counter
@@ -169,7 +170,8 @@ def shared_rows_exact(
     pairs = sorted(
         pairs, key=lambda p: (common_prefix_len(p.chosen, p.rejected) == 0, len(p.chosen) + len(p.rejected))
     )
-    probe = probe_packed_layout(model, pairs[:4], pad_token_id)
+    with _in_fp32(model):
+        probe = probe_packed_layout(model, pairs[:4], pad_token_id)
     if not probe.exact:
         log(
             f"scoring: plain rows ({type(model).__name__} does not give plain rows' rewards from prefix-shared "
@@ -177,6 +179,27 @@ def shared_rows_exact(
         )
     _packed_ok[model] = probe.exact
     return probe.exact
+
+
+@contextlib.contextmanager
+def _in_fp32(model: Any):
+    """The model's bf16/fp16 weights and buffers in fp32 for the duration, then back, bit for bit.
+
+    Whether a model takes the 4D mask is a property of its architecture; probed in half precision, the
+    rounding of two kernels (about one bf16 step of the reward, with no batch-to-batch noise to measure it
+    against) reads as a layout that is not exact. Quantized weights are left as they are (their noise floor is
+    the probe's own)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    quantized = any(t.dtype in (torch.int8, torch.uint8) for t in model.parameters())
+    half = [] if quantized else [t for t in tensors if t.dtype in (torch.bfloat16, torch.float16)]
+    dtypes = [t.dtype for t in half]
+    for t in half:
+        t.data = t.data.float()
+    try:
+        yield
+    finally:
+        for t, dtype in zip(half, dtypes):
+            t.data = t.data.to(dtype)
 
 
 @torch.no_grad()
