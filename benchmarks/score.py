@@ -1,0 +1,273 @@
+"""Scoring throughput: lora_rm's scoring engine against the plain transformers path, on the same merged model,
+device, dtype and torch threads.
+
+    python ../shared/tools/make_smollm2.py /tmp/smollm2                 # SmolLM2-135M-Instruct, offline
+    python benchmarks/score.py --smollm2 /tmp/smollm2                   # GPT-2 small + SmolLM2, the README table
+    python benchmarks/score.py --smollm2 /tmp/smollm2 --smoke           # a few sequences (CI)
+
+Workloads, from HH dialogues (../shared/data; the prompt is the dialogue up to its last "Assistant:"):
+- grpo: GRPO-shaped batches, 8 prompts x 8 completions (completions are other dialogues' last answers), through
+  `lora_rm.reward_function`, against TRL's GRPO reward path: one right-padded forward of all 64 texts.
+- eval: preference pairs through `RewardModel.evaluate` (what `lora-rm eval` runs: tokenizing, scoring, the
+  report and its plots), against batches of 16 pairs (32 right-padded rows) in dataset order.
+The ceiling reads only the needed tokens: each prompt once and each completion's own tokens, as one unpadded
+row per prompt with plain causal attention (its rewards are not correct: completions see each other), so it
+bounds what any exact layout reaches. Models: GPT-2 small's architecture (GPT2Config(), random weights, with
+SmolLM2's tokenizer, as no GPT-2 BPE files are offline here) and SmolLM2-135M; each gets a random reward head
+(seed 0) and is saved as a merged model folder that both sides load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "hh_harmless_dev.jsonl.gz"
+SPLIT = "\n\nAssistant:"
+
+
+def read_dialogues(path: Path, n: int) -> list[dict]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for _, line in zip(range(n), f)]
+
+
+def split_prompt(text: str) -> tuple[str, str]:
+    """(prompt up to and with the last "Assistant:", the answer after it)."""
+    cut = text.rindex(SPLIT) + len(SPLIT)
+    return text[:cut], text[cut:]
+
+
+def reward_model_folder(base: Path, name: str, cache: Path, gpt2_arch: bool) -> Path:
+    """A merged reward-model folder: the base (or GPT-2 small's architecture with random weights and the base's
+    tokenizer) with a random score head from seed 0, built once in `cache`."""
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        GPT2Config,
+        GPT2ForSequenceClassification,
+    )
+
+    out = cache / name
+    if (out / "config.json").is_file():
+        return out
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    torch.manual_seed(0)
+    if gpt2_arch:
+        ids = {k: tok.pad_token_id for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
+        model = GPT2ForSequenceClassification(GPT2Config(num_labels=1, **ids))
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base, num_labels=1, pad_token_id=tok.pad_token_id
+        )
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def plain_forward(model, tok, texts: list[str], max_length: int) -> torch.Tensor:
+    """transformers' own reading: right-padded rows, the model's pooling."""
+    batch = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch.to(model.device)).logits[:, 0].float().cpu()
+
+
+def ceiling_seconds(model, units: list[list[int]]) -> float:
+    """Seconds to read each unit ([prefix | suffixes...]) as one unpadded row, batch of one: needed tokens only."""
+    started = time.perf_counter()
+    with torch.no_grad():
+        for ids in units:
+            model(input_ids=torch.tensor([ids], device=model.device)).logits.float().sum().item()
+    return time.perf_counter() - started
+
+
+def needed_units(seqs: list[list[int]], groups: list[list[int]]) -> list[list[int]]:
+    from lora_rm.engine import make_units
+
+    units = make_units(seqs, groups, row_tokens=10**9)
+    return [
+        seqs[u.members[0]][: u.prefix] + [t for i in u.members for t in seqs[i][u.prefix :]] for u in units
+    ]
+
+
+def row(
+    model: str, workload: str, path: str, n: int, tokens: int, seconds: float, base: float | None
+) -> dict:
+    out = {"model": model, "workload": workload, "path": path, "sequences": n, "seconds": round(seconds, 2)}
+    out["seq_per_s"], out["real_tokens_per_s"] = round(n / seconds, 1), round(tokens / seconds)
+    out["speedup"] = round(base / seconds, 2) if base else 1.0
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def grpo_rows(name: str, folder: Path, dialogues: list[dict], args) -> list[dict]:
+    from transformers import AutoModelForSequenceClassification
+
+    import lora_rm
+    from lora_rm.engine import group_by_key
+    from lora_rm.sequences import encode_sequences
+
+    rm = lora_rm.RewardModel.from_pretrained(
+        folder, device=args.device, dtype=args.dtype, log=lambda *_: None
+    )
+    plain = (
+        AutoModelForSequenceClassification.from_pretrained(folder, dtype=rm.model.dtype)
+        .to(args.device)
+        .eval()
+    )
+    answers = [split_prompt(d[side])[1] for d in dialogues for side in ("chosen", "rejected")]
+    batches = []
+    for b in range(args.rounds):
+        prompts = [split_prompt(d["chosen"])[0] for d in dialogues[b * 8 : b * 8 + 8]]
+        ps = [p for p in prompts for _ in range(8)]
+        cs = [answers[(b * 64 + i * 7) % len(answers)] for i in range(64)]
+        batches.append((ps, cs))
+    reward = lora_rm.reward_function(rm)
+    reward(*batches[0])  # warm-up (and the layout probe, once per model)
+    seqs = [s for ps, cs in batches for s in encode_sequences(ps, cs, rm.tokenizer, rm.max_length)]
+    tokens, n = sum(len(s) for s in seqs), len(seqs)
+    started = time.perf_counter()
+    plain_rewards = [
+        plain_forward(plain, rm.tokenizer, [p + c for p, c in zip(ps, cs)], rm.max_length)
+        for ps, cs in batches
+    ]
+    t_plain = time.perf_counter() - started
+    started = time.perf_counter()
+    engine_rewards = [torch.tensor(reward(ps, cs)) for ps, cs in batches]
+    t_engine = time.perf_counter() - started
+    diff = max(float((a - b).abs().max()) for a, b in zip(engine_rewards, plain_rewards))
+    units = needed_units(seqs, group_by_key([ps[i] for ps, _ in batches for i in range(64)]))
+    t_ceiling = ceiling_seconds(plain, units)
+    print(
+        f"# {name} grpo: max |engine - plain| {diff:.2e} ({rm.model.dtype}); needed tokens {sum(map(len, units))} of {tokens}"
+    )
+    return [
+        row(name, "grpo 8x8", "TRL reward path (one right-padded forward)", n, tokens, t_plain, None),
+        row(name, "grpo 8x8", "lora_rm reward_function", n, tokens, t_engine, t_plain),
+        row(name, "grpo 8x8", "no-waste ceiling (needed tokens only)", n, tokens, t_ceiling, t_plain),
+    ]
+
+
+def eval_rows(name: str, folder: Path, dialogues: list[dict], args, tmp: Path) -> list[dict]:
+    from transformers import AutoModelForSequenceClassification
+
+    import lora_rm
+    from lora_rm.data import Row
+    from lora_rm.encode import encode_pairs
+    from lora_rm.engine import group_by_prefix
+
+    rm = lora_rm.RewardModel.from_pretrained(
+        folder, device=args.device, dtype=args.dtype, log=lambda *_: None
+    )
+    plain = (
+        AutoModelForSequenceClassification.from_pretrained(folder, dtype=rm.model.dtype)
+        .to(args.device)
+        .eval()
+    )
+    data = tmp / f"{name}-pairs.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in dialogues), encoding="utf-8")
+    rows = [Row(f"hh:{i}", d) for i, d in enumerate(dialogues)]
+    pairs = encode_pairs(rows, "implicit", rm.tokenizer, rm.max_length)[0]
+    seqs = [s for p in pairs for s in (p.chosen, p.rejected)]
+    tokens, n = sum(map(len, seqs)), len(seqs)
+    rm.evaluate(str(data), tmp / f"{name}-warm", log=lambda *_: None) if args.smoke else None
+    started = time.perf_counter()
+    report = rm.evaluate(str(data), tmp / f"{name}-eval", save_stats=False, log=lambda *_: None)
+    t_engine = time.perf_counter() - started
+    texts = [(d["chosen"], d["rejected"]) for d in dialogues]
+    started = time.perf_counter()
+    for i in range(0, len(texts), 16):
+        chunk = texts[i : i + 16]
+        plain_forward(plain, rm.tokenizer, [c for c, _ in chunk] + [r for _, r in chunk], rm.max_length)
+    t_plain = time.perf_counter() - started
+    distinct = list(dict.fromkeys(tuple(s) for s in seqs))
+    units = needed_units([list(s) for s in distinct], group_by_prefix([list(s) for s in distinct]))
+    t_ceiling = ceiling_seconds(plain, units)
+    print(
+        f"# {name} eval: {len(pairs)} pairs, accuracy {report['accuracy']:.3f}; needed tokens {sum(map(len, units))} of {tokens}"
+    )
+    return [
+        row(
+            name, f"eval {len(pairs)} pairs", "batches of 16 pairs in dataset order", n, tokens, t_plain, None
+        ),
+        row(
+            name,
+            f"eval {len(pairs)} pairs",
+            "lora_rm eval (RewardModel.evaluate)",
+            n,
+            tokens,
+            t_engine,
+            t_plain,
+        ),
+        row(
+            name,
+            f"eval {len(pairs)} pairs",
+            "no-waste ceiling (needed tokens only)",
+            n,
+            tokens,
+            t_ceiling,
+            t_plain,
+        ),
+    ]
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | workload | path | seq/s | real tokens/s | x plain |", "|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['workload']} | {r['path']} | {r['seq_per_s']} | {r['real_tokens_per_s']} | {r['speedup']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--smollm2", help="a SmolLM2 folder (make_smollm2.py); also the tokenizer of GPT-2 small"
+    )
+    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--pairs", type=int, default=200, help="pairs for the eval workload")
+    parser.add_argument("--rounds", type=int, default=3, help="GRPO batches of 8 x 8")
+    parser.add_argument("--dtype", default="auto", help="auto, fp32 or bf16: both sides run in it")
+    parser.add_argument("--only", nargs="+", default=["gpt2", "smollm2"], choices=["gpt2", "smollm2"])
+    parser.add_argument("--workloads", nargs="+", default=["grpo", "eval"], choices=["grpo", "eval"])
+    parser.add_argument("--cache-dir", default="/tmp/lora_rm_bench")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--smoke", action="store_true", help="a few sequences (CI)")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args()
+    if args.smoke:
+        args.pairs, args.rounds = 8, 1
+    if not args.smollm2:
+        raise SystemExit("--smollm2 DIR: build it with python ../shared/tools/make_smollm2.py DIR")
+    cache, tmp = Path(args.cache_dir), Path(args.cache_dir) / "score-tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{os.cpu_count()} CPUs"
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, dtype {args.dtype}, {where}")
+    dialogues = read_dialogues(Path(args.data), max(args.pairs, 64 * args.rounds // 8 + 64))
+    models = {
+        "gpt2": ("GPT-2 small arch", reward_model_folder(Path(args.smollm2), "gpt2-small-rm", cache, True)),
+        "smollm2": ("SmolLM2-135M", reward_model_folder(Path(args.smollm2), "smollm2-rm", cache, False)),
+    }
+    rows = []
+    for key in args.only:
+        name, folder = models[key]
+        if "grpo" in args.workloads:
+            rows += grpo_rows(name, folder, dialogues[: 8 * args.rounds + 64], args)
+        if "eval" in args.workloads:
+            rows += eval_rows(name, folder, dialogues[: args.pairs], args, tmp)
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
