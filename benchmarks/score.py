@@ -10,9 +10,8 @@ Workloads, from HH dialogues (../shared/data; the prompt is the dialogue up to i
   `lora_rm.reward_function`, against TRL's GRPO reward path: one right-padded forward of all 64 texts.
 - eval: preference pairs through `RewardModel.evaluate` (what `lora-rm eval` runs: tokenizing, scoring, the
   report and its plots), against batches of 16 pairs (32 right-padded rows) in dataset order.
-The ceiling reads only the needed tokens: each prompt once and each completion's own tokens, as one unpadded
-row per prompt with plain causal attention (its rewards are not correct: completions see each other), so it
-bounds what any exact layout reaches. Models: GPT-2 small's architecture (GPT2Config(), random weights, with
+The ceiling reads only the needed tokens (each prompt once and each completion's own tokens) at the model's
+dense rate (full unpadded rows of 256 tokens, plain causal attention), so it bounds what any exact layout reaches. Models: GPT-2 small's architecture (GPT2Config(), random weights, with
 SmolLM2's tokenizer, as no GPT-2 BPE files are offline here) and SmolLM2-135M; each gets a random reward head
 (seed 0) and is saved as a merged model folder that both sides load.
 """
@@ -79,13 +78,21 @@ def plain_forward(model, tok, texts: list[str], max_length: int) -> torch.Tensor
         return model(**batch.to(model.device)).logits[:, 0].float().cpu()
 
 
-def ceiling_seconds(model, units: list[list[int]]) -> float:
-    """Seconds to read each unit ([prefix | suffixes...]) as one unpadded row, batch of one: needed tokens only."""
-    started = time.perf_counter()
+def ceiling_seconds(model, units: list[list[int]], width: int = 256, rows: int = 16) -> float:
+    """Seconds to read the needed tokens (each unit [prefix | suffixes...] once) at the model's dense rate: the
+    tokens cut into full rows of `width` (no padding, plain causal attention, `rows` a forward, one warm-up
+    forward first; fixed shapes, so no kernel is built twice)."""
+    flat = [t for ids in units for t in ids]
+    needed = len(flat)
+    flat = (flat * (1 + width * rows // max(needed, 1)))[: max(width * rows, needed // width * width)]
+    ids = torch.tensor(flat, device=model.device).view(-1, width)
     with torch.no_grad():
-        for ids in units:
-            model(input_ids=torch.tensor([ids], device=model.device)).logits.float().sum().item()
-    return time.perf_counter() - started
+        model(input_ids=ids[:rows]).logits.float().sum().item()
+        started = time.perf_counter()
+        for i in range(0, ids.shape[0], rows):
+            model(input_ids=ids[i : i + rows]).logits.float().sum().item()
+        rate = ids.numel() / (time.perf_counter() - started)
+    return needed / rate
 
 
 def needed_units(seqs: list[list[int]], groups: list[list[int]]) -> list[list[int]]:

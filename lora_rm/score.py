@@ -139,7 +139,7 @@ class RewardModel:
         rm = cls(model, tokenizer, int(max_length), saved.get("data_format", "explicit"), stats, path)
         rm.max_tokens_per_batch, rm.log = max_tokens_per_batch, log or rm.log
         weights = f"{quant} base + adapter" if quant != "none" else "merged weights"
-        rm.log(f"scoring: {str(dtype).removeprefix('torch.')} ({why}), {weights}, on {device}")
+        rm.log(f"scoring: {str(dtype).removeprefix('torch.')} ({why}), {weights}, device {device}")
         return rm
 
     def _normalizer(self) -> tuple[float, float]:

@@ -183,7 +183,7 @@ def test_bf16_within_bf16_rounding(scored):
     rm = RewardModel.from_pretrained(folder / "adapter", device="cpu", dtype="bf16", log=logs.append)
     assert next(rm.model.parameters()).dtype == torch.bfloat16
     got = torch.tensor(rm.score(prompts, responses))
-    assert logs[0].startswith("scoring: bfloat16 (asked for), merged weights, on cpu")
+    assert logs[0].startswith("scoring: bfloat16 (asked for), merged weights, device cpu")
     assert any("plain rows" in line for line in logs) == (kind == "bert"), logs  # bf16 passes the probe
     plain_bf16 = score_sequences(rm.model, seqs, rm.tokenizer.pad_token_id, packed=False)
     # bf16 keeps 8 significant bits: the engine is as close to fp32 as bf16's plain reading is, up to rounding
