@@ -111,7 +111,8 @@ class RewardModel:
 
         An adapter is merged into its unquantized base in memory (the folder is untouched), so scoring runs no
         adapter matmuls; `quant` "8bit"/"4bit" loads the base quantized instead and keeps the adapter apart (less
-        memory, slower, LLM.int8 rewards shift with the batch). `device` defaults to CUDA when available, `dtype`
+        memory, slower, LLM.int8 rewards shift with the batch); a loaded `base` you pass is merged into, in place.
+        `device` defaults to CUDA when available, `dtype`
         to `scoring_dtype`'s choice, which is logged. Raises UserError for a folder that holds neither, a base
         that cannot be loaded, or a quantization this machine cannot run.
         """

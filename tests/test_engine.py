@@ -254,3 +254,23 @@ def test_an_empty_sequence_is_refused(tiny_gpt2):
     with pytest.raises(ValueError, match="empty"):
         score_sequences(model, [[1, 2], []], 0)
     assert score_sequences(model, [], 0).shape == (0,)
+
+
+def test_a_model_that_ignores_the_4d_mask_reads_plain_rows(tiny_gpt2):
+    from transformers import GPT2ForSequenceClassification
+
+    class IgnoresMask(GPT2ForSequenceClassification):
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            if attention_mask is not None and attention_mask.dim() == 4:
+                attention_mask = None  # plain causal attention over the whole packed row
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    torch.manual_seed(0)
+    model = IgnoresMask.from_pretrained(str(tiny_gpt2), num_labels=1, pad_token_id=0).eval()
+    seqs = [[5, 6, 7, 8], [5, 6, 9], [5, 6, 10, 11, 12], [13, 14]]
+    logs: list[str] = []
+    got = score_sequences(model, seqs, 0, keys=["a", "a", "a", "b"], log=logs.append)
+    assert len(logs) == 1 and "plain rows" in logs[0]
+    _close(got, score_sequences(model, seqs, 0, packed=False), "plain rows")
+    score_sequences(model, seqs, 0, log=logs.append)
+    assert len(logs) == 1  # probed once per model
