@@ -78,7 +78,7 @@ def _model_parser(prog: str, description: str, batch_size: int = 16) -> argparse
         "--batch-size",
         type=int,
         default=batch_size,
-        help=f"sequences per forward in plain rows; the token budget defaults to this x max_length (default: {batch_size})",
+        help=f"a forward holds up to this many max_length sequences' tokens, unless --max-tokens-per-batch (default: {batch_size})",
     )
     parser.add_argument(
         "--max-tokens-per-batch",
