@@ -55,9 +55,10 @@ def detect_format(rows: list[Row], source: str) -> str:
     return "explicit" if "prompt" in columns else "implicit"
 
 
-def text_problem(value: Any) -> str | None:
+def text_problem(value: Any, controls: bool = False) -> str | None:
     """Why `value` is not usable text (null, not a string, blank, NUL, control character, lone surrogate),
-    or None when it is."""
+    or None when it is. `controls=True` accepts control characters other than NUL (a policy sampling bytes
+    can write them, and the tokenizer encodes them: `lora-rm serve` scores such text)."""
     if value is None:
         return "missing or null"
     if not isinstance(value, str):
@@ -66,7 +67,7 @@ def text_problem(value: Any) -> str | None:
         return "empty or whitespace-only text"
     if "\x00" in value:
         return "contains a NUL character"
-    control = CONTROL.search(value)
+    control = None if controls else CONTROL.search(value)
     if control:
         return f"contains control character U+{ord(control.group()):04X}"
     if SURROGATE.search(value):

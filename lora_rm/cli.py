@@ -184,7 +184,9 @@ def run_eval(argv: list[str]) -> int:
 
 
 def run_serve(argv: list[str]) -> int:
-    from lora_rm.serve import Limits, listen_socket, require_serve_extra, serve
+    import os
+
+    from lora_rm.serve import Guards, Limits, listen_socket, require_serve_extra, serve
 
     parser = _model_parser(
         "lora-rm serve",
@@ -205,14 +207,36 @@ def run_serve(argv: list[str]) -> int:
     parser.add_argument(
         "--max-text-chars", type=int, default=Limits.max_text_chars, help="characters per text or row"
     )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("LORA_RM_SERVE_TOKEN"),
+        help="require `Authorization: Bearer TOKEN` on every POST (default: $LORA_RM_SERVE_TOKEN; "
+        "set one when --host is reachable from other machines)",
+    )
+    for name, default, what in (
+        ("--header-timeout", Guards.header_timeout, "seconds a client may take to send a request's headers"),
+        ("--body-timeout", Guards.body_timeout, "seconds a client may take to send a request's body"),
+        ("--drain-timeout", Guards.drain_timeout, "seconds SIGTERM waits for requests in flight"),
+    ):
+        parser.add_argument(name, type=float, default=default, help=f"{what} (default: {default:g})")
+    parser.add_argument(
+        "--max-connections", type=int, default=None, help="open connections; more get 503 (default: 1000)"
+    )
     args = parser.parse_args(argv)
     require_serve_extra()
     limits = Limits(args.max_request_texts, args.max_text_chars)
+    guards = Guards(
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        drain_timeout=args.drain_timeout,
+        max_connections=args.max_connections,
+        token=args.token,
+    )
     sock = listen_socket(args.host, args.port)  # a taken port fails before the model loads
     model = _load(args)
     if args.normalize:
         model._normalizer()  # no stored statistics: refused now, not on every request
-    return serve(model, sock, args.batch_size, args.normalize, limits)
+    return serve(model, sock, args.batch_size, args.normalize, limits, guards)
 
 
 def run_plan(argv: list[str]) -> int:

@@ -17,21 +17,40 @@ concurrent requests share forwards, the event loop keeps answering, and one mode
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) at runtime.
 import asyncio
 import contextlib
-import json
+import ipaddress
 import logging
 import os
-import signal
 import socket
 import sys
-import threading
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from lora_rm.batcher import Batcher
-from lora_rm.checks import messages_problem, text_problem
+from lora_rm.batcher import Batcher, model_scorer
+from lora_rm.checks import messages_problem
 from lora_rm.errors import UserError
+from lora_rm.serve_guard import (
+    Guards,
+    OneLineFilter,
+    ThrottledLog,
+    protocol_class,
+    quiet_event_loop,
+    server_class,
+)
+from lora_rm.serve_request import (
+    MAX_BODY_BYTES,
+    ClientGone,
+    Limits,
+    RequestError,
+    check_content_type,
+    check_lengths,
+    check_row_lengths,
+    check_token,
+    read_json,
+    served_text_problem,
+    text_list,
+)
 
-MAX_BODY_BYTES = 64 * 2**20  # a request body larger than this is refused before it is parsed
+__all__ = ["MAX_BODY_BYTES", "Guards", "Limits", "RequestError", "build_app", "listen_socket", "serve"]
 log = logging.getLogger("lora_rm.serve")
 
 
@@ -47,84 +66,52 @@ def require_serve_extra() -> None:
         ) from None
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for; more is answered 413 and nothing of it is scored."""
+def template_marker(model: Any) -> str | None:
+    """The text of the special tokens the model's tokenizer puts before a text (Llama's "<s>", BERT's "[CLS]"),
+    None when it puts none. A /get_reward text that starts with it was rendered by a template that wrote them
+    (OpenRLHF sends the policy's decoded tokens), so it is tokenized without adding them again."""
+    from lora_rm.sequences import special_tokens
 
-    max_request_texts: int = 4096  # texts (or rows) in one request
-    max_text_chars: int = 100_000  # characters in one text (a row: its prompt and response together)
-
-    def __post_init__(self) -> None:
-        for name in ("max_request_texts", "max_text_chars"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(self, name)}")
-
-
-class RequestError(Exception):
-    """A request the server refuses: answered with `status` and {"error": message}."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        return None
+    prefix, _ = special_tokens(tokenizer)
+    return "".join(tokenizer.convert_ids_to_tokens(prefix)) or None
 
 
-def _text_list(body: dict[str, Any], key: str, limits: Limits, check: Any = text_problem) -> list[Any]:
-    """body[key] as a list whose every item passes `check`; RequestError (422 or 413) saying why not."""
-    if key not in body:
-        raise RequestError(422, f'missing field "{key}"')
-    values = body[key]
-    if not isinstance(values, list):
-        raise RequestError(422, f'"{key}": expected a list, got {type(values).__name__}')
-    if len(values) > limits.max_request_texts:
-        raise RequestError(
-            413, f'"{key}": {len(values)} items, more than --max-request-texts {limits.max_request_texts}'
-        )
-    problems = [f"{key}[{i}]: {p}" for i, v in enumerate(values) if (p := check(v))]
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise RequestError(422, "; ".join(problems[:3]) + more)
-    return values
+def text_kinds(texts: list[str], chat: bool, marker: str | None) -> dict[str, list[int]]:
+    """Which texts are read as rendered templates (their special tokens not added again) and which as
+    `tokenizer(text)`: {kind: positions}. A chat model reads every text as its template rendered it."""
+    kinds: dict[str, list[int]] = {}
+    for i, text in enumerate(texts):
+        kind = "template_texts" if chat or (marker and text.startswith(marker)) else "texts"
+        kinds.setdefault(kind, []).append(i)
+    return kinds
 
 
-def _chars(value: Any) -> int:
-    return len(value) if isinstance(value, str) else sum(len(m["content"]) for m in value)
+async def _disconnected(receive: Any) -> None:
+    """Returns when the client has gone (the body is read by then, so the next message is the disconnect)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
-def _check_lengths(values: list[Any], limits: Limits, what: str) -> None:
-    for i, v in enumerate(values):
-        if _chars(v) > limits.max_text_chars:
-            raise RequestError(
-                413,
-                f"{what}[{i}]: {_chars(v)} characters, more than --max-text-chars {limits.max_text_chars}",
-            )
-
-
-async def _json_body(request: Any) -> dict[str, Any]:
-    size = request.headers.get("content-length", "")
-    if size.isdigit() and int(size) > MAX_BODY_BYTES:
-        raise RequestError(413, f"request body of {size} bytes, more than {MAX_BODY_BYTES}")
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise RequestError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
-    try:
-        data = json.loads(body)
-    except ValueError as e:
-        raise RequestError(400, f"request body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise RequestError(422, f"expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def build_app(model: Any, batch_size: int = 32, normalize: bool = False, limits: Limits | None = None) -> Any:
+def build_app(
+    model: Any,
+    batch_size: int = 32,
+    normalize: bool = False,
+    limits: Limits | None = None,
+    guards: Guards | None = None,
+    throttle: ThrottledLog | None = None,
+) -> Any:
     """The FastAPI app serving `model` (a RewardModel, or anything with its `score`, `score_texts` and
-    `data_format`); the batching worker runs while the app's lifespan does."""
+    `data_format`); the batching worker runs while the app's lifespan does. Every refused request is logged,
+    one line with its reason (throttled)."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
 
-    limits = limits or Limits()
+    limits, guards, throttle = limits or Limits(), guards or Guards(), throttle or ThrottledLog()
     chat = model.data_format == "conversational"
+    marker = template_marker(model)
 
     def prompt_problem(prompt: Any) -> str | None:
         if chat != isinstance(prompt, list):
@@ -133,13 +120,14 @@ def build_app(model: Any, batch_size: int = 32, normalize: bool = False, limits:
                 if chat
                 else "this model was trained on text: give the prompt as text, formatted as in training"
             )
-        return messages_problem(prompt) if chat else text_problem(prompt)
+        return messages_problem(prompt) if chat else served_text_problem(prompt)
 
     state: dict[str, Batcher] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher = state["batcher"] = Batcher(model, batch_size, normalize)
+        quiet_event_loop(throttle)
+        batcher = state["batcher"] = Batcher(model_scorer(model, batch_size, normalize), batch_size)
         worker = asyncio.create_task(batcher.run())
         yield
         worker.cancel()  # uvicorn has drained every request by now
@@ -149,58 +137,103 @@ def build_app(model: Any, batch_size: int = 32, normalize: bool = False, limits:
 
     app = FastAPI(title="lora_rm reward server", lifespan=lifespan)
 
+    def client(request: Request) -> str:
+        return f"{request.client.host}:{request.client.port}" if request.client else "a client"
+
     @app.exception_handler(RequestError)
     async def refuse(request: Request, e: RequestError) -> JSONResponse:
-        return JSONResponse({"error": str(e)}, status_code=e.status)
+        throttle(
+            f"{e.status}",
+            f"refused {request.method} {request.url.path} from {client(request)}: {e.status} {e}",
+        )
+        return JSONResponse({"error": str(e)}, status_code=e.status, headers=e.headers)
 
-    async def rewards(kind: str, items: list[Any]) -> list[float]:
+    @app.exception_handler(ClientGone)
+    async def gone(request: Request, e: ClientGone) -> Response:
+        if not request.scope.get("state", {}).get("cut"):  # cut for being slow: logged already
+            throttle("gone", f"{request.method} {request.url.path} from {client(request)}: client {e}")
+        return Response(status_code=499)
+
+    async def body_of(request: Request) -> dict[str, Any]:
+        check_token(request.headers, guards.token)
+        check_content_type(request.headers)
+        return await read_json(request)
+
+    async def rewards(request: Request, jobs: list[tuple[str, list[Any]]]) -> list[list[float]]:
+        """The rewards of each (kind, items) job; ClientGone (its unscored items dropped) when the client
+        disconnects first."""
+        batcher = state["batcher"]
+        work = asyncio.ensure_future(asyncio.gather(*(batcher.rewards(k, items) for k, items in jobs)))
+        watch = asyncio.ensure_future(_disconnected(request.receive))
+        dropped = batcher.dropped
         try:
-            return await state["batcher"].rewards(kind, items)
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+        if work.cancelled():
+            total = sum(len(items) for _, items in jobs)
+            raise ClientGone(
+                f"disconnected before its answer; {batcher.dropped - dropped} of {total} unscored"
+            )
+        try:
+            return work.result()
         except UserError as e:
             raise RequestError(422, str(e)) from None
+        except Exception as e:  # the model failed: one line, not a traceback per request
+            throttle("model", f"scoring failed: {type(e).__name__}: {e}")
+            raise RequestError(500, f"scoring failed: {type(e).__name__}: {e}") from None
 
     @app.post("/get_reward")
     async def get_reward(request: Request) -> dict[str, Any]:
-        texts = _text_list(await _json_body(request), "query", limits)
-        _check_lengths(texts, limits, "query")
-        scores = await rewards("texts", texts)
+        texts = text_list(await body_of(request), "query", limits)
+        check_lengths(texts, limits, "query")
+        kinds = text_kinds(texts, chat, marker)
+        answers = await rewards(request, [(k, [texts[i] for i in at]) for k, at in kinds.items()])
+        scores = [0.0] * len(texts)
+        for at, got in zip(kinds.values(), answers):
+            for i, x in zip(at, got):
+                scores[i] = x
         return {"rewards": scores, "scores": scores}
 
     @app.post("/score")
     async def score(request: Request) -> dict[str, Any]:
-        body = await _json_body(request)
-        prompts = _text_list(body, "prompts", limits, prompt_problem)
-        responses = _text_list(body, "responses", limits)
+        body = await body_of(request)
+        prompts = text_list(body, "prompts", limits, prompt_problem)
+        responses = text_list(body, "responses", limits)
         if len(prompts) != len(responses):
             raise RequestError(422, f"{len(prompts)} prompts but {len(responses)} responses")
-        for i, (p, r) in enumerate(zip(prompts, responses)):
-            if _chars(p) + len(r) > limits.max_text_chars:
-                raise RequestError(
-                    413,
-                    f"row {i}: {_chars(p) + len(r)} characters of prompt and response, more than "
-                    f"--max-text-chars {limits.max_text_chars}",
-                )
-        return {"rewards": await rewards("rows", list(zip(prompts, responses)))}
+        check_row_lengths(prompts, responses, limits)
+        rows = list(zip(prompts, responses))
+        return {"rewards": (await rewards(request, [("rows", rows)]))[0] if rows else []}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         batcher = state.get("batcher")
+        path = getattr(model, "path", None)
         return {
             "status": "ok",
-            "model": str(getattr(model, "path", None)),
+            "model": Path(path).name if path else None,  # the folder's name: no local paths to strangers
             "data_format": model.data_format,
             "batch_size": batch_size,
             "normalize": normalize,
             "pending_requests": batcher.pending if batcher else 0,
             "model_calls": batcher.model_calls if batcher else 0,
             "sequences_scored": batcher.sequences if batcher else 0,
+            "sequences_dropped": batcher.dropped if batcher else 0,
         }
 
     return app
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port (port 0: a free one); UserError when the address is taken or invalid."""
+    """A socket bound to host:port (port 0: a free one); UserError when the port is out of range or the address
+    is taken or invalid."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port: must be 1-65535 (or 0 for a free one), got {port}")
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
@@ -216,26 +249,23 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _server_class() -> type:
-    import uvicorn
-    from uvicorn.server import HANDLED_SIGNALS
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self):
-            # uvicorn re-raises a caught SIGTERM after its graceful shutdown, so the process would end by
-            # the signal (exit 143); a server that drained every request and stopped cleanly exits 0.
-            if threading.current_thread() is not threading.main_thread():
-                yield
-                return
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in HANDLED_SIGNALS}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
 
-    return Server
+def _quiet_logs(throttle: ThrottledLog) -> None:
+    """lora_rm's own lines on stderr; uvicorn's and asyncio's throttled, with one traceback per exception type."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("lora-rm serve: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    for name in ("uvicorn.error", "asyncio"):
+        logging.getLogger(name).addFilter(OneLineFilter(throttle))
 
 
 def serve(
@@ -244,12 +274,15 @@ def serve(
     batch_size: int = 32,
     normalize: bool = False,
     limits: Limits | None = None,
+    guards: Guards | None = None,
 ) -> int:
-    """Serve `model` on the bound `sock` until SIGTERM or Ctrl-C, which stop accepting connections, finish
-    the requests in flight and return 0."""
+    """Serve `model` on the bound `sock` until SIGTERM or Ctrl-C, which stop accepting connections, finish the
+    requests in flight (cutting those still open after `guards.drain_timeout`, and saying so) and return 0."""
     import uvicorn
 
-    app = build_app(model, batch_size, normalize, limits)
+    guards, throttle = guards or Guards(), ThrottledLog()
+    _quiet_logs(throttle)
+    app = build_app(model, batch_size, normalize, limits, guards, throttle)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(
@@ -257,8 +290,20 @@ def serve(
         "(POST /get_reward, POST /score, GET /health)",
         flush=True,
     )
-    config = uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=None)
-    server = _server_class()(config)
+    if guards.token is None and not _loopback(host):
+        log.warning(
+            f"{host} is reachable beyond this machine and no --token is set: anyone who reaches it can score"
+        )
+    config = uvicorn.Config(
+        app,
+        http=protocol_class(guards, throttle),
+        log_level="info",
+        access_log=False,
+        timeout_keep_alive=guards.keep_alive_timeout,
+        timeout_graceful_shutdown=guards.drain_timeout + 5,  # a backstop: the server cuts at drain_timeout
+        h11_max_incomplete_event_size=32 * 1024,  # request line and headers
+    )
+    server = server_class(guards, throttle)(config)
     server.run(sockets=[sock])
     sys.stdout.flush()
     return 0 if server.started else 1
