@@ -165,16 +165,17 @@ def build_app(
         batcher = state["batcher"]
         work = asyncio.ensure_future(asyncio.gather(*(batcher.rewards(k, items) for k, items in jobs)))
         watch = asyncio.ensure_future(_disconnected(request.receive))
-        dropped = batcher.dropped
+        dropped, answered = batcher.dropped, False
         try:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             watch.cancel()
-            if not work.done():
+            answered = work.done()
+            if not answered:
                 work.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await work
-        if work.cancelled():
+        if not answered:
             total = sum(len(items) for _, items in jobs)
             raise ClientGone(
                 f"disconnected before its answer; {batcher.dropped - dropped} of {total} unscored"

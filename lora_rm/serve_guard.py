@@ -193,7 +193,7 @@ def protocol_class(guards: Guards, throttle: ThrottledLog) -> type:
                 self.scope["state"]["cut"] = True  # the handler then knows why its body ended
             client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
             throttle(
-                "slow",
+                f"slow {phase}",
                 f"closed the connection of {client}: its request {phase} took over {seconds:g} s (408)",
             )
             self.transport.write(
