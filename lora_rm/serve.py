@@ -5,13 +5,17 @@
     GET  /health                                               -> {"status": "ok", ...}
 
 /get_reward is OpenRLHF's remote reward model protocol (`--remote_rm_url http://HOST:PORT/get_reward`): each
-query is a full text (prompt and response joined, as the policy's tokenizer decoded it), scored as
-`RewardModel.score_texts` reads it. OpenRLHF also sends "prompts" and "labels"; they are ignored. It reads
-"scores" (for dynamic filtering and logs) when present, else the rewards, so both are sent, equal.
+query is a full text (prompt and response joined, as the policy's tokenizer decoded it), read as OpenRLHF's own
+`serve_rm` reads it where that is what the model was trained on: a text that already starts with the tokenizer's
+special tokens (a template's BOS) is tokenized without adding them again, and a chat model reads every text as
+a rendered chat template; any other text as `tokenizer(text)`. Control characters are text. OpenRLHF also
+sends "prompts" and "labels"; they are ignored. It reads "scores" (for dynamic filtering and logs) when present,
+else the rewards, so both are sent, equal.
 
-One worker task owns the model. A request queues its sequences and waits; the worker scores the oldest queued
-sequences, up to `batch_size` from as many requests as fit, in one model call on a thread of its own, so
-concurrent requests share forwards, the event loop keeps answering, and one model call runs at a time.
+One worker task owns the model (lora_rm.batcher): requests queue their sequences, and each model call, on a
+thread of its own, takes up to `batch_size` of them shared fairly among the waiting requests. What a request may
+ask for and how it is checked is lora_rm.serve_request; deadlines, the connection cap, the SIGTERM drain and
+the throttled logs are lora_rm.serve_guard.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) at runtime.
@@ -47,6 +51,8 @@ from lora_rm.serve_request import (
     check_token,
     read_json,
     served_text_problem,
+    template_marker,
+    text_kinds,
     text_list,
 )
 
@@ -64,29 +70,6 @@ def require_serve_extra() -> None:
             f"lora-rm serve needs FastAPI and uvicorn ({e.name or e} is not installed): "
             "pip install lora_rm[serve]"
         ) from None
-
-
-def template_marker(model: Any) -> str | None:
-    """The text of the special tokens the model's tokenizer puts before a text (Llama's "<s>", BERT's "[CLS]"),
-    None when it puts none. A /get_reward text that starts with it was rendered by a template that wrote them
-    (OpenRLHF sends the policy's decoded tokens), so it is tokenized without adding them again."""
-    from lora_rm.sequences import special_tokens
-
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        return None
-    prefix, _ = special_tokens(tokenizer)
-    return "".join(tokenizer.convert_ids_to_tokens(prefix)) or None
-
-
-def text_kinds(texts: list[str], chat: bool, marker: str | None) -> dict[str, list[int]]:
-    """Which texts are read as rendered templates (their special tokens not added again) and which as
-    `tokenizer(text)`: {kind: positions}. A chat model reads every text as its template rendered it."""
-    kinds: dict[str, list[int]] = {}
-    for i, text in enumerate(texts):
-        kind = "template_texts" if chat or (marker and text.startswith(marker)) else "texts"
-        kinds.setdefault(kind, []).append(i)
-    return kinds
 
 
 async def _disconnected(receive: Any) -> None:

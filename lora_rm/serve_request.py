@@ -1,10 +1,10 @@
 """What `lora-rm serve` accepts of a request: the limits, the checks of its headers (bearer token, JSON content
-type, size) and its JSON body, each refusal a RequestError with the status and the reason."""
+type, size) and its JSON body, each refusal a RequestError with the status and the reason; and how its texts
+are read (with the tokenizer's special tokens added, or as a template rendered them)."""
 
 from __future__ import annotations
 
 import hmac
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,13 +80,16 @@ async def read_json(request: Any) -> dict[str, Any]:
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
-    """`body` as a JSON object; RequestError 400 (not JSON, or nested past Python's recursion limit: the
-    decoder's depth limit) or 422 (not an object)."""
+    """`body` as a JSON object, parsed by pydantic's parser (linear time, and it refuses nesting deeper than 200
+    levels where the standard library would recurse until Python's limit); RequestError 400 (not JSON, too
+    deep) or 422 (not an object)."""
+    from pydantic_core import from_json
+
     try:
-        data = json.loads(body)
-    except RecursionError:
-        raise RequestError(400, "request body is JSON nested too deeply") from None
+        data = from_json(body)
     except ValueError as e:
+        if "recursion limit" in str(e):
+            raise RequestError(400, f"request body is JSON nested too deeply ({e})") from None
         raise RequestError(400, f"request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise RequestError(422, f"expected a JSON object, got {type(data).__name__}")
@@ -138,3 +141,26 @@ def check_row_lengths(prompts: list[Any], responses: list[str], limits: Limits) 
                 f"row {i}: {chars(p) + len(r)} characters of prompt and response, more than "
                 f"--max-text-chars {limits.max_text_chars}",
             )
+
+
+def template_marker(model: Any) -> str | None:
+    """The text of the special tokens the model's tokenizer puts before a text (Llama's "<s>", BERT's "[CLS]"),
+    None when it puts none. A /get_reward text that starts with it was rendered by a template that wrote them
+    (OpenRLHF sends the policy's decoded tokens), so it is tokenized without adding them again."""
+    from lora_rm.sequences import special_tokens
+
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        return None
+    prefix, _ = special_tokens(tokenizer)
+    return "".join(tokenizer.convert_ids_to_tokens(prefix)) or None
+
+
+def text_kinds(texts: list[str], chat: bool, marker: str | None) -> dict[str, list[int]]:
+    """Which texts are read as rendered templates (their special tokens not added again) and which as
+    `tokenizer(text)`: {kind: positions}. A chat model reads every text as its template rendered it."""
+    kinds: dict[str, list[int]] = {}
+    for i, text in enumerate(texts):
+        kind = "template_texts" if chat or (marker and text.startswith(marker)) else "texts"
+        kinds.setdefault(kind, []).append(i)
+    return kinds
