@@ -234,6 +234,8 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 
 def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
