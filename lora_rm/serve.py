@@ -138,7 +138,7 @@ def build_app(
         return Response(status_code=499)
 
     async def body_of(request: Request) -> dict[str, Any]:
-        check_token(request.headers, guards.token)
+        check_token(request.headers, request.query_params, guards.token)
         check_content_type(request.headers)
         return await read_json(request)
 

@@ -40,13 +40,15 @@ class ClientGone(Exception):
     """The client disconnected (or was cut for being slow) before its request was answered."""
 
 
-def check_token(headers: Any, token: str | None) -> None:
-    """RequestError 401 unless `token` is None or the request carries `Authorization: Bearer <token>`."""
+def check_token(headers: Any, query: Any, token: str | None) -> None:
+    """RequestError 401 unless `token` is None or the request carries it: `Authorization: Bearer <token>`, or
+    `?token=<token>` in the URL for clients that cannot set a header (OpenRLHF's `--remote_rm_url`)."""
     if token is None:
         return
     scheme, _, given = headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-        reason = "wrong bearer token" if given else "missing `Authorization: Bearer <token>` header"
+    given = given.strip() if scheme.lower() == "bearer" else query.get("token", "")
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        reason = "wrong token" if given else "missing `Authorization: Bearer <token>` header (or ?token=)"
         raise RequestError(401, reason, {"www-authenticate": "Bearer"})
 
 

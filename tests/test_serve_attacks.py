@@ -95,7 +95,7 @@ def test_token_content_type_and_health(guarded):
     body = json.dumps({"query": TEXTS[:1]})
     cases = [
         ({}, 401, "missing `Authorization"),
-        ({"authorization": "Bearer wrong"}, 401, "wrong bearer token"),
+        ({"authorization": "Bearer wrong"}, 401, "wrong token"),
         ({**AUTH, "content-type": "text/plain"}, 415, "got text/plain"),
         ({**AUTH, "content-type": "application/x-www-form-urlencoded"}, 415, "application/json"),
     ]
@@ -105,6 +105,11 @@ def test_token_content_type_and_health(guarded):
         )
         assert r.status_code == status and reason in r.json()["error"], (headers, r.status_code, r.text)
         assert "refused POST /get_reward from 127.0.0.1" in guarded.output()
+    for query, status in ((f"?token={TOKEN}", 200), ("?token=wrong", 401)):  # for OpenRLHF's --remote_rm_url
+        r = httpx.post(
+            guarded.url + "/get_reward" + query, content=body, headers={"content-type": "application/json"}
+        )
+        assert r.status_code == status, r.text
     r = httpx.options(guarded.url + "/get_reward", headers={"origin": "http://evil.example"})
     assert "access-control-allow-origin" not in r.headers  # no CORS: a web page cannot read an answer
     health = httpx.get(guarded.url + "/health").json()
