@@ -1,11 +1,15 @@
 """The attack column of benchmarks/serve.py: how long a small /get_reward request (the probe, on a fresh
 connection) takes while `slow` sockets send their headers one line a second (reconnecting when the server cuts
-them, as a hostile client would) and one huge request is in flight (sent again as soon as it is answered)."""
+them, as a hostile client would) and one huge request is in flight (sent again as soon as it is answered).
+
+    python benchmarks/serve_attack.py http://127.0.0.1:8000     # attack a running server, print probe latencies
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from urllib.parse import urlsplit
 
@@ -100,3 +104,20 @@ def probe_under_attack(
         }
 
     return asyncio.run(run())
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__, file=sys.stderr)
+        return 2
+    texts = ["question : how do i make a cake ? answer : mix then heat"] * 8
+    result = probe_under_attack(argv[0], texts, probes=100)
+    latencies = sorted(x * 1000 for x in result["latencies"])
+    p99 = latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]
+    others = ", ".join(f"{k} {v}" for k, v in result.items() if k != "latencies")
+    print(f"{len(latencies)} probes: p50 {latencies[len(latencies) // 2]:.1f} ms, p99 {p99:.1f} ms; {others}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

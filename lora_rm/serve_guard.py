@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -20,17 +21,13 @@ log = logging.getLogger("lora_rm.serve")
 
 
 def fd_limit() -> int | None:
-    """The process's open-file limit, its soft limit raised to the hard one first (None where unknown)."""
+    """The process's open-file limit (`ulimit -n`), None where the system has no such number (Windows)."""
+    sysconf = getattr(os, "sysconf", None)
     try:
-        import resource
-    except ImportError:  # Windows
+        limit = sysconf("SC_OPEN_MAX") if sysconf else -1
+    except (ValueError, OSError):
         return None
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-    return None if soft == resource.RLIM_INFINITY else soft
+    return limit if limit > 0 else None
 
 
 @dataclass(frozen=True)
