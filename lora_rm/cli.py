@@ -210,8 +210,8 @@ def run_serve(argv: list[str]) -> int:
     parser.add_argument(
         "--token",
         default=os.environ.get("LORA_RM_SERVE_TOKEN"),
-        help="require `Authorization: Bearer TOKEN` on every POST (default: $LORA_RM_SERVE_TOKEN; "
-        "set one when --host is reachable from other machines)",
+        help="require the token on every POST, as `Authorization: Bearer TOKEN` or ?token=TOKEN in the URL "
+        "(default: $LORA_RM_SERVE_TOKEN; set one when --host is reachable from other machines)",
     )
     for name, default, what in (
         ("--header-timeout", Guards.header_timeout, "seconds a client may take to send a request's headers"),
