@@ -236,3 +236,33 @@ def test_sigterm_with_a_half_sent_body_exits_0_and_says_what_it_cut(trained_run,
         _no_traceback(server)
     finally:
         server.stop()
+
+
+def test_guards_refuse_what_cannot_work():
+    from lora_rm.errors import UserError
+    from lora_rm.serve_guard import Guards, fd_limit
+
+    with pytest.raises(UserError, match="--header-timeout: must be > 0"):
+        Guards(header_timeout=0)
+    if fd_limit():
+        with pytest.raises(UserError, match="below the open-file limit"):
+            Guards(max_connections=fd_limit())
+        assert Guards().max_connections < fd_limit()
+
+
+def test_throttled_log_keeps_five_lines_a_window_then_counts(caplog):
+    import logging
+
+    from lora_rm.serve_guard import ThrottledLog
+
+    throttle = ThrottledLog(logging.getLogger("test-throttle"), burst=5, window=60)
+    with caplog.at_level(logging.WARNING, logger="test-throttle"):
+        for i in range(100):
+            throttle("slow", f"event {i}")
+        throttle("other", "another kind")
+        throttle.flush()
+    assert [r.getMessage() for r in caplog.records] == [
+        *(f"event {i}" for i in range(5)),
+        "another kind",
+        "(95 more slow events not logged)",
+    ]
