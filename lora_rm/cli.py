@@ -108,7 +108,7 @@ def run_score(argv: list[str]) -> int:
         help="(reward - mean) / std of the eval rewards stored with the model",
     )
     args = parser.parse_args(argv)
-    check_output_file(args.output, "--output")
+    check_output_file(args.output, "--output", keep=(args.model, args.input))
     rows = read_score_rows(args.input)  # every bad row reported before the model is loaded
     model = _load(args)
     rewards = model.score(

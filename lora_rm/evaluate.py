@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_rm import metrics, plots
+from lora_rm.atomic import write_text_atomic
 from lora_rm.batch import PreferenceCollator, pad_sequences, plan_batches
 from lora_rm.encode import EncodedPair
 from lora_rm.loss import LN2, PairStats, all_pairs_loss, loss_near_chance, pairwise_loss, plackett_luce_loss
@@ -177,7 +178,7 @@ def _json_safe(value: Any) -> Any:
 def write_reward_stats(model_dir: str | Path, stats: dict[str, Any], source: str | None = None) -> Path:
     """Write `reward_stats.json` (mean and std of raw rewards) into a model folder, for normalised scores."""
     path = Path(model_dir) / STATS_FILE
-    path.write_text(json.dumps({**stats, "source": source}, indent=2), encoding="utf-8")
+    write_text_atomic(path, json.dumps({**stats, "source": source}, indent=2))
     return path
 
 
@@ -222,7 +223,7 @@ def write_full_eval(
     if not pairs:
         log("eval: no eval pairs, so no eval.json and no reward_stats.json")
         return {}
-    (out / "eval.json").write_text(json.dumps(_json_safe(report), indent=2), encoding="utf-8")
+    write_text_atomic(out / "eval.json", json.dumps(_json_safe(report), indent=2))
     plots.reward_histograms(r_c, r_r, out / "reward_hist.png")
     plots.reliability_curve(
         report["calibration"]["curve"], report["calibration"]["ece"], out / "reliability.png"

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from lora_rm.atomic import write_text_atomic
 from lora_rm.checkpoint import checkpoint_dir, save_checkpoint
 from lora_rm.config import TrainConfig
 from lora_rm.encode import EncodedPair
@@ -213,7 +214,7 @@ def trim_metrics(path: Path, step: int) -> None:
             for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
             if (record := _json_or_none(line)) and record.get("step", step + 1) <= step
         ]  # a torn last line (the run was killed mid-write) is dropped: its step is redone
-    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def _json_or_none(line: str) -> dict[str, Any] | None:

@@ -25,6 +25,7 @@ from lora_rm.encode import default_max_length, encode_rows
 from lora_rm.errors import UserError, problems_message
 from lora_rm.evaluate import STATS_FILE, sequence_rewards, write_full_eval
 from lora_rm.model import load_base_model, load_tokenizer
+from lora_rm.outdir import is_within
 from lora_rm.saved import CONFIG_FILE, check_sequence_format, load_reward_model
 from lora_rm.sequences import encode_sequences, encode_texts
 
@@ -181,7 +182,13 @@ class RewardModel:
     ) -> dict[str, Any]:
         """Full evaluation on `dataset` (any format training accepts, every row used): eval.json and PNGs
         in `output_dir` (training_curves.png too when the run's metrics.jsonl sits beside the model folder),
-        and, with `save_stats`, reward_stats.json in the model folder. Returns the report."""
+        and, with `save_stats`, reward_stats.json in the model folder. Returns the report. Raises UserError
+        when `output_dir` is in the model folder, whose files it would replace."""
+        if self.path is not None and is_within(output_dir, self.path):
+            raise UserError(
+                f"--output-dir {output_dir}: is in the model folder {self.path}; the evaluation goes into a "
+                "folder of its own (--update-stats refreshes the model's reward_stats.json)"
+            )
         rows = load_rows(dataset, split)[0]
         fmt = detect_format(rows, dataset)
         rows = check_rows(rows, fmt, dataset, skip_invalid, log)

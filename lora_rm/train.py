@@ -7,6 +7,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lora_rm.atomic import write_text_atomic
 from lora_rm.batch import shard_batches
 from lora_rm.checkpoint import load_checkpoint
 from lora_rm.config import TrainConfig
@@ -157,7 +159,7 @@ def set_up(cfg: TrainConfig, log: Any) -> tuple[Run, Inputs]:
     )  # fmt: skip
     config = run_config(run, inputs)
     if accelerator.is_main_process:
-        (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        write_text_atomic(out / "config.json", json.dumps(config, indent=2))
         trim_metrics(run.metrics_path, state.step)
     accelerator.init_trackers(
         "lora_rm", config={k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
@@ -201,6 +203,9 @@ def save_outputs(run: Run, inputs: Inputs, started: float) -> TrainResult:
             eval_metrics = summary(report)
         save_adapter(unwrapped, inputs.tokenizer, {**config, "eval": eval_metrics}, adapter_dir)
         log(f"saved adapter (LoRA + reward head) to {adapter_dir}")
+        if not cfg.merge and (out / "merged").exists():  # an earlier leg's, merged from another adapter
+            shutil.rmtree(out / "merged")
+            log(f"deleted {out / 'merged'}: it was merged from an earlier adapter and --merge is off")
         if cfg.merge:
             merged_dir = out / "merged"
             started_merge = time.perf_counter()
