@@ -10,8 +10,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from lora_rm.errors import UserError
-
 
 def rename_with_retry(src: Path, dst: Path, attempts: int = 10) -> None:
     """`os.replace(src, dst)`, retried on PermissionError: on Windows an antivirus or indexer can hold a fresh
@@ -24,6 +22,14 @@ def rename_with_retry(src: Path, dst: Path, attempts: int = 10) -> None:
             if i == attempts - 1:
                 raise
             time.sleep(0.2 * (i + 1))
+
+
+class NotReplaceable(Exception):
+    """A write's final path is a symlink or another kind of thing than the write makes (a device, a FIFO, a
+    folder for a file): a rename would replace it, not write through it. The CLI reports it as a user error
+    (exit 2)."""
+
+    exit_code = 2
 
 
 def _remove(path: Path) -> None:
@@ -40,13 +46,13 @@ def staged(final: str | Path, folder: bool = True) -> Iterator[Path]:
 
     When the block ends, the staged output replaces `final` in one rename. When it raises, `final` is left as
     it was and the `.partial` stays behind (the next write clears it; readers never look at it). Raises
-    UserError, before writing, when `final` is a symlink or something else than the kind written (a device, a
+    NotReplaceable, before writing, when `final` is a symlink or something else than the kind written (a device, a
     FIFO, a file where a folder goes): a rename would replace it, not write through it.
     """
     final = Path(final)
     if final.is_symlink() or (final.exists() and not (final.is_dir() if folder else final.is_file())):
         kind = "a symlink" if final.is_symlink() else "not a regular " + ("folder" if folder else "file")
-        raise UserError(f"{final}: is {kind}; it is left as it is and nothing was written")
+        raise NotReplaceable(f"{final}: is {kind}; it is left as it is and nothing was written")
     staging = final.with_name(final.name + ".partial")
     _remove(staging)
     if folder:

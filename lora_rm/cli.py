@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lora_rm.atomic import NotReplaceable
 from lora_rm.config import TrainConfig
 from lora_rm.config_file import read_config_file, resolve_aliases
 from lora_rm.errors import UserError
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     terminate_on_sigterm()  # outside the training loop (which saves a checkpoint first) too
     try:
         return COMMANDS[argv[0]][0](argv[1:])
-    except UserError as e:
+    except (UserError, NotReplaceable) as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except TrainingStopped as e:

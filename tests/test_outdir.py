@@ -20,7 +20,7 @@ import pytest
 from cli_runner import ROOT, SCRIPT, Case, run_training, train_command, train_env
 from conftest import preference_rows, write_jsonl
 
-from lora_rm.atomic import staged, write_text_atomic
+from lora_rm.atomic import NotReplaceable, staged, write_text_atomic
 from lora_rm.checkpoint import complete_checkpoints, damage
 from lora_rm.errors import UserError
 from lora_rm.outdir import LOCK, MARKER, acquire_lock
@@ -329,7 +329,7 @@ def test_staged_writes_never_replace_a_symlink_a_fifo_or_another_kind(tmp_path):
     folder = tmp_path / "folder"
     folder.mkdir()
     for final, is_folder in ((link, False), (fifo, False), (folder, False), (target, True)):
-        with pytest.raises(UserError, match="nothing was written"), staged(final, folder=is_folder):
+        with pytest.raises(NotReplaceable, match="nothing was written"), staged(final, folder=is_folder):
             pass
     assert link.is_symlink() and target.read_text(encoding="utf-8") == "keep"
     assert stat.S_ISFIFO(fifo.lstat().st_mode) and folder.is_dir()
