@@ -64,13 +64,20 @@ def _cell(text: str) -> str:
 
 
 def _aliases() -> list[tuple[str, str]]:
-    """(alias, what it stands for), from the config-file module; empty if that module has moved."""
-    try:
-        from lora_rm.config_file import ALIASES, FLAG_ALIASES
-    except ImportError:
+    """(alias, what it stands for), from the module that parses flags and config files."""
+    import importlib
+
+    for name in ("lora_rm.config_file", "lora_rm.args"):  # config_file is to merge into args
+        try:
+            module = importlib.import_module(name)
+            aliases, flag_aliases = module.ALIASES, module.FLAG_ALIASES
+            break
+        except (ImportError, AttributeError):
+            continue
+    else:
         return []
-    rows = [(f"`--{a}`", f"`--{n.replace('_', '-')}`") for a, n in ALIASES.items()]
-    rows += [(f"`--{a}`", f"`--{n} {v}`") for a, (n, v) in FLAG_ALIASES.items()]
+    rows = [(f"`--{a}`", f"`--{n.replace('_', '-')}`") for a, n in aliases.items()]
+    rows += [(f"`--{a}`", f"`--{n} {v}`") for a, (n, v) in flag_aliases.items()]
     return rows
 
 
