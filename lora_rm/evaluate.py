@@ -155,7 +155,7 @@ def full_evaluation(
 def chance_warning(loss: float, margin_std: float) -> str | None:
     """A warning when the model gives chosen and rejected nearly equal rewards: loss within 0.01 of ln 2 *and*
     margins that barely spread (std < 0.1). A loss near ln 2 with wide margins is a model that learned a hard
-    task a little (SmolLM2 on HH: loss 0.684, accuracy 0.613, margin std 0.78), not one that learned nothing."""
+    task a little (docs/benchmarks.md has such a run), not one that learned nothing."""
     if loss_near_chance(loss) and margin_std < 0.1:
         return (
             f"loss {loss:.4f} is ~ln 2 ({LN2:.4f}) and the margins' std is {margin_std:.3f}: chosen and "

@@ -106,9 +106,9 @@ def warn_if_not_learning(run: Run, stats: PairStats) -> None:
     within a hair of ln 2 and margins near 0 (their mean size: wide margins of both signs average to 0) *and*
     the learning rate is below `--learning-rate auto`'s: the model gives chosen and rejected the same reward,
     and at that rate the rest of the run would most likely end the same way (the most reported reward-model
-    failure). At auto's rate or above nothing is said yet: on hard data (all-MiniLM on HH) a run that ends
-    well looks exactly like this for its first ~15 steps, at 1e-4 and at 1e-3 alike (`mean_abs_margin`
-    ~0.004 in metrics.jsonl); the final evaluation says it then."""
+    failure). At auto's rate or above nothing is said yet: on hard data a run that ends well looks exactly
+    like this for its first steps, at 1e-4 and at 1e-3 alike (docs/benchmarks.md); the final evaluation says
+    it then."""
     summary = stats.summary()
     if not (loss_near_chance(summary["loss"], 0.005) and summary["mean_abs_margin"] < 0.05):
         return

@@ -77,7 +77,7 @@ def collector_paused():
 
     Set-up imports transformers, PEFT and bitsandbytes and builds the model: a few hundred thousand objects
     that live as long as the run, and next to no cyclic garbage. Left on, the collector walks all of them
-    each time the heap grows by a quarter (eight full passes, about 1 s on GPT-2 small) and frees almost
+    each time the heap grows by a quarter (measured: docs/benchmarks.md, start-up) and frees almost
     nothing. One pass at the end moves them to the oldest generation, where the loop's collections skip them.
     """
     was_enabled = gc.isenabled()
