@@ -9,6 +9,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from lora_rm.bounds import steps_problems
 from lora_rm.errors import UserError, problems_message
 
 QUANT_CHOICES = ("8bit", "4bit", "none")
@@ -169,7 +170,7 @@ class TrainConfig:
             problems.append(f"max_steps: must be > 0, got {self.max_steps}")
         if self.max_length is not None and self.max_length < 4:
             problems.append(f"max_length: must be at least 4, got {self.max_length}")
-        problems += self._number_problems()
+        problems += self._number_problems() + steps_problems(self.epochs, self.max_steps)
         problems += size_problems("vram", self.vram) + repo_id_problems(self.push_to_hub)
         if problems:
             raise UserError(problems_message("Invalid configuration:", problems))

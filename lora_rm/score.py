@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lora_rm.atomic import staged
+from lora_rm.bounds import check_batch_size
 from lora_rm.checks import check_rows, detect_format, messages_problem, text_problem
 from lora_rm.data import Row, load_rows
 from lora_rm.encode import default_max_length, encode_rows
@@ -132,6 +133,7 @@ class RewardModel:
         with the chat template. `progress` shows a tqdm bar."""
         if isinstance(prompts, str) or isinstance(responses, str):
             raise TypeError("prompts and responses are lists: score([prompt], [response]) for one")
+        check_batch_size(batch_size)
         mean, std = self._normalizer() if normalize else (0.0, 1.0)
         seqs = encode_sequences(prompts, responses, self.tokenizer, self.max_length)
         return self._rewards(seqs, batch_size, progress, mean, std)
@@ -158,6 +160,7 @@ class RewardModel:
         special tokens again, as TRL does); `normalize` as in `score`."""
         if isinstance(texts, str):
             raise TypeError("texts is a list: score_texts([text]) for one")
+        check_batch_size(batch_size)
         mean, std = self._normalizer() if normalize else (0.0, 1.0)
         seqs = encode_texts(texts, self.tokenizer, self.max_length, chat=chat)
         return self._rewards(seqs, batch_size, progress, mean, std)
@@ -182,6 +185,7 @@ class RewardModel:
         """Full evaluation on `dataset` (any format training accepts, every row used): eval.json and PNGs
         in `output_dir` (training_curves.png too when the run's metrics.jsonl sits beside the model folder),
         and, with `save_stats`, reward_stats.json in the model folder. Returns the report."""
+        check_batch_size(batch_size)
         rows = load_rows(dataset, split)[0]
         fmt = detect_format(rows, dataset)
         rows = check_rows(rows, fmt, dataset, skip_invalid, log)
