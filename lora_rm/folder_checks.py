@@ -188,7 +188,10 @@ def _entry_shape(path: Path, name: str, entry: Any, data_bytes: int) -> list[int
 def pickle_shapes(path: Path) -> dict[str, list[int]]:
     """{tensor name: shape} of a PyTorch .bin state dict, read with weights_only (no code runs)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a file in the legacy (not zip) format cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip or unsupported-global errors: the file is not a plain state dict
         raise UserError(f"{path}: not a readable PyTorch weights file ({type(e).__name__})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

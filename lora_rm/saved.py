@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from lora_rm.errors import UserError
-from lora_rm.folder_checks import read_json_object
+from lora_rm.folder_checks import check_model_config, read_json_object
 from lora_rm.folder_fit import check_adapter_fits, check_adapter_folder, loading
 from lora_rm.model import fuse_gelu, head_name, load_base_model, load_tokenizer
 
@@ -72,7 +72,8 @@ def load_reward_model(
         with loading(f"{adapter_dir} (its tokenizer)"):
             tokenizer = load_tokenizer(str(adapter_dir))
     elif isinstance(base, (str, Path)) or (base is None and recorded):
-        tokenizer = load_tokenizer(str(base or recorded))
+        with loading(f"{base or recorded} (its tokenizer)"):
+            tokenizer = load_tokenizer(str(base or recorded))
     elif base is not None:
         tokenizer = load_tokenizer(base.config.name_or_path)
     else:
@@ -80,7 +81,11 @@ def load_reward_model(
     if base is None or isinstance(base, (str, Path)):
         if not (base or recorded):
             raise UserError(f"{adapter_dir}: adapter_config.json records no base model; pass --base / base=")
-        base = load_base_model(str(base or recorded), tokenizer.pad_token_id, quant=quant, dtype=dtype)
+        name = str(base or recorded)
+        if Path(name).expanduser().is_dir():  # a local base: its config.json is read too
+            check_model_config(Path(name).expanduser())
+        with loading(f"{name} (the base model)"):
+            base = load_base_model(name, tokenizer.pad_token_id, quant=quant, dtype=dtype)
     else:
         head_name(base)
         base.config.pad_token_id = tokenizer.pad_token_id

@@ -234,3 +234,25 @@ def test_cli_scores_a_plain_lm_when_asked(runs):
     assert r.code == 0, r.err
     rows = [json.loads(line) for line in (tmp / "f.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 1 and math.isfinite(rows[0]["reward"])
+
+
+def test_an_adapter_saved_as_bin_loads_and_a_damaged_bin_is_refused(trained_run, tmp_path):
+    from safetensors.torch import load_file
+
+    folder = shutil.copytree(trained_run.adapter_dir, tmp_path / "bin")
+    torch.save(load_file(folder / ADAPTER), folder / "adapter_model.bin")
+    (folder / ADAPTER).unlink()
+    expected = RewardModel.from_pretrained(trained_run.adapter_dir, device="cpu").score(
+        [PROMPTS[0]], [" sure"]
+    )
+    assert RewardModel.from_pretrained(folder, device="cpu").score([PROMPTS[0]], [" sure"]) == expected
+    (folder / "adapter_model.bin").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(UserError, match=r"adapter_model.bin: not a readable PyTorch weights file"):
+        RewardModel.from_pretrained(folder, device="cpu")
+
+
+def test_a_local_base_with_a_damaged_config_is_refused(trained_run, tiny_gpt2, tmp_path):
+    base = shutil.copytree(tiny_gpt2, tmp_path / "base")
+    (base / "config.json").write_text('{"model_type": "gpt2",', encoding="utf-8")
+    with pytest.raises(UserError, match=r"base/config.json: not valid JSON"):
+        RewardModel.from_pretrained(trained_run.adapter_dir, base=str(base), device="cpu")
