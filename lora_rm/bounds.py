@@ -8,17 +8,13 @@ import operator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from lora_rm.config import MAX_STEPS
 from lora_rm.errors import UserError
 
 # A local data file is read whole into memory as text, then parsed into rows (several times its size again).
 # Past 1 GiB use Parquet or a `save_to_disk` folder: `datasets` reads those memory-mapped.
 MAX_TEXT_BYTES = 2**30
 MAX_CONFIG_BYTES = 2**20  # a config file is a few dozen options: 1 MiB is a thousand times that
-# A run's optimizer steps are planned before it starts. A million steps is months of a 7B model and days of the
-# smallest model on one GPU at ~10 steps/s; reward models train for one to a few epochs, thousands of steps.
-MAX_STEPS = 10**6
-# Every epoch plans its batch order up front (a permutation of the pairs), and is at least one step.
-MAX_EPOCHS = 10**4
 _CHUNK = 2**20
 
 
@@ -51,21 +47,6 @@ def read_limited(stream: BinaryIO, path: Path | str, limit: int) -> bytes:
                 f"{size_limit_message(path, limit)} (decompressed: a compression bomb, or too big)"
             )
     return bytes(out)
-
-
-def steps_problems(epochs: Any, max_steps: Any) -> list[str]:
-    """Epoch and step counts no run can finish, for TrainConfig's list of problems."""
-    problems = []
-    if isinstance(epochs, int) and epochs > MAX_EPOCHS:
-        problems.append(
-            f"epochs: {epochs} is more than {MAX_EPOCHS:,} passes over the data, which no run finishes; "
-            "give a step count with --max-steps"
-        )
-    if isinstance(max_steps, int) and max_steps > MAX_STEPS:
-        problems.append(
-            f"max_steps: {max_steps} is more than {MAX_STEPS:,} optimizer steps, months of training on one GPU"
-        )
-    return problems
 
 
 def check_total_steps(total_steps: int, epochs: int) -> None:

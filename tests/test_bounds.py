@@ -93,8 +93,11 @@ def test_a_damaged_archive_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
-        ({"epochs": 1_000_000_000}, "epochs: 1000000000 is more than 10,000 passes over the data"),
-        ({"max_steps": 10**9}, "max_steps: 1000000000 is more than 1,000,000 optimizer steps"),
+        (
+            {"epochs": 1_000_000_000},
+            "epochs: 1000000000 is more than 10,000 passes over the data; use --max-steps",
+        ),
+        ({"max_steps": 10**9}, "max_steps: 1000000000 is more than 1,000,000 optimizer steps, past any run"),
     ],
 )
 def test_counts_no_run_finishes_are_refused(options, expected):
@@ -158,7 +161,7 @@ def runs(tiny_gpt2, tmp_path_factory):
         ("alias_bomb", "bomb.yaml:2: YAML aliases (*a) are not supported in config files"),
         ("sparse_train", "sparse.jsonl: data file larger than 1024 MiB"),
         ("sparse_score", "sparse.jsonl: data file larger than 1024 MiB"),
-        ("epochs", "epochs: 1000000000 is more than 10,000 passes over the data"),
+        ("epochs", "epochs: 1000000000 is more than 10,000 passes over the data; use --max-steps"),
     ],
 )
 def test_cli_refuses_with_one_line(runs, name, expected):
