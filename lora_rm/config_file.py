@@ -85,9 +85,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.load(text, Loader=_loader(path))
-    except (ValueError, yaml.YAMLError) as e:
+    except (ValueError, yaml.YAMLError, RecursionError) as e:
         kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
-        raise UserError(f"{path}: not valid {kind}: {e}") from None
+        reason = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise UserError(f"{path}: not valid {kind}: {reason}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

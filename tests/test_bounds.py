@@ -47,6 +47,14 @@ def test_a_yaml_anchor_without_alias_still_reads(tmp_path):
     assert read_config_file(path) == {"lora_r": 8, "epochs": 2}
 
 
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_a_deeply_nested_config_is_refused(tmp_path, suffix):
+    path = tmp_path / f"deep{suffix}"
+    path.write_text("[" * 200_000 + "]" * 200_000, encoding="utf-8")
+    with pytest.raises(UserError, match=f"deep{suffix}: not valid (JSON|YAML): nested too deeply"):
+        read_config_file(path)
+
+
 def test_a_huge_config_file_is_refused_unread(tmp_path):
     path = tmp_path / "big.yaml"
     with path.open("wb") as f:
