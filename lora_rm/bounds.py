@@ -15,6 +15,7 @@ from lora_rm.errors import UserError
 # Past 1 GiB use Parquet or a `save_to_disk` folder: `datasets` reads those memory-mapped.
 MAX_TEXT_BYTES = 2**30
 MAX_CONFIG_BYTES = 2**20  # a config file is a few dozen options: 1 MiB is a thousand times that
+MAX_RATIO, RATIO_FLOOR = 200, 2**26  # see read_limited
 _CHUNK = 2**20
 
 
@@ -36,15 +37,20 @@ def check_file_size(path: Path, limit: int, what: str = "data file") -> None:
         raise UserError(size_limit_message(path, limit, what))
 
 
-def read_limited(stream: BinaryIO, path: Path | str, limit: int) -> bytes:
-    """All of `stream` (e.g. a decompressing reader) in chunks; UserError as soon as it passes `limit` bytes,
-    so a small archive that inflates to gigabytes costs at most `limit` bytes of memory."""
+def read_limited(stream: BinaryIO, path: Path, limit: int) -> bytes:
+    """All of `stream`, the decompressed bytes of the file at `path`, in chunks; UserError as soon as they pass
+    `limit` bytes, or RATIO_FLOOR bytes at over MAX_RATIO times the file's size (a few MB that inflate to
+    gigabytes stop after 64 MiB: data compresses ~3-20x, a compression bomb ~1000x)."""
+    stored = path.stat().st_size
     out = bytearray()
     while chunk := stream.read(_CHUNK):
         out += chunk
         if len(out) > limit:
+            raise UserError(f"{size_limit_message(path, limit)} (decompressed)")
+        if len(out) > RATIO_FLOOR and len(out) > MAX_RATIO * stored:
             raise UserError(
-                f"{size_limit_message(path, limit)} (decompressed: a compression bomb, or too big)"
+                f"{path}: inflates to over {MAX_RATIO} times its {stored:,} bytes (stopped at {len(out):,}): a "
+                "compression bomb; if it is real data, decompress it and pass the plain file"
             )
     return bytes(out)
 

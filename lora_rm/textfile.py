@@ -51,17 +51,13 @@ def read_bytes(path: Path) -> bytes:
     """The file's bytes, decompressed when its name ends in .gz, .bz2, .xz or .zst; UserError when it cannot be
     read, is not valid for its compression, or is (or decompresses to) more than MAX_TEXT_BYTES."""
     limit = bounds.MAX_TEXT_BYTES
-    bounds.check_file_size(
-        path, limit
-    )  # a huge (or sparse) file is refused from its size, without reading it
+    bounds.check_file_size(path, limit)  # a huge (or sparse) file: refused from its size, unread
     compression = file_kind(path)[1]
     try:
         if compression is None:
             return path.read_bytes()
         with _reader(path, compression) as stream:
-            return bounds.read_limited(
-                stream, path, limit
-            )  # stops at the limit: a small bomb cannot fill memory
+            return bounds.read_limited(stream, path, limit)  # stops early: a small bomb cannot fill memory
     except UserError:
         raise
     except OSError as e:

@@ -80,8 +80,14 @@ def test_decompression_stops_at_the_limit(tmp_path, monkeypatch, opener):
         load_rows(str(path))
     assert str(e.value) == (
         f"{path}: data file larger than 1 MiB, the most lora_rm reads into memory; convert it to Parquet or a "
-        "save_to_disk folder (read memory-mapped) (decompressed: a compression bomb, or too big)"
+        "save_to_disk folder (read memory-mapped) (decompressed)"
     )
+    monkeypatch.setattr(bounds, "MAX_TEXT_BYTES", 2**30)
+    monkeypatch.setattr(bounds, "RATIO_FLOOR", 2**21)
+    with pytest.raises(UserError) as e:
+        load_rows(str(path))
+    assert str(e.value).startswith(f"{path}: inflates to over 200 times its ")
+    assert "(stopped at 3,145,728): a compression bomb; if it is real data, decompress it" in str(e.value)
 
 
 def test_compressed_data_under_the_limit_reads(tmp_path):
