@@ -15,7 +15,7 @@ from lora_rm.errors import UserError
 # Past 1 GiB use Parquet or a `save_to_disk` folder: `datasets` reads those memory-mapped.
 MAX_TEXT_BYTES = 2**30
 MAX_CONFIG_BYTES = 2**20  # a config file is a few dozen options: 1 MiB is a thousand times that
-MAX_RATIO, RATIO_FLOOR = 200, 2**26  # see read_limited
+MAX_RATIO, RATIO_FLOOR = 100, 2**26  # see read_limited
 _CHUNK = 2**20
 
 

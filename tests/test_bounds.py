@@ -86,7 +86,7 @@ def test_decompression_stops_at_the_limit(tmp_path, monkeypatch, opener):
     monkeypatch.setattr(bounds, "RATIO_FLOOR", 2**21)
     with pytest.raises(UserError) as e:
         load_rows(str(path))
-    assert str(e.value).startswith(f"{path}: inflates to over 200 times its ")
+    assert str(e.value).startswith(f"{path}: inflates to over 100 times its ")
     assert "(stopped at 3,145,728): a compression bomb; if it is real data, decompress it" in str(e.value)
 
 
