@@ -22,8 +22,8 @@ DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16"
 DTYPE_BYTES |= {"U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 UNTRAINED_HINT = (
-    "its reward head would be random. Pass a folder a reward-model training saved (RUN/adapter or RUN/merged), "
-    "or --allow-untrained-head (allow_untrained_head=True) to score with a random head on purpose"
+    "its rewards would come from a random head. Pass a folder a reward-model training saved (RUN/adapter or "
+    "RUN/merged), or --allow-untrained-head (allow_untrained_head=True) to score with a random head on purpose"
 )
 
 
