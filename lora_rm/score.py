@@ -98,7 +98,8 @@ class RewardModel:
             check_merged_folder(path, allow_untrained_head)
             with loading(path):
                 tokenizer = load_tokenizer(str(path))
-                model = load_base_model(str(path), tokenizer.pad_token_id, dtype=dtype).to(device)
+                model = load_base_model(str(path), tokenizer.pad_token_id, dtype=dtype)
+            model = model.to(device)
         else:
             raise UserError(
                 f"{path}: neither an adapter folder (adapter_config.json) nor a merged model folder "
