@@ -90,6 +90,18 @@ def test_decompression_stops_at_the_limit(tmp_path, monkeypatch, opener):
     assert "(stopped at 3,145,728): a compression bomb; if it is real data, decompress it" in str(e.value)
 
 
+def test_a_huge_sparse_file_is_refused_at_once(tmp_path):
+    import time
+
+    path = tmp_path / "sparse.jsonl"
+    with path.open("wb") as f:
+        f.truncate(2 * 10**9)
+    started = time.perf_counter()
+    with pytest.raises(UserError, match="sparse.jsonl: data file larger than 1024 MiB"):
+        load_rows(str(path))
+    assert time.perf_counter() - started < 1.0  # from its size: not a byte read
+
+
 def test_compressed_data_under_the_limit_reads(tmp_path):
     path = tmp_path / "prefs.jsonl.gz"
     with gzip.open(path, "wt", encoding="utf-8") as f:
