@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import gc
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -78,10 +77,16 @@ def _model_parser(prog: str, description: str, batch_size: int = 16) -> argparse
     parser.add_argument(
         "--batch-size", type=int, default=batch_size, help=f"sequences per forward (default: {batch_size})"
     )
+    parser.add_argument(
+        "--allow-untrained-head",
+        action="store_true",
+        help="score with a model whose reward head was never trained and saved (a plain base: random rewards)",
+    )
     return parser
 
 
 def _load(args: argparse.Namespace) -> Any:
+    from lora_rm.folder_checks import check_adapter_config
     from lora_rm.score import RewardModel
 
     if args.batch_size <= 0:
@@ -89,10 +94,12 @@ def _load(args: argparse.Namespace) -> Any:
     base = args.base
     adapter_config = Path(args.model) / "adapter_config.json"
     if base is None and adapter_config.is_file():
-        base = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        base = check_adapter_config(Path(args.model)).get("base_model_name_or_path")
     if base:
         require_hub(str(base), "base model")  # fail in seconds when the recorded base is out of reach
-    return RewardModel.from_pretrained(args.model, base=args.base, device=args.device)
+    return RewardModel.from_pretrained(
+        args.model, base=args.base, device=args.device, allow_untrained_head=args.allow_untrained_head
+    )
 
 
 def run_score(argv: list[str]) -> int:

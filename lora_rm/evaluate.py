@@ -23,6 +23,7 @@ from lora_rm import metrics, plots
 from lora_rm.atomic import write_text_atomic
 from lora_rm.batch import PreferenceCollator, pad_sequences, plan_batches
 from lora_rm.encode import EncodedPair
+from lora_rm.folder_fit import check_rewards_finite
 from lora_rm.loss import LN2, PairStats, all_pairs_loss, loss_near_chance, pairwise_loss, plackett_luce_loss
 from lora_rm.quiet import progress
 from lora_rm.rewards import compute_rewards, pair_rewards
@@ -120,6 +121,7 @@ def full_evaluation(
             index.setdefault(tuple(side), len(index))
     with progress(len(index), "full eval", unit="seq") as bar:
         rewards = sequence_rewards(model, [list(k) for k in index], pad_token_id, batch_size, bar.update)
+    check_rewards_finite(rewards, getattr(model, "name_or_path", None))
     r_c = rewards[[index[tuple(p.chosen)] for p in pairs]]
     r_r = rewards[[index[tuple(p.rejected)] for p in pairs]]
     margin = torch.tensor([p.margin for p in pairs], dtype=torch.float64)

@@ -17,6 +17,7 @@ import torch
 
 from lora_rm.atomic import write_text_atomic
 from lora_rm.batch import shard_batches
+from lora_rm.bounds import check_total_steps
 from lora_rm.checkpoint import load_checkpoint
 from lora_rm.config import TrainConfig
 from lora_rm.encode import LengthReport
@@ -136,6 +137,9 @@ def set_up(cfg: TrainConfig, log: Any) -> tuple[Run, Inputs]:
     train_pairs = inputs.train_pairs
     layout = choose_layout(cfg, model, train_pairs, inputs.tokenizer.pad_token_id, inputs.max_length, log)
     k = cfg.gradient_accumulation_steps
+    if not cfg.max_steps:  # refuse before planning every epoch: that alone would not finish
+        first = math.ceil(len(shard_batches(layout.epoch_batches(0), 0, world)) / k)
+        check_total_steps(first * cfg.epochs, cfg.epochs)
     total_steps = cfg.max_steps or sum(
         math.ceil(len(shard_batches(layout.epoch_batches(e), 0, world)) / k) for e in range(cfg.epochs)
     )
