@@ -6,7 +6,7 @@ latency of a small probe request while 200 sockets send their headers a line a s
 (4096 texts) is in flight (benchmarks/serve_attack.py).
 
     python scripts/train_lora.py --config examples/quickstart.yaml      # writes runs/quickstart/merged
-    python benchmarks/serve.py                                          # the README table
+    python benchmarks/serve.py                                          # the table in docs/benchmarks.md
     python benchmarks/serve.py --smoke --model PATH                     # a few requests (CI)
 
 The naive handler is `async def`, like OpenRLHF's own `serve_rm`, so it scores one request at a time: a plain
@@ -31,7 +31,7 @@ DATA = ROOT / "examples" / "data" / "prefs_eval.jsonl"
 
 
 def baseline_server(model: str, port: int, device: str | None) -> int:
-    """The naive server: one pipeline call per request, rewards raw (no sigmoid, PITFALLS 17)."""
+    """The naive server: one pipeline call per request, rewards raw (no sigmoid: function_to_apply="none")."""
     import torch
     import uvicorn
     from fastapi import FastAPI, Request
