@@ -90,6 +90,10 @@ class Batcher:
             kind = self._next_kind()
             await self._score(kind, self._take(kind))
 
+    async def on_model_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) on the model's thread, between two model calls (the tokenizer is not shared across threads)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
     def close(self) -> None:
         self._executor.shutdown(wait=True)
 

@@ -216,6 +216,12 @@ def run_serve(argv: list[str]) -> int:
         "--max-text-chars", type=int, default=Limits.max_text_chars, help="characters per text or row"
     )
     parser.add_argument(
+        "--max-request-tokens",
+        type=int,
+        help="tokens per request, its texts or rows as scored (each cut to the model's max_length); "
+        "more get 413 (default: no cap beyond --max-request-texts x max_length)",
+    )
+    parser.add_argument(
         "--token",
         default=os.environ.get("LORA_RM_SERVE_TOKEN"),
         help="require the token on every POST, as `Authorization: Bearer TOKEN` or ?token=TOKEN in the URL "
@@ -232,7 +238,7 @@ def run_serve(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     require_serve_extra()
-    limits = Limits(args.max_request_texts, args.max_text_chars)
+    limits = Limits(args.max_request_texts, args.max_text_chars, args.max_request_tokens)
     guards = Guards(
         header_timeout=args.header_timeout,
         body_timeout=args.body_timeout,

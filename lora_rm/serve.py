@@ -21,9 +21,7 @@ the throttled logs are lora_rm.serve_guard.
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) at runtime.
 import asyncio
 import contextlib
-import ipaddress
 import logging
-import os
 import socket
 import sys
 from pathlib import Path
@@ -32,12 +30,15 @@ from typing import Any
 from lora_rm.batcher import Batcher, model_scorer
 from lora_rm.checks import messages_problem
 from lora_rm.errors import UserError
+from lora_rm.sequences import encode_sequences, encode_texts
 from lora_rm.serve_guard import (
     Guards,
-    OneLineFilter,
     ThrottledLog,
+    listen_socket,
+    loopback,
     protocol_class,
     quiet_event_loop,
+    quiet_logs,
     server_class,
 )
 from lora_rm.serve_request import (
@@ -45,15 +46,18 @@ from lora_rm.serve_request import (
     ClientGone,
     Limits,
     RequestError,
+    chars,
     check_content_type,
     check_lengths,
     check_row_lengths,
     check_token,
+    check_tokens,
     read_json,
     served_text_problem,
     template_marker,
     text_kinds,
     text_list,
+    token_bound,
 )
 
 __all__ = ["MAX_BODY_BYTES", "Guards", "Limits", "RequestError", "build_app", "listen_socket", "serve"]
@@ -139,6 +143,21 @@ def build_app(
             throttle("gone", f"{request.method} {request.url.path} from {client(request)}: client {e}")
         return Response(status_code=499)
 
+    tokenizer, max_length = getattr(model, "tokenizer", None), getattr(model, "max_length", 0)
+
+    def over_token_cap(lengths: list[int]) -> bool:
+        """Whether a request of texts this long (characters) might pass --max-request-tokens: then its
+        sequences are tokenized, as they will be scored, to count them."""
+        cap = limits.max_request_tokens
+        return cap is not None and token_bound(lengths, max_length) > cap
+
+    async def sequences_of(encode: Any, *args: Any) -> list[list[int]]:
+        """encode(*args) on the model's thread (it owns the tokenizer); 422 for input it refuses."""
+        try:
+            return await state["batcher"].on_model_thread(encode, *args)
+        except UserError as e:
+            raise RequestError(422, str(e)) from None
+
     async def body_of(request: Request) -> dict[str, Any]:
         check_token(request.headers, request.query_params, guards.token)
         check_content_type(request.headers)
@@ -176,6 +195,14 @@ def build_app(
         texts = text_list(await body_of(request), "query", limits)
         check_lengths(texts, limits, "query")
         kinds = text_kinds(texts, chat, marker)
+        if over_token_cap([len(t) for t in texts]):
+            ids = []
+            for kind, at in kinds.items():
+                chat_text = kind == "template_texts"
+                ids += await sequences_of(
+                    encode_texts, [texts[i] for i in at], tokenizer, max_length, chat_text
+                )
+            check_tokens(ids, limits, max_length)
         answers = await rewards(request, [(k, [texts[i] for i in at]) for k, at in kinds.items()])
         scores = [0.0] * len(texts)
         for at, got in zip(kinds.values(), answers):
@@ -191,6 +218,9 @@ def build_app(
         if len(prompts) != len(responses):
             raise RequestError(422, f"{len(prompts)} prompts but {len(responses)} responses")
         check_row_lengths(prompts, responses, limits)
+        if over_token_cap([chars(p) + len(r) for p, r in zip(prompts, responses)]):
+            ids = await sequences_of(encode_sequences, prompts, responses, tokenizer, max_length)
+            check_tokens(ids, limits, max_length)
         rows = list(zip(prompts, responses))
         return {"rewards": (await rewards(request, [("rows", rows)]))[0] if rows else []}
 
@@ -213,47 +243,6 @@ def build_app(
     return app
 
 
-def listen_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port (port 0: a free one); UserError when the port is out of range or the address
-    is taken or invalid."""
-    if not 0 <= port <= 65535:
-        raise UserError(f"--port: must be 1-65535 (or 0 for a free one), got {port}")
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-        )[0]
-        # proto must say TCP: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets that do, and
-        # with it on every response waits ~40 ms for the client's delayed ACK.
-        sock = socket.socket(family, kind, proto)
-        if os.name != "nt":  # on Windows SO_REUSEADDR would let two servers share a port
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError as e:
-        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    return sock
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _quiet_logs(throttle: ThrottledLog) -> None:
-    """lora_rm's own lines on stderr; uvicorn's and asyncio's throttled, with one traceback per exception type."""
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("lora-rm serve: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-    for name in ("uvicorn.error", "asyncio"):
-        logging.getLogger(name).addFilter(OneLineFilter(throttle))
-
-
 def serve(
     model: Any,
     sock: socket.socket,
@@ -267,7 +256,7 @@ def serve(
     import uvicorn
 
     guards, throttle = guards or Guards(), ThrottledLog()
-    _quiet_logs(throttle)
+    quiet_logs(throttle)
     app = build_app(model, batch_size, normalize, limits, guards, throttle)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
@@ -276,7 +265,7 @@ def serve(
         "(POST /get_reward, POST /score, GET /health)",
         flush=True,
     )
-    if guards.token is None and not _loopback(host):
+    if guards.token is None and not loopback(host):
         log.warning(
             f"{host} is reachable beyond this machine and no --token is set: anyone who reaches it can score"
         )

@@ -1,15 +1,19 @@
 """What keeps `lora-rm serve` answering while clients misbehave: deadlines for a request's headers and body, a cap
-on open connections (fast 503s past it), a bounded drain on SIGTERM, and log lines that are throttled and carry no
-traceback per event. Built on uvicorn's own HTTP protocol and server classes: uvicorn times out idle keep-alive
-connections, but not headers or bodies, and its `limit_concurrency` acts only once a request's headers are in."""
+on open connections (fast 503s past it), a bounded drain on SIGTERM, log lines that are throttled and carry no
+traceback per event, and a listening socket on a checked port. Built on uvicorn's own HTTP protocol and server
+classes: uvicorn times out idle keep-alive connections, but not headers or bodies, and its `limit_concurrency`
+acts only once a request's headers are in."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
+import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -247,3 +251,44 @@ def server_class(guards: Guards, throttle: ThrottledLog) -> type:
                 connection.transport.close()
 
     return Server
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (port 0: a free one); UserError when the port is out of range or the address
+    is taken or invalid."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port: must be 1-65535 (or 0 for a free one), got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )[0]
+        # proto must say TCP: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets that do, and
+        # with it on every response waits ~40 ms for the client's delayed ACK.
+        sock = socket.socket(family, kind, proto)
+        if os.name != "nt":  # on Windows SO_REUSEADDR would let two servers share a port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def quiet_logs(throttle: ThrottledLog) -> None:
+    """lora_rm's own lines on stderr; uvicorn's and asyncio's throttled, with one traceback per exception type."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("lora-rm serve: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    for name in ("uvicorn.error", "asyncio"):
+        logging.getLogger(name).addFilter(OneLineFilter(throttle))

@@ -21,10 +21,13 @@ class Limits:
 
     max_request_texts: int = 4096  # texts (or rows) in one request
     max_text_chars: int = 100_000  # characters in one text (a row: its prompt and response together)
+    max_request_tokens: int | None = (
+        None  # tokens of a request's sequences as scored (None: no cap but these)
+    )
 
     def __post_init__(self) -> None:
-        for name in ("max_request_texts", "max_text_chars"):
-            if getattr(self, name) <= 0:
+        for name in ("max_request_texts", "max_text_chars", "max_request_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(self, name)}")
 
 
@@ -143,6 +146,23 @@ def check_row_lengths(prompts: list[Any], responses: list[str], limits: Limits) 
                 f"row {i}: {chars(p) + len(r)} characters of prompt and response, more than "
                 f"--max-text-chars {limits.max_text_chars}",
             )
+
+
+def token_bound(lengths: list[int], max_length: int) -> int:
+    """At most how many tokens texts of these lengths (characters) are scored as: each is cut to max_length, and
+    no tokenizer gives more than 4 tokens a character (byte fallback) plus a few special ones."""
+    return sum(min(max_length, 4 * n + 4) for n in lengths)
+
+
+def check_tokens(sequences: list[list[int]], limits: Limits, max_length: int) -> None:
+    """RequestError 413 when the token-id sequences of a request hold more than --max-request-tokens."""
+    total = sum(len(s) for s in sequences)
+    if limits.max_request_tokens is not None and total > limits.max_request_tokens:
+        raise RequestError(
+            413,
+            f"{total} tokens in {len(sequences)} sequences (each cut to max_length {max_length}), more than "
+            f"--max-request-tokens {limits.max_request_tokens}",
+        )
 
 
 def template_marker(model: Any) -> str | None:

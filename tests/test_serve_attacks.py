@@ -20,7 +20,7 @@ httpx = pytest.importorskip("httpx")
 
 TOKEN = "s3cret-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
-CAP, HEADER_TIMEOUT = 40, 1.5
+CAP, HEADER_TIMEOUT, MAX_TOKENS = 40, 1.5, 200_000
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def guarded(trained_run, tmp_path_factory):
     server = Server(
         trained_run.adapter_dir, tmp / "guarded.log", "--batch-size", "8", "--token", TOKEN,
         "--header-timeout", str(HEADER_TIMEOUT), "--body-timeout", "2", "--max-connections", str(CAP),
-        "--max-request-texts", "5000",
+        "--max-request-texts", "5000", "--max-request-tokens", str(MAX_TOKENS),
     )  # fmt: skip
     try:
         yield server.wait_ready()
@@ -188,6 +188,20 @@ def test_a_huge_request_does_not_stall_small_ones(guarded, model):
     assert not done, "the huge request ended before the probes: too small to show anything"
     thread.join()
     assert done[0].status_code == 200 and len(done[0].json()["rewards"]) == 4000
+    _no_traceback(guarded)
+
+
+def test_a_request_over_the_token_cap_gets_a_413(guarded, model):
+    text = " ".join(["question : how do i make a cake ?"] * 8)  # 64 tokens: cut to max_length, all counted
+    n = min(len(model.tokenizer(text)["input_ids"]), model.max_length)
+    fits = [text] * (MAX_TOKENS // n)
+    r = httpx.post(guarded.url + "/get_reward", json={"query": fits + [text]}, headers=AUTH, timeout=60)
+    assert r.status_code == 413 and "more than --max-request-tokens 200000" in r.json()["error"], r.text
+    rows = {"prompts": [text] * (len(fits) + 1), "responses": [" sure"] * (len(fits) + 1)}
+    r = httpx.post(guarded.url + "/score", json=rows, headers=AUTH, timeout=60)
+    assert r.status_code == 413 and "tokens in" in r.json()["error"], r.text
+    r = httpx.post(guarded.url + "/get_reward", json={"query": fits[:100]}, headers=AUTH, timeout=60)
+    assert r.status_code == 200
     _no_traceback(guarded)
 
 
