@@ -75,9 +75,9 @@ def text_problem(value: Any, controls: bool = False) -> str | None:
     return None
 
 
-def messages_problem(value: Any) -> str | None:
+def messages_problem(value: Any, controls: bool = False) -> str | None:
     """Why `value` is not a usable non-empty list of {role, content} messages (the first bad message named),
-    or None when it is."""
+    or None when it is; `controls` as in `text_problem`."""
     if not isinstance(value, list) or not value:
         return "expected a non-empty list of {role, content} messages"
     for i, m in enumerate(value):
@@ -88,7 +88,7 @@ def messages_problem(value: Any) -> str | None:
             return f"message {i}: missing {' and '.join(missing)}"
         if not isinstance(m["role"], str) or m["role"] not in ROLES:
             return f"message {i}: unknown role {_short_repr(m['role'])} (expected one of {', '.join(sorted(ROLES))})"
-        problem = text_problem(m["content"])
+        problem = text_problem(m["content"], controls)
         if problem:
             return f"message {i}: content {problem}"
     return None

@@ -109,7 +109,7 @@ def build_app(
                 if chat
                 else "this model was trained on text: give the prompt as text, formatted as in training"
             )
-        return messages_problem(prompt) if chat else served_text_problem(prompt)
+        return messages_problem(prompt, controls=True) if chat else served_text_problem(prompt)
 
     state: dict[str, Batcher] = {}
 
