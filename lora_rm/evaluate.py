@@ -177,8 +177,14 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_reward_stats(model_dir: str | Path, stats: dict[str, Any], source: str | None = None) -> Path:
-    """Write `reward_stats.json` (mean and std of raw rewards) into a model folder, for normalised scores."""
+def write_reward_stats(
+    model_dir: str | Path, stats: dict[str, Any], source: str | None = None
+) -> Path | None:
+    """Write `reward_stats.json` (mean and std of raw rewards) into a model folder, for normalised scores.
+    Writes nothing and returns None when the rewards do not spread (std 0 or not finite): normalising divides
+    by the std, and a model folder with such stats is refused on load."""
+    if not (math.isfinite(stats["mean"]) and math.isfinite(stats["std"]) and stats["std"] > 0):
+        return None
     path = Path(model_dir) / STATS_FILE
     write_text_atomic(path, json.dumps({**stats, "source": source}, indent=2))
     return path
@@ -230,9 +236,13 @@ def write_full_eval(
     plots.reliability_curve(
         report["calibration"]["curve"], report["calibration"]["ece"], out / "reliability.png"
     )
-    for folder in [out, *model_dirs]:
-        if folder is not None:
-            write_reward_stats(folder, report["reward_stats"], source)
+    written = [
+        write_reward_stats(f, report["reward_stats"], source) for f in [out, *model_dirs] if f is not None
+    ]
+    if None in written:
+        log(
+            f"eval: the rewards do not spread (std {report['reward_stats']['std']}): no reward_stats.json, no --normalize"
+        )
     bias = report["length_bias"]
     log(
         f"eval: accuracy {report['accuracy']:.3f} ({report['ties']} ties), loss {report['loss']:.4f}, "

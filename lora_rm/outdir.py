@@ -71,8 +71,9 @@ def is_within(path: str | Path, folder: str | Path) -> bool:
 
 def check_not_protected(out: Path, cfg: Any) -> None:
     """Raise a UserError when --output-dir is, contains or sits inside a folder the run reads (the base model,
-    the data) or another run's folder, or is or contains the current folder or lora_rm's own source tree: a
-    run writes, and with --overwrite-output-dir deletes, in its output folder."""
+    the data) or another run's folder, contains the current folder (or is it, holding other files), or is or
+    contains lora_rm's own source tree: a run writes, and with --overwrite-output-dir deletes, in its output
+    folder."""
     read = [("--base", cfg.base), ("--dataset", cfg.dataset), ("--eval-dataset", cfg.eval_dataset)]
     for option, value in read:
         if not value or not Path(value).exists():
@@ -83,13 +84,18 @@ def check_not_protected(out: Path, cfg: Any) -> None:
                 "its inputs are. Choose another --output-dir"
             )
     source = Path(__file__).resolve().parents[1]
-    standing = [("the current folder", Path.cwd())]
-    standing += [("lora_rm's source tree", source)] if (source / "pyproject.toml").is_file() else []
-    for what, folder in standing:
-        if is_within(folder, out):
-            raise UserError(
-                f"--output-dir {out}: is or contains {what} ({folder}); give the run a folder of its own"
-            )
+    if (source / "pyproject.toml").is_file() and is_within(source, out):
+        raise UserError(
+            f"--output-dir {out}: is or contains lora_rm's source tree ({source}); choose another"
+        )
+    cwd, here = Path.cwd().resolve(), Path(out).resolve()
+    if here in cwd.parents or (here == cwd and foreign_entries(cwd)):  # a run may start in an empty folder
+        where = (
+            "is the current folder, which holds files no run wrote"
+            if here == cwd
+            else "contains the current folder"
+        )
+        raise UserError(f"--output-dir {out}: {where} ({cwd}); give the run a folder of its own")
     for parent in Path(out).resolve().parents:
         if (parent / MARKER).exists() or (parent / LOCK).exists():
             raise UserError(

@@ -236,7 +236,7 @@ def test_overwrite_and_output_folders_never_touch_what_a_run_did_not_write(tmp_p
         "inside_dataset_folder": f"overlaps the folder of --dataset {data_dir}",
         "holds_the_dataset": f"overlaps the folder of --dataset {data}",
         "inside_another_run": f"is inside the folder of another run ({run})",
-        "holds_the_source_tree": "is or contains the current folder",
+        "holds_the_source_tree": "is or contains lora_rm's source tree",
     }
     (tmp_path / "logs").mkdir()
     runs = cli_runner.start(cases, tmp_path / "logs")
@@ -257,7 +257,7 @@ def test_a_run_started_in_the_current_folder_is_refused(tmp_path, tiny_gpt2):
     (checkout / "train.py").write_text("print('mine')\n", encoding="utf-8")
     cmd = _cmd(tiny_gpt2, data, ".", "--overwrite-output-dir")
     proc = subprocess.run(cmd, cwd=checkout, env=train_env(), capture_output=True, text=True, timeout=300)
-    _refused(proc, "--output-dir .: is or contains the current folder")
+    _refused(proc, "--output-dir .: is the current folder, which holds files no run wrote")
     assert sorted(p.name for p in checkout.iterdir()) == ["train.py"]
 
 
