@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lora_rm.config import TrainConfig
+from lora_rm.config import TrainConfig, config_fields
 from lora_rm.config_file import read_config_file, resolve_aliases
 from lora_rm.errors import UserError
 from lora_rm.fit import TrainingStopped
@@ -18,6 +18,7 @@ from lora_rm.flags import Parser, add_config_flags
 from lora_rm.offline import require_hub
 from lora_rm.outdir import Terminated, check_output_file, check_output_folder, terminate_on_sigterm
 from lora_rm.quiet import quiet_third_party
+from lora_rm.trl_names import resolve_push
 
 
 def train_parser(prog: str = "lora-rm train") -> argparse.ArgumentParser:
@@ -40,10 +41,12 @@ def config_from_args(argv: list[str]) -> TrainConfig:
     config = args.pop("config", None)
     options = read_config_file(config) if config else {}
     flags = resolve_aliases(
-        {k.removeprefix("alias_"): v for k, v in args.items() if v is not None}, "command line"
+        {k.removeprefix("alias_").removeprefix("trl_"): v for k, v in args.items() if v is not None},
+        "command line",
     )
     options.update(flags)
-    return TrainConfig(**options)
+    output_dir = next(f.default for f in config_fields() if f.name == "output_dir")
+    return TrainConfig(**resolve_push(options, output_dir))
 
 
 def run_train(argv: list[str]) -> int:

@@ -11,6 +11,7 @@ from typing import Any
 
 from lora_rm.config import TrainConfig, config_fields
 from lora_rm.config_file import ALIASES, FLAG_ALIASES
+from lora_rm.trl_names import TRL_NAMES
 
 
 def parse_bool(text: str) -> bool:
@@ -135,4 +136,9 @@ def add_config_flags(
             default=None,
             metavar="BOOL",
             help=f"same as --{name.replace('_', '-')} {value} (TrainingArguments' name)",
+        )
+    for name, (switch, help_text) in TRL_NAMES.items():
+        kwargs = {"nargs": "?", "const": True, "metavar": "VALUE"} if switch else {"metavar": "VALUE"}
+        parser.add_argument(
+            "--" + name.replace("_", "-"), dest=f"trl_{name}", default=None, help=help_text, **kwargs
         )

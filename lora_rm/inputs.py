@@ -36,6 +36,7 @@ RESUME_FREE = {
     "max_bad_steps",
     "skip_invalid",
     "eval_dataset",
+    "eval_split",
     "eval_fraction",
     "vram",  # what it changes (batch size, accumulation, checkpointing) is in the fingerprint itself
     "push_to_hub",
