@@ -15,6 +15,7 @@ from lora_rm.config_file import read_config_file, resolve_aliases
 from lora_rm.errors import UserError
 from lora_rm.fit import TrainingStopped
 from lora_rm.flags import Parser, add_config_flags
+from lora_rm.inputs import RunFinished
 from lora_rm.offline import require_hub
 from lora_rm.outdir import Terminated, check_output_file, check_output_folder, terminate_on_sigterm
 from lora_rm.quiet import quiet_third_party
@@ -267,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[argv[0]][0](argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except RunFinished as e:
+        print(str(e))
         return e.exit_code
     except TrainingStopped as e:
         print(str(e), file=sys.stderr)

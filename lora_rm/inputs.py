@@ -19,6 +19,7 @@ from lora_rm.errors import UserError, problems_message
 from lora_rm.model import check_quantization, load_tokenizer, resolve_base
 from lora_rm.optim import auto_learning_rate, choose_precision
 from lora_rm.prepare import prepare_pairs
+from lora_rm.saved import CONFIG_FILE
 
 # Options a resume may change freely: they do not change what is trained, or (data paths, split) what
 # they change is caught by the fingerprint of the tokenized training pairs itself.
@@ -45,7 +46,16 @@ RESUME_FREE = {
 }
 
 
+class RunFinished(Exception):
+    """--resume on a run that already ended and saved its model: nothing to do (the CLI exits 0)."""
+
+    exit_code = 0
+
+
 def resume_point(cfg: TrainConfig, fingerprints: dict[str, str], log: Any = print) -> Path | None:
+    """The checkpoint to resume from, or None without --resume. Raises UserError when the data or config
+    differ from the checkpoint's (unless --force-resume), and RunFinished when the same run already ended:
+    its last checkpoint may lie before the end, and resuming would redo the steps after it."""
     if not cfg.resume:
         return None
     path = resume_checkpoint(cfg.output_dir, cfg.resume, log)  # the newest intact one; damaged ones reported
@@ -55,6 +65,12 @@ def resume_point(cfg: TrainConfig, fingerprints: dict[str, str], log: Any = prin
         raise UserError(
             f"{path}: the {' and '.join(changed)} differ from the checkpoint's; "
             "resuming would not continue the same run (--force-resume to do it anyway)"
+        )
+    adapter = Path(cfg.output_dir) / "adapter"
+    if not changed and (adapter / CONFIG_FILE).is_file():  # written once the run has ended
+        raise RunFinished(
+            f"{cfg.output_dir}: this run already finished (model in {adapter}); nothing to resume. "
+            "To train again, use another --output-dir or --overwrite-output-dir"
         )
     return path
 
