@@ -156,7 +156,9 @@ def run_eval(argv: list[str]) -> int:
         "The model folder is left as it is unless --update-stats.",
     )
     parser.add_argument("--dataset", required=True, help="preference data in any format training accepts")
-    parser.add_argument("--split", default="train", help="dataset split (default: train)")
+    parser.add_argument(
+        "--split", help="dataset split (default: its test split where it has one, else train)"
+    )
     parser.add_argument(
         "--output-dir", required=True, help="where eval.json, reward_stats.json and the PNGs go"
     )
@@ -170,7 +172,7 @@ def run_eval(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     check_output_folder(args.output_dir, "--output-dir")
-    report = _load(args).evaluate(
+    _load(args).evaluate(
         args.dataset,
         args.output_dir,
         args.split,
@@ -178,12 +180,8 @@ def run_eval(argv: list[str]) -> int:
         args.skip_invalid,
         save_stats=args.update_stats,
     )
-    top1 = f", top-1 {report['ranking']['top1_accuracy']:.3f}" if "ranking" in report else ""
-    print(
-        f"accuracy {report['accuracy']:.3f} ({report['ties']} ties), loss {report['loss']:.4f}, "
-        f"ECE {report['calibration']['ece']:.3f}{top1}, {report['n_pairs']} pairs; wrote {args.output_dir}"
-        + (f" and {Path(args.model) / 'reward_stats.json'}" if args.update_stats else "")
-    )
+    if args.update_stats:  # the summary itself is evaluate's one "eval: accuracy ..." line
+        print(f"reward statistics also written to {Path(args.model) / 'reward_stats.json'}")
     return 0
 
 

@@ -20,7 +20,7 @@ import torch
 
 from lora_rm.atomic import staged
 from lora_rm.checks import check_rows, detect_format, messages_problem, text_problem
-from lora_rm.data import Row, load_rows
+from lora_rm.data import Row, load_eval_rows, load_rows
 from lora_rm.encode import default_max_length, encode_rows
 from lora_rm.errors import UserError, problems_message
 from lora_rm.evaluate import STATS_FILE, sequence_rewards, write_full_eval
@@ -173,20 +173,21 @@ class RewardModel:
         self,
         dataset: str,
         output_dir: str | Path,
-        split: str = "train",
+        split: str | None = None,
         batch_size: int = 16,
         skip_invalid: bool = False,
         save_stats: bool = True,
         log: Any = print,
     ) -> dict[str, Any]:
-        """Full evaluation on `dataset` (any format training accepts, every row used): eval.json and PNGs
-        in `output_dir` (training_curves.png too when the run's metrics.jsonl sits beside the model folder),
-        and, with `save_stats`, reward_stats.json in the model folder. Returns the report."""
-        rows = load_rows(dataset, split)[0]
+        """Full evaluation on `dataset` (any format training accepts, every row of `split` used; by default
+        the dataset's test split where it has one, else its train split; the split read is logged): eval.json
+        and PNGs in `output_dir` (training_curves.png too when the run's metrics.jsonl sits beside the model
+        folder), and, with `save_stats`, reward_stats.json in the model folder. Returns the report."""
+        rows, which = load_eval_rows(dataset, split)
         fmt = detect_format(rows, dataset)
         rows = check_rows(rows, fmt, dataset, skip_invalid, log)
         pairs, report = encode_rows(rows, fmt, self.tokenizer, self.max_length, "truncate", "all_pairs")
-        log(f"data: {fmt} format; {report.summary()}")
+        log(f"data: {fmt} format, {which} of {dataset}; {report.summary()}")
         if not pairs:
             raise UserError(f"{dataset}: no pairs left after the length policy ({report.summary()})")
         metrics_jsonl = self.path.parent / "metrics.jsonl" if self.path else None
