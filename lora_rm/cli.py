@@ -18,7 +18,7 @@ from lora_rm.flags import Parser, add_config_flags
 from lora_rm.inputs import RunFinished
 from lora_rm.offline import require_hub
 from lora_rm.outdir import Terminated, check_output_file, check_output_folder, terminate_on_sigterm
-from lora_rm.quiet import quiet_third_party
+from lora_rm.quiet import quiet_third_party, show_third_party
 from lora_rm.trl_names import resolve_push
 
 
@@ -261,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "--verbose" not in argv:
         quiet_third_party()
+    else:
+        show_third_party()  # the Python API's quiet default too
     terminate_on_sigterm()  # outside the training loop (which saves a checkpoint first) too
     try:
         return COMMANDS[argv[0]][0](argv[1:])

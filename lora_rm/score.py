@@ -25,6 +25,7 @@ from lora_rm.encode import default_max_length, encode_rows
 from lora_rm.errors import UserError, problems_message
 from lora_rm.evaluate import STATS_FILE, sequence_rewards, write_full_eval
 from lora_rm.model import load_base_model, load_tokenizer
+from lora_rm.quiet import quiet_by_default
 from lora_rm.saved import CONFIG_FILE, check_sequence_format, load_reward_model
 from lora_rm.sequences import encode_sequences, encode_texts
 
@@ -77,8 +78,10 @@ class RewardModel:
         loaded `AutoModelForSequenceClassification`) or a merged model folder.
 
         `device` defaults to CUDA when available, `dtype` to bf16/fp16 on a GPU and fp32 on the CPU.
-        Raises UserError for a folder that holds neither, or a base that cannot be loaded.
+        Raises UserError for a folder that holds neither, or a base that cannot be loaded. Expected
+        third-party warnings are dropped (`lora_rm.quiet.quiet_by_default`; LORA_RM_VERBOSE=1 keeps them).
         """
+        quiet_by_default()
         path = Path(path)
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
@@ -141,7 +144,8 @@ class RewardModel:
     ) -> list[float]:
         from tqdm.auto import tqdm
 
-        with tqdm(total=len(seqs), desc="score", unit="seq", disable=not progress) as bar:
+        # disable=None: a bar on a terminal only, never carriage-return frames in a log file
+        with tqdm(total=len(seqs), desc="score", unit="seq", disable=None if progress else True) as bar:
             rewards = sequence_rewards(self.model, seqs, self.tokenizer.pad_token_id, batch_size, bar.update)
         return [(r - mean) / std for r in rewards.tolist()]
 

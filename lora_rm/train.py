@@ -26,6 +26,7 @@ from lora_rm.layout import choose_layout
 from lora_rm.model import add_lora, init_head, load_base_model
 from lora_rm.optim import build_optimizer
 from lora_rm.outdir import claim_output_dir, clear_previous_run
+from lora_rm.quiet import quiet_by_default
 from lora_rm.run import LoopState, Run, record_metrics, trim_metrics
 from lora_rm.saved import SEQUENCE_FORMAT
 
@@ -52,10 +53,12 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
     is written to the output directory; problems raise UserError, as do a second run into the same folder, a
     fresh run over another run's outputs (without --overwrite-output-dir) and failed writes. Raises
     TrainingStopped after saving a checkpoint when stopped by a signal or by `cfg.max_bad_steps` non-finite
-    steps in a row.
+    steps in a row, and RunFinished for --resume on a run that already ended. Expected third-party warnings
+    are dropped (`lora_rm.quiet.quiet_by_default`; LORA_RM_VERBOSE=1 keeps them).
     """
     from accelerate.state import AcceleratorState
 
+    quiet_by_default()
     started = time.perf_counter()
     try:
         with claim_output_dir(cfg, main_process=os.environ.get("RANK", "0") == "0"):

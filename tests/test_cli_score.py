@@ -87,7 +87,9 @@ def _user_error(runs, name, *expected):
 
 def test_score_adds_a_reward_to_every_row(setup):
     runs, tmp, model = setup
-    assert "scored 6 rows" in _ok(runs, "score").out
+    result = _ok(runs, "score")
+    assert "scored 6 rows" in result.out
+    assert "\r" not in result.err and "seq/s" not in result.err, result.err  # stderr is a file: no bar frames
     rows = [
         json.loads(line) for line in (tmp / "out" / "scored.jsonl").read_text(encoding="utf-8").splitlines()
     ]
