@@ -74,7 +74,9 @@ def run_train(argv: list[str]) -> int:
 def _model_parser(prog: str, description: str, batch_size: int = 16) -> argparse.ArgumentParser:
     parser = Parser(prog=prog, description=description)
     parser.add_argument(
-        "--model", required=True, help="an adapter folder (RUN/adapter) or merged model (RUN/merged)"
+        "--model",
+        required=True,
+        help="an adapter folder (RUN/adapter) or merged model (RUN/merged), or the hub repo id --push-to-hub wrote",
     )
     parser.add_argument("--base", help="base model for an adapter (default: the one recorded in the adapter)")
     parser.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")

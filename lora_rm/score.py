@@ -25,6 +25,7 @@ from lora_rm.encode import default_max_length, encode_rows
 from lora_rm.errors import UserError, problems_message
 from lora_rm.evaluate import STATS_FILE, sequence_rewards, write_full_eval
 from lora_rm.model import load_base_model, load_tokenizer
+from lora_rm.offline import model_folder
 from lora_rm.quiet import quiet_by_default
 from lora_rm.saved import CONFIG_FILE, check_sequence_format, load_reward_model
 from lora_rm.sequences import encode_sequences, encode_texts
@@ -75,14 +76,14 @@ class RewardModel:
         dtype: torch.dtype | None = None,
     ) -> RewardModel:
         """Load an adapter folder (LoRA + head; onto its recorded base, or `base`: a hub id, a path or a
-        loaded `AutoModelForSequenceClassification`) or a merged model folder.
+        loaded `AutoModelForSequenceClassification`) or a merged model folder, local or a hub repo id.
 
         `device` defaults to CUDA when available, `dtype` to bf16/fp16 on a GPU and fp32 on the CPU.
         Raises UserError for a folder that holds neither, or a base that cannot be loaded. Expected
         third-party warnings are dropped (`lora_rm.quiet.quiet_by_default`; LORA_RM_VERBOSE=1 keeps them).
         """
         quiet_by_default()
-        path = Path(path)
+        path = model_folder(path)  # a hub id: its snapshot, or a one-line error in seconds when offline
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         check_sequence_format(path)
