@@ -67,12 +67,20 @@ def resume_point(cfg: TrainConfig, fingerprints: dict[str, str], log: Any = prin
             "resuming would not continue the same run (--force-resume to do it anyway)"
         )
     adapter = Path(cfg.output_dir) / "adapter"
-    if not changed and (adapter / CONFIG_FILE).is_file():  # written once the run has ended
+    if not changed and finished(adapter / CONFIG_FILE):
         raise RunFinished(
             f"{cfg.output_dir}: this run already finished (model in {adapter}); nothing to resume. "
             "To train again, use another --output-dir or --overwrite-output-dir"
         )
     return path
+
+
+def finished(config_file: Path) -> bool:
+    """Whether the adapter's config holds the final evaluation (empty without eval data): written last."""
+    try:
+        return "eval" in json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
 
 
 def tracker(name: str) -> str:

@@ -28,7 +28,7 @@ from lora_rm.optim import build_optimizer
 from lora_rm.outdir import claim_output_dir, clear_previous_run
 from lora_rm.quiet import quiet_by_default
 from lora_rm.run import LoopState, Run, record_metrics, trim_metrics
-from lora_rm.saved import SEQUENCE_FORMAT
+from lora_rm.saved import CONFIG_FILE, SEQUENCE_FORMAT
 
 
 @dataclass
@@ -172,6 +172,25 @@ def set_up(cfg: TrainConfig, log: Any) -> tuple[Run, Inputs]:
     return run, inputs
 
 
+def published_model(trained: Any, adapter_dir: Path, device: Any, log: Any) -> tuple[Any, str]:
+    """The saved adapter loaded as its users load it (`RewardModel.from_pretrained`: bf16 or fp16 on a GPU,
+    fp32 on the CPU; not the int8 or NF4 training model), for the final evaluation, and a line saying which
+    model that is. When that copy does not fit beside the training model: the training model, said so."""
+    from lora_rm.score import RewardModel
+
+    try:
+        loaded = RewardModel.from_pretrained(adapter_dir, device=device).model
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        log(
+            "warning: the saved model does not fit in memory beside the training model; the final evaluation "
+            "reads the training model, and `lora-rm eval` on the saved model may give slightly other figures"
+        )
+        return trained, "the training model (the saved model did not fit beside it)"
+    dtype = str(next(loaded.parameters()).dtype).removeprefix("torch.")
+    return loaded, f"the saved adapter as RewardModel.from_pretrained loads it ({dtype})"
+
+
 def run_config(run: Run, inputs: Inputs) -> dict[str, Any]:
     """The resolved config saved beside the outputs (config.json, the adapter's lora_rm_config.json)."""
     return {
@@ -193,17 +212,24 @@ def save_outputs(run: Run, inputs: Inputs, started: float) -> TrainResult:
     unwrapped = accelerator.unwrap_model(run.model)
     eval_metrics: dict[str, Any] = {}  # the main process's; the others return none
     if accelerator.is_main_process:
-        # The full evaluation (every eval pair, plain rows) is the run's one final evaluation, logged
-        # and appended to metrics.jsonl as the last step's eval record.
+        save_adapter(unwrapped, inputs.tokenizer, config, adapter_dir)
+        log(f"saved adapter (LoRA + reward head) to {adapter_dir}")
+        # The full evaluation (every eval pair, plain rows) is the run's one final evaluation, logged and
+        # appended to metrics.jsonl as the last step's eval record; it reads the saved adapter as its users
+        # load it, so that the card and lora_rm_config.json publish what `lora-rm eval` gives them.
+        eval_model, config["eval_model"] = published_model(unwrapped, adapter_dir, accelerator.device, log)
         report = write_full_eval(
-            unwrapped, inputs.tokenizer, run.eval_pairs, out / "eval", [], run.metrics_path, cfg.batch_size * 2,
+            eval_model, inputs.tokenizer, run.eval_pairs, out / "eval", [], run.metrics_path, cfg.batch_size * 2,
             source=cfg.eval_dataset or cfg.dataset, log=log,
             record_eval=lambda record: record_metrics(accelerator, run.metrics_path, {"step": run.state.step, **record}),
         )  # fmt: skip
+        del eval_model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the published copy's memory, before the merge loads another
         if report:
             eval_metrics = summary(report)
-        save_adapter(unwrapped, inputs.tokenizer, {**config, "eval": eval_metrics}, adapter_dir)
-        log(f"saved adapter (LoRA + reward head) to {adapter_dir}")
+        config["eval"] = eval_metrics
+        (adapter_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str), encoding="utf-8")
         if cfg.merge:
             merged_dir = out / "merged"
             started_merge = time.perf_counter()
