@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lora_rm.checkpoint import fingerprint, resume_checkpoint
+from lora_rm.checkpoint import complete_checkpoints, fingerprint, resume_checkpoint
 from lora_rm.config import TrainConfig
 from lora_rm.encode import EncodedPair, default_max_length
 from lora_rm.errors import UserError, problems_message
@@ -58,6 +58,11 @@ def resume_point(cfg: TrainConfig, fingerprints: dict[str, str], log: Any = prin
     its last checkpoint may lie before the end, and resuming would redo the steps after it."""
     if not cfg.resume:
         return None
+    adapter = Path(cfg.output_dir) / "adapter"
+    done = finished(adapter / CONFIG_FILE)
+    if done and cfg.resume == "latest" and not complete_checkpoints(cfg.output_dir):
+        # a run shorter than --save-steps ends with no checkpoint to compare with
+        raise RunFinished(finished_message(cfg.output_dir, adapter))
     path = resume_checkpoint(cfg.output_dir, cfg.resume, log)  # the newest intact one; damaged ones reported
     saved = json.loads((path / "state.json").read_text(encoding="utf-8"))["trainer"]["fingerprints"]
     changed = [k for k in fingerprints if saved.get(k) != fingerprints[k]]
@@ -66,13 +71,16 @@ def resume_point(cfg: TrainConfig, fingerprints: dict[str, str], log: Any = prin
             f"{path}: the {' and '.join(changed)} differ from the checkpoint's; "
             "resuming would not continue the same run (--force-resume to do it anyway)"
         )
-    adapter = Path(cfg.output_dir) / "adapter"
-    if not changed and finished(adapter / CONFIG_FILE):
-        raise RunFinished(
-            f"{cfg.output_dir}: this run already finished (model in {adapter}); nothing to resume. "
-            "To train again, use another --output-dir or --overwrite-output-dir"
-        )
+    if done and not changed:
+        raise RunFinished(finished_message(cfg.output_dir, adapter))
     return path
+
+
+def finished_message(output_dir: str, adapter: Path) -> str:
+    return (
+        f"{output_dir}: this run already finished (model in {adapter}); nothing to resume. "
+        "To train again, use another --output-dir or --overwrite-output-dir"
+    )
 
 
 def finished(config_file: Path) -> bool:
