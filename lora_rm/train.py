@@ -172,23 +172,39 @@ def set_up(cfg: TrainConfig, log: Any) -> tuple[Run, Inputs]:
     return run, inputs
 
 
-def published_model(trained: Any, adapter_dir: Path, device: Any, log: Any) -> tuple[Any, str]:
-    """The saved adapter loaded as its users load it (`RewardModel.from_pretrained`: bf16 or fp16 on a GPU,
-    fp32 on the CPU; not the int8 or NF4 training model), for the final evaluation, and a line saying which
-    model that is. When that copy does not fit beside the training model: the training model, said so."""
+def final_evaluation(run: Run, inputs: Inputs, trained: Any, adapter_dir: Path) -> tuple[dict[str, Any], str]:
+    """The run's one final evaluation (every eval pair, plain rows) into OUTPUT_DIR/eval, logged and appended
+    to metrics.jsonl as the last step's eval record. It reads the saved adapter as its users load it
+    (`RewardModel.from_pretrained`: bf16 or fp16 on a GPU, fp32 on the CPU; not the int8 or NF4 training
+    model), so that the card and lora_rm_config.json publish what `lora-rm eval` gives them; when that copy
+    does not fit in memory beside the training model, the training model, said so. Returns the report ({}
+    without eval pairs) and which model it read."""
     from lora_rm.score import RewardModel
 
+    cfg, accelerator = run.cfg, run.accelerator
+
+    def evaluate(model: Any) -> dict[str, Any]:
+        return write_full_eval(
+            model, inputs.tokenizer, run.eval_pairs, run.output_dir / "eval", [], run.metrics_path, cfg.batch_size * 2,
+            source=cfg.eval_dataset or cfg.dataset, log=run.log,
+            record_eval=lambda record: record_metrics(accelerator, run.metrics_path, {"step": run.state.step, **record}),
+        )  # fmt: skip
+
     try:
-        loaded = RewardModel.from_pretrained(adapter_dir, device=device).model
+        loaded = RewardModel.from_pretrained(adapter_dir, device=accelerator.device).model
+        dtype = str(next(loaded.parameters()).dtype).removeprefix("torch.")
+        return evaluate(loaded), f"the saved adapter as RewardModel.from_pretrained loads it ({dtype})"
     except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        log(
-            "warning: the saved model does not fit in memory beside the training model; the final evaluation "
-            "reads the training model, and `lora-rm eval` on the saved model may give slightly other figures"
-        )
-        return trained, "the training model (the saved model did not fit beside it)"
-    dtype = str(next(loaded.parameters()).dtype).removeprefix("torch.")
-    return loaded, f"the saved adapter as RewardModel.from_pretrained loads it ({dtype})"
+        pass  # out of the except block first: its traceback holds the copy's memory
+    finally:
+        loaded = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the copy's memory, before the merge loads another
+    run.log(
+        "warning: the saved model does not fit in memory beside the training model; the final evaluation "
+        "reads the training model, and `lora-rm eval` on the saved model may give slightly other figures"
+    )
+    return evaluate(trained), "the training model (the saved model did not fit beside it)"
 
 
 def run_config(run: Run, inputs: Inputs) -> dict[str, Any]:
@@ -214,18 +230,7 @@ def save_outputs(run: Run, inputs: Inputs, started: float) -> TrainResult:
     if accelerator.is_main_process:
         save_adapter(unwrapped, inputs.tokenizer, config, adapter_dir)
         log(f"saved adapter (LoRA + reward head) to {adapter_dir}")
-        # The full evaluation (every eval pair, plain rows) is the run's one final evaluation, logged and
-        # appended to metrics.jsonl as the last step's eval record; it reads the saved adapter as its users
-        # load it, so that the card and lora_rm_config.json publish what `lora-rm eval` gives them.
-        eval_model, config["eval_model"] = published_model(unwrapped, adapter_dir, accelerator.device, log)
-        report = write_full_eval(
-            eval_model, inputs.tokenizer, run.eval_pairs, out / "eval", [], run.metrics_path, cfg.batch_size * 2,
-            source=cfg.eval_dataset or cfg.dataset, log=log,
-            record_eval=lambda record: record_metrics(accelerator, run.metrics_path, {"step": run.state.step, **record}),
-        )  # fmt: skip
-        del eval_model
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # the published copy's memory, before the merge loads another
+        report, config["eval_model"] = final_evaluation(run, inputs, unwrapped, adapter_dir)
         if report:
             eval_metrics = summary(report)
         config["eval"] = eval_metrics

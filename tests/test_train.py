@@ -330,3 +330,20 @@ def test_the_published_evaluation_reads_the_saved_model_as_users_load_it(tiny_gp
     assert "RewardModel.from_pretrained" in saved["eval_model"] and "bfloat16" in saved["eval_model"]
     card = (result.adapter_dir / "README.md").read_text(encoding="utf-8")
     assert "read from the saved adapter as RewardModel.from_pretrained loads it (bfloat16)" in card
+
+
+def test_the_training_model_is_evaluated_when_the_saved_one_does_not_fit(tiny_gpt2, tmp_path, monkeypatch):
+    from conftest import preference_rows, write_jsonl
+
+    from lora_rm.score import RewardModel
+
+    def no_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(RewardModel, "from_pretrained", no_memory)
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(24))
+    logs: list[str] = []
+    result = train(tiny_run_config(tiny_gpt2, data, tmp_path / "run", max_steps=2), log=logs.append)
+    saved = json.loads((result.adapter_dir / "lora_rm_config.json").read_text(encoding="utf-8"))
+    assert saved["eval_model"].startswith("the training model") and saved["eval"]["n_pairs"] == 6
+    assert any(line.startswith("warning: the saved model does not fit") for line in logs), logs
