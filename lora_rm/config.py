@@ -141,6 +141,7 @@ class TrainConfig:
         "output folder's name (TrainingArguments' switch)",
         nargs="?",
         const=True,
+        metavar="REPO",
     )
     private: bool = _opt(False, "create the --push-to-hub repo as private")
 

@@ -114,7 +114,7 @@ def add_config_flags(
             )
             help_text += f" (default: {default})"
         extra |= {"type": or_auto(kind) if f.metadata.get("auto") else kind}
-        extra |= {k: f.metadata[k] for k in ("choices", "nargs", "const") if k in f.metadata}
+        extra |= {k: f.metadata[k] for k in ("choices", "nargs", "const", "metavar") if k in f.metadata}
         flag = "--" + f.name.replace("_", "-")
         default = f.default if field_defaults else None
         parser.add_argument(
@@ -139,6 +139,5 @@ def add_config_flags(
         )
     for name, (switch, help_text) in TRL_NAMES.items():
         kwargs = {"nargs": "?", "const": True, "metavar": "VALUE"} if switch else {"metavar": "VALUE"}
-        parser.add_argument(
-            "--" + name.replace("_", "-"), dest=f"trl_{name}", default=None, help=help_text, **kwargs
-        )
+        names = dict.fromkeys(["--" + name, "--" + name.replace("_", "-")])  # TRL's spelling shown in --help
+        parser.add_argument(*names, dest=f"trl_{name}", default=None, help=help_text, **kwargs)
