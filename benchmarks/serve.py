@@ -4,7 +4,7 @@ uvicorn processes on the same model, device and torch threads; the clients are a
 each sending `/get_reward` requests (OpenRLHF's protocol) one after the other.
 
     python scripts/train_lora.py --config examples/quickstart.yaml      # writes runs/quickstart/merged
-    python benchmarks/serve.py                                          # the README table
+    python benchmarks/serve.py                                          # the table in docs/benchmarks.md
     python benchmarks/serve.py --smoke --model PATH                     # a few requests (CI)
 
 The naive handler is `async def`, like OpenRLHF's own `serve_rm`, so it scores one request at a time: a plain
@@ -27,7 +27,7 @@ DATA = ROOT / "examples" / "data" / "prefs_eval.jsonl"
 
 
 def baseline_server(model: str, port: int, device: str | None) -> int:
-    """The naive server: one pipeline call per request, rewards raw (no sigmoid, PITFALLS 17)."""
+    """The naive server: one pipeline call per request, rewards raw (no sigmoid: function_to_apply="none")."""
     import torch
     import uvicorn
     from fastapi import FastAPI, Request

@@ -27,7 +27,7 @@ SURROGATE = re.compile("[\ud800-\udfff]")
 
 def detect_format(rows: list[Row], source: str) -> str:
     """The dataset's format, from the columns of its first 100 rows:
-    - 'explicit': `prompt`, `chosen`, `rejected` texts (the seed notebook's format);
+    - 'explicit': `prompt`, `chosen`, `rejected` texts;
     - 'implicit': `chosen`, `rejected` full texts sharing a prefix (Anthropic HH);
     - 'conversational': `chosen`, `rejected` (and optionally `prompt`) as lists of {role, content} messages;
     - 'ranking': `prompt` text and `responses`, a list of two or more distinct texts, best first.

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import atexit
 import gc
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
+from lora_rm.atomic import NotReplaceable
 from lora_rm.config import TrainConfig, config_fields
 from lora_rm.config_file import read_config_file, resolve_aliases
 from lora_rm.errors import UserError
@@ -83,10 +83,16 @@ def _model_parser(prog: str, description: str, batch_size: int = 16) -> argparse
     parser.add_argument(
         "--batch-size", type=int, default=batch_size, help=f"sequences per forward (default: {batch_size})"
     )
+    parser.add_argument(
+        "--allow-untrained-head",
+        action="store_true",
+        help="score with a model whose reward head was never trained and saved (a plain base: random rewards)",
+    )
     return parser
 
 
 def _load(args: argparse.Namespace) -> Any:
+    from lora_rm.folder_checks import check_adapter_config
     from lora_rm.score import RewardModel
 
     if args.batch_size <= 0:
@@ -94,10 +100,12 @@ def _load(args: argparse.Namespace) -> Any:
     base = args.base
     adapter_config = Path(args.model) / "adapter_config.json"
     if base is None and adapter_config.is_file():
-        base = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        base = check_adapter_config(Path(args.model)).get("base_model_name_or_path")
     if base:
         require_hub(str(base), "base model")  # fail in seconds when the recorded base is out of reach
-    return RewardModel.from_pretrained(args.model, base=args.base, device=args.device)
+    return RewardModel.from_pretrained(
+        args.model, base=args.base, device=args.device, allow_untrained_head=args.allow_untrained_head
+    )
 
 
 def run_score(argv: list[str]) -> int:
@@ -114,7 +122,7 @@ def run_score(argv: list[str]) -> int:
         help="(reward - mean) / std of the eval rewards stored with the model",
     )
     args = parser.parse_args(argv)
-    check_output_file(args.output, "--output")
+    check_output_file(args.output, "--output", keep=(args.model, args.input))
     rows = read_score_rows(args.input)  # every bad row reported before the model is loaded
     model = _load(args)
     rewards = model.score(
@@ -268,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     terminate_on_sigterm()  # outside the training loop (which saves a checkpoint first) too
     try:
         return COMMANDS[argv[0]][0](argv[1:])
-    except UserError as e:
+    except (UserError, NotReplaceable) as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except RunFinished as e:

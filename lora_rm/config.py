@@ -16,6 +16,9 @@ PRECISION_CHOICES = ("auto", "bf16", "fp16", "fp32")
 SCHEDULER_CHOICES = ("cosine", "linear", "constant")
 OPTIMIZER_CHOICES = ("adamw", "paged_adamw_8bit")
 LOSS_CHOICES = ("auto", "pairwise", "all_pairs", "plackett_luce")
+# Runs that cannot finish. A million optimizer steps is days of the smallest model at ~10 steps/s on one GPU and
+# months of a 7B one (reward models train for thousands); every epoch plans its batch order up front.
+MAX_STEPS, MAX_EPOCHS = 10**6, 10**4
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -182,6 +185,14 @@ class TrainConfig:
         if self.eval_dataset and self.eval_split:
             problems.append(
                 "eval_split: names a split of --dataset; with --eval-dataset give one or the other"
+            )
+        if self.epochs > MAX_EPOCHS:
+            problems.append(
+                f"epochs: {self.epochs} is more than {MAX_EPOCHS:,} passes over the data; use --max-steps"
+            )
+        if (self.max_steps or 0) > MAX_STEPS:
+            problems.append(
+                f"max_steps: {self.max_steps} is more than {MAX_STEPS:,} optimizer steps, past any run"
             )
         problems += self._number_problems()
         problems += size_problems("vram", self.vram) + repo_id_problems(self.push_to_hub)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lora_rm.bounds import check_batch_size
 from lora_rm.score import RewardModel
 
 
@@ -24,8 +25,10 @@ def reward_function(
     (lists of messages) are rendered with the tokenizer's chat template, as TRL renders them for a reward
     model. Rewards are computed in batches of `batch_size` on the model's device; `normalize` gives
     (reward - mean) / std of the stored eval rewards. Other keyword arguments (TRL passes the dataset's
-    columns, `completion_ids`, `trainer_state`, ...) are ignored.
+    columns, `completion_ids`, `trainer_state`, ...) are ignored. ValueError for a `batch_size` that is not
+    a positive integer.
     """
+    check_batch_size(batch_size)  # now, not at the first batch of an RLHF run
     rm = model if isinstance(model, RewardModel) else RewardModel.from_pretrained(model, **load_kwargs)
 
     def reward(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:

@@ -19,25 +19,20 @@ from typing import Any
 import torch
 
 from lora_rm.atomic import staged
+from lora_rm.bounds import check_batch_size
 from lora_rm.checks import check_rows, detect_format, messages_problem, text_problem
 from lora_rm.data import Row, load_eval_rows, load_rows
 from lora_rm.encode import default_max_length, encode_rows
 from lora_rm.errors import UserError, problems_message
 from lora_rm.evaluate import STATS_FILE, sequence_rewards, write_full_eval
+from lora_rm.folder_checks import check_reward_stats, check_run_config
+from lora_rm.folder_fit import check_merged_folder, check_rewards_finite, loading
 from lora_rm.model import load_base_model, load_tokenizer
 from lora_rm.offline import model_folder
+from lora_rm.outdir import is_within
 from lora_rm.quiet import quiet_by_default
-from lora_rm.saved import CONFIG_FILE, check_sequence_format, load_reward_model
+from lora_rm.saved import check_sequence_format, load_reward_model
 from lora_rm.sequences import encode_sequences, encode_texts
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
 def default_device() -> torch.device:
@@ -74,13 +69,17 @@ class RewardModel:
         base: Any = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        allow_untrained_head: bool = False,
     ) -> RewardModel:
         """Load an adapter folder (LoRA + head; onto its recorded base, or `base`: a hub id, a path or a
         loaded `AutoModelForSequenceClassification`) or a merged model folder, local or a hub repo id.
 
         `device` defaults to CUDA when available, `dtype` to bf16/fp16 on a GPU and fp32 on the CPU.
-        Raises UserError for a folder that holds neither, or a base that cannot be loaded. Expected
-        third-party warnings are dropped (`lora_rm.quiet.quiet_by_default`; LORA_RM_VERBOSE=1 keeps them).
+        Every file read is checked first: UserError, naming the file and field, for a folder that holds neither,
+        a damaged file, weights that do not fit the base or config, reward statistics that are not finite with
+        std > 0, no trained reward head (a plain causal LM; allowed with `allow_untrained_head`), or a base
+        that cannot be loaded. Expected third-party warnings are dropped (`lora_rm.quiet.quiet_by_default`;
+        LORA_RM_VERBOSE=1 keeps them).
         """
         quiet_by_default()
         path = model_folder(path)  # a hub id: its snapshot, or a one-line error in seconds when offline
@@ -93,22 +92,27 @@ class RewardModel:
             verbosity = hf_logging.get_verbosity()
             hf_logging.set_verbosity_error()  # the base's "score.weight newly initialized": the adapter brings it
             try:
-                model, tokenizer = load_reward_model(path, base=base, dtype=dtype, device=device)
+                model, tokenizer = load_reward_model(
+                    path, base=base, dtype=dtype, device=device, allow_untrained_head=allow_untrained_head
+                )
             finally:
                 hf_logging.set_verbosity(verbosity)
         elif (path / "config.json").is_file():
             if base is not None:
                 raise UserError(f"{path}: a merged model folder; base= only applies to adapter folders")
-            tokenizer = load_tokenizer(str(path))
-            model = load_base_model(str(path), tokenizer.pad_token_id, dtype=dtype).to(device)
+            check_merged_folder(path, allow_untrained_head)
+            with loading(path):
+                tokenizer = load_tokenizer(str(path))
+                model = load_base_model(str(path), tokenizer.pad_token_id, dtype=dtype)
+            model = model.to(device)
         else:
             raise UserError(
                 f"{path}: neither an adapter folder (adapter_config.json) nor a merged model folder "
                 "(config.json); pass the adapter/ or merged/ folder a training run wrote"
             )
-        saved = _read_json(path / CONFIG_FILE)
+        saved = check_run_config(path)
         max_length = saved.get("max_length") or default_max_length(model.config, tokenizer)
-        stats = _read_json(path / STATS_FILE) or None
+        stats = check_reward_stats(path)
         return cls(model, tokenizer, int(max_length), saved.get("data_format", "explicit"), stats, path)
 
     def _normalizer(self) -> tuple[float, float]:
@@ -136,6 +140,7 @@ class RewardModel:
         with the chat template. `progress` shows a tqdm bar."""
         if isinstance(prompts, str) or isinstance(responses, str):
             raise TypeError("prompts and responses are lists: score([prompt], [response]) for one")
+        check_batch_size(batch_size)
         mean, std = self._normalizer() if normalize else (0.0, 1.0)
         seqs = encode_sequences(prompts, responses, self.tokenizer, self.max_length)
         return self._rewards(seqs, batch_size, progress, mean, std)
@@ -148,6 +153,7 @@ class RewardModel:
         # disable=None: a bar on a terminal only, never carriage-return frames in a log file
         with tqdm(total=len(seqs), desc="score", unit="seq", disable=None if progress else True) as bar:
             rewards = sequence_rewards(self.model, seqs, self.tokenizer.pad_token_id, batch_size, bar.update)
+        check_rewards_finite(rewards, self.path)
         return [(r - mean) / std for r in rewards.tolist()]
 
     def score_texts(
@@ -163,6 +169,7 @@ class RewardModel:
         special tokens again, as TRL does); `normalize` as in `score`."""
         if isinstance(texts, str):
             raise TypeError("texts is a list: score_texts([text]) for one")
+        check_batch_size(batch_size)
         mean, std = self._normalizer() if normalize else (0.0, 1.0)
         seqs = encode_texts(texts, self.tokenizer, self.max_length, chat=chat)
         return self._rewards(seqs, batch_size, progress, mean, std)
@@ -187,7 +194,14 @@ class RewardModel:
         """Full evaluation on `dataset` (any format training accepts, every row of `split` used; by default
         the dataset's test split where it has one, else its train split; the split read is logged): eval.json
         and PNGs in `output_dir` (training_curves.png too when the run's metrics.jsonl sits beside the model
-        folder), and, with `save_stats`, reward_stats.json in the model folder. Returns the report."""
+        folder), and, with `save_stats`, reward_stats.json in the model folder. Returns the report. Raises
+        UserError when `output_dir` is in the model folder, whose files it would replace."""
+        check_batch_size(batch_size)
+        if self.path is not None and is_within(output_dir, self.path):
+            raise UserError(
+                f"--output-dir {output_dir}: is in the model folder {self.path}; the evaluation goes into a "
+                "folder of its own (--update-stats refreshes the model's reward_stats.json)"
+            )
         rows, which = load_eval_rows(dataset, split)
         fmt = detect_format(rows, dataset)
         rows = check_rows(rows, fmt, dataset, skip_invalid, log)

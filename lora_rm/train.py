@@ -7,6 +7,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,9 @@ from typing import Any
 
 import torch
 
+from lora_rm.atomic import write_text_atomic
 from lora_rm.batch import shard_batches
+from lora_rm.bounds import check_total_steps
 from lora_rm.checkpoint import load_checkpoint
 from lora_rm.config import TrainConfig
 from lora_rm.encode import LengthReport
@@ -78,7 +81,7 @@ def collector_paused():
 
     Set-up imports transformers, PEFT and bitsandbytes and builds the model: a few hundred thousand objects
     that live as long as the run, and next to no cyclic garbage. Left on, the collector walks all of them
-    each time the heap grows by a quarter (eight full passes, about 1 s on GPT-2 small) and frees almost
+    each time the heap grows by a quarter (measured: docs/benchmarks.md, start-up) and frees almost
     nothing. One pass at the end moves them to the oldest generation, where the loop's collections skip them.
     """
     was_enabled = gc.isenabled()
@@ -137,6 +140,9 @@ def set_up(cfg: TrainConfig, log: Any) -> tuple[Run, Inputs]:
     train_pairs = inputs.train_pairs
     layout = choose_layout(cfg, model, train_pairs, inputs.tokenizer.pad_token_id, inputs.max_length, log)
     k = cfg.gradient_accumulation_steps
+    if not cfg.max_steps:  # refuse before planning every epoch: that alone would not finish
+        first = math.ceil(len(shard_batches(layout.epoch_batches(0), 0, world)) / k)
+        check_total_steps(first * cfg.epochs, cfg.epochs)
     total_steps = cfg.max_steps or sum(
         math.ceil(len(shard_batches(layout.epoch_batches(e), 0, world)) / k) for e in range(cfg.epochs)
     )
@@ -160,7 +166,7 @@ def set_up(cfg: TrainConfig, log: Any) -> tuple[Run, Inputs]:
     )  # fmt: skip
     config = run_config(run, inputs)
     if accelerator.is_main_process:
-        (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        write_text_atomic(out / "config.json", json.dumps(config, indent=2))
         trim_metrics(run.metrics_path, state.step)
     accelerator.init_trackers(
         "lora_rm", config={k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
@@ -234,7 +240,10 @@ def save_outputs(run: Run, inputs: Inputs, started: float) -> TrainResult:
         if report:
             eval_metrics = summary(report)
         config["eval"] = eval_metrics
-        (adapter_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str), encoding="utf-8")
+        write_text_atomic(adapter_dir / CONFIG_FILE, json.dumps(config, indent=2, default=str))
+        if not cfg.merge and (out / "merged").exists():  # an earlier leg's, merged from another adapter
+            shutil.rmtree(out / "merged")
+            log(f"deleted {out / 'merged'}: it was merged from an earlier adapter and --merge is off")
         if cfg.merge:
             merged_dir = out / "merged"
             started_merge = time.perf_counter()

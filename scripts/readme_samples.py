@@ -34,8 +34,8 @@ QUICKSTART_LINES = [
 ]
 SERVE_QUERY = "Question: Hi?\nAnswer: Hello!"
 SERVE_COMMANDS = [
-    'pip install -e ".[serve]"     # FastAPI + uvicorn (pip install lora_rm[serve]); without them serve says so, exit 2',
-    "lora-rm serve --model runs/rm/merged --port 8000 [--batch-size 32] [--normalize] [--host 0.0.0.0]",
+    'pip install -e ".[serve]"     # FastAPI + uvicorn',
+    "lora-rm serve --model runs/rm/merged --port 8000 [--batch-size 32] [--normalize]",
     'curl -s localhost:8000/get_reward -d \'{"query": ["Question: Hi?\\nAnswer: Hello!"]}\'',
 ]
 SERVE_ANSWER = r'# \{"rewards":\[(-?[\d.e-]+)\],"scores":\[\1\]\}   \(the quickstart model\)'

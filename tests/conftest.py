@@ -1,4 +1,4 @@
-"""Tiny local models and data: the tests never touch a model hub or ../shared."""
+"""Tiny local models and data: the tests never touch a model hub or data outside the repository."""
 
 from __future__ import annotations
 
