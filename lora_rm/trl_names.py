@@ -53,7 +53,7 @@ def _translate(name: str, value: Any) -> dict[str, Any]:
     if name == "per_device_eval_batch_size":
         raise ValueError("lora-rm evaluates in micro-batches of --batch-size pairs; drop this option")
     if name == "eval_strategy":
-        strategy = str(value).strip().lower()
+        strategy = "no" if value is False else str(value).strip().lower()  # YAML reads a bare no as false
         if strategy == "steps":
             return {}
         if strategy == "no":

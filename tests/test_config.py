@@ -413,6 +413,9 @@ def test_more_trl_names_in_yaml(tmp_path):
     got = (cfg.quant, cfg.precision, cfg.warmup_ratio, cfg.push_to_hub, cfg.optimizer, cfg.lora_dropout)
     assert got == ("4bit", "bf16", 0.1, "me/rm", "adamw", 0.0)
     assert (cfg.eval_split, cfg.resume) == ("dev", "latest")
+    path.write_text("base: m\ndataset: d.jsonl\neval_strategy: no\n", encoding="utf-8")
+    with pytest.raises(UserError, match="eval_strategy: .*--eval-fraction 0"):
+        config_from_args(["--config", str(path)])
     path.write_text("base: m\ndataset: d.jsonl\nper_device_eval_batch_size: 8\n", encoding="utf-8")
     with pytest.raises(UserError, match="per_device_eval_batch_size: .*--batch-size"):
         config_from_args(["--config", str(path)])
