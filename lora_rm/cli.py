@@ -10,14 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from lora_rm.atomic import NotReplaceable
-from lora_rm.config import TrainConfig
+from lora_rm.config import TrainConfig, config_fields
 from lora_rm.config_file import read_config_file, resolve_aliases
 from lora_rm.errors import UserError
 from lora_rm.fit import TrainingStopped
 from lora_rm.flags import Parser, add_config_flags
+from lora_rm.inputs import RunFinished
 from lora_rm.offline import require_hub
 from lora_rm.outdir import Terminated, check_output_file, check_output_folder, terminate_on_sigterm
-from lora_rm.quiet import quiet_third_party
+from lora_rm.quiet import quiet_third_party, show_third_party
+from lora_rm.trl_names import resolve_push
 
 
 def train_parser(prog: str = "lora-rm train") -> argparse.ArgumentParser:
@@ -40,10 +42,12 @@ def config_from_args(argv: list[str]) -> TrainConfig:
     config = args.pop("config", None)
     options = read_config_file(config) if config else {}
     flags = resolve_aliases(
-        {k.removeprefix("alias_"): v for k, v in args.items() if v is not None}, "command line"
+        {k.removeprefix("alias_").removeprefix("trl_"): v for k, v in args.items() if v is not None},
+        "command line",
     )
     options.update(flags)
-    return TrainConfig(**options)
+    output_dir = next(f.default for f in config_fields() if f.name == "output_dir")
+    return TrainConfig(**resolve_push(options, output_dir))
 
 
 def run_train(argv: list[str]) -> int:
@@ -70,7 +74,9 @@ def run_train(argv: list[str]) -> int:
 def _model_parser(prog: str, description: str, batch_size: int = 16) -> argparse.ArgumentParser:
     parser = Parser(prog=prog, description=description)
     parser.add_argument(
-        "--model", required=True, help="an adapter folder (RUN/adapter) or merged model (RUN/merged)"
+        "--model",
+        required=True,
+        help="an adapter folder (RUN/adapter) or merged model (RUN/merged), or the hub repo id --push-to-hub wrote",
     )
     parser.add_argument("--base", help="base model for an adapter (default: the one recorded in the adapter)")
     parser.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
@@ -160,7 +166,9 @@ def run_eval(argv: list[str]) -> int:
         "The model folder is left as it is unless --update-stats.",
     )
     parser.add_argument("--dataset", required=True, help="preference data in any format training accepts")
-    parser.add_argument("--split", default="train", help="dataset split (default: train)")
+    parser.add_argument(
+        "--split", help="dataset split (default: its test split where it has one, else train)"
+    )
     parser.add_argument(
         "--output-dir", required=True, help="where eval.json, reward_stats.json and the PNGs go"
     )
@@ -174,7 +182,7 @@ def run_eval(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     check_output_folder(args.output_dir, "--output-dir")
-    report = _load(args).evaluate(
+    _load(args).evaluate(
         args.dataset,
         args.output_dir,
         args.split,
@@ -182,12 +190,8 @@ def run_eval(argv: list[str]) -> int:
         args.skip_invalid,
         save_stats=args.update_stats,
     )
-    top1 = f", top-1 {report['ranking']['top1_accuracy']:.3f}" if "ranking" in report else ""
-    print(
-        f"accuracy {report['accuracy']:.3f} ({report['ties']} ties), loss {report['loss']:.4f}, "
-        f"ECE {report['calibration']['ece']:.3f}{top1}, {report['n_pairs']} pairs; wrote {args.output_dir}"
-        + (f" and {Path(args.model) / 'reward_stats.json'}" if args.update_stats else "")
-    )
+    if args.update_stats:  # the summary itself is evaluate's one "eval: accuracy ..." line
+        print(f"reward statistics also written to {Path(args.model) / 'reward_stats.json'}")
     return 0
 
 
@@ -297,11 +301,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "--verbose" not in argv:
         quiet_third_party()
+    else:
+        show_third_party()  # the Python API's quiet default too
     terminate_on_sigterm()  # outside the training loop (which saves a checkpoint first) too
     try:
         return COMMANDS[argv[0]][0](argv[1:])
     except (UserError, NotReplaceable) as e:
         print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except RunFinished as e:
+        print(str(e))
         return e.exit_code
     except TrainingStopped as e:
         print(str(e), file=sys.stderr)

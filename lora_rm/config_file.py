@@ -10,6 +10,7 @@ from typing import Any
 from lora_rm.bounds import MAX_CONFIG_BYTES, check_file_size
 from lora_rm.config import config_fields
 from lora_rm.errors import UserError
+from lora_rm.trl_names import TRL_NAMES, translate_trl_names
 
 # The names TRL, transformers' TrainingArguments and PEFT users type, as aliases of TrainConfig fields, on the
 # command line and in config files. Fields whose names already match (output_dir, learning_rate, logging_steps,
@@ -24,7 +25,14 @@ ALIASES = {
     "lr_scheduler_type": "lr_scheduler",
 }
 # TrainingArguments' boolean switches that stand for one value of a field: `bf16: true` is `precision: bf16`.
-FLAG_ALIASES = {"bf16": ("precision", "bf16"), "fp16": ("precision", "fp16")}
+# ModelConfig's load_in_8bit / load_in_4bit are `quant`'s values. Names that need more than a rename:
+# `lora_rm.trl_names`.
+FLAG_ALIASES = {
+    "bf16": ("precision", "bf16"),
+    "fp16": ("precision", "fp16"),
+    "load_in_8bit": ("quant", "8bit"),
+    "load_in_4bit": ("quant", "4bit"),
+}
 
 
 def resolve_aliases(options: dict[str, Any], where: str) -> dict[str, Any]:
@@ -33,7 +41,7 @@ def resolve_aliases(options: dict[str, Any], where: str) -> dict[str, Any]:
     two aliases, give one field different values."""
     out: dict[str, Any] = {}
     given: dict[str, str] = {}
-    for key, value in options.items():
+    for key, value in translate_trl_names(options, where).items():
         name = ALIASES.get(key, key)
         if key in FLAG_ALIASES:
             if not isinstance(value, bool):
@@ -93,7 +101,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
-    known = {f.name for f in config_fields()} | set(ALIASES) | set(FLAG_ALIASES)
+    known = {f.name for f in config_fields()} | set(ALIASES) | set(FLAG_ALIASES) | set(TRL_NAMES)
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - known)
     if unknown:

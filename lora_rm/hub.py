@@ -68,6 +68,8 @@ def render_model_card(
     eval_source = run_config.get("eval_dataset") or (
         f"{run_config.get('eval_fraction')} of the data held out (or the dataset's test split)"
     )
+    if run_config.get("eval_model"):
+        eval_source += f", read from {run_config['eval_model']}"
     metrics = (
         f"On {eval_source}; accuracy counts ties as half.\n\n| metric | value |\n|---|---|\n{_rows(metric_rows)}"
         if metric_rows

@@ -272,8 +272,11 @@ def add_lora(
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=target_modules,
-        modules_to_save=[head_name(model)],
+        # SEQ_CLS already adds `classifier` and `score` (our only head names, `head_name`): naming the head
+        # here too would list it twice in the saved adapter_config.json
+        modules_to_save=None,
     )
+    head_name(model)  # a model without a reward head: refused here, not trained with a random one
     try:
         model = get_peft_model(model, config)
     except ValueError as e:

@@ -131,11 +131,21 @@ def log_evaluation(run: Run) -> dict[str, Any]:
     )
     record = {"step": run.state.step, **{f"eval_{n}": v for n, v in metrics.items()}}
     record_metrics(run.accelerator, run.metrics_path, record)
-    run.log(
+    log_line(
+        run,
         f"eval @ step {run.state.step}: loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.3f} "
-        f"({metrics['ties']} ties), mean margin {metrics['mean_margin']:.3f}"
+        f"({metrics['ties']} ties), mean margin {metrics['mean_margin']:.3f}",
     )
     return metrics
+
+
+def log_line(run: Run, line: str) -> None:
+    """`run.log(line)` with the training bar cleared first and drawn again after: the eval bar that just
+    closed leaves the cursor at the end of the bar's line, where the line's first character would go."""
+    from tqdm import tqdm
+
+    with tqdm.external_write_mode():
+        run.log(line)
 
 
 def save(run: Run) -> Path:

@@ -21,14 +21,16 @@ import torch
 from lora_rm.atomic import staged
 from lora_rm.bounds import check_batch_size
 from lora_rm.checks import check_rows, detect_format, messages_problem, text_problem
-from lora_rm.data import Row, load_rows
+from lora_rm.data import Row, load_eval_rows, load_rows
 from lora_rm.encode import default_max_length, encode_rows
 from lora_rm.errors import UserError, problems_message
 from lora_rm.evaluate import STATS_FILE, sequence_rewards, write_full_eval
 from lora_rm.folder_checks import check_reward_stats, check_run_config
 from lora_rm.folder_fit import check_merged_folder, check_rewards_finite, loading
 from lora_rm.model import load_base_model, load_tokenizer
+from lora_rm.offline import model_folder
 from lora_rm.outdir import is_within
+from lora_rm.quiet import quiet_by_default
 from lora_rm.saved import check_sequence_format, load_reward_model
 from lora_rm.sequences import encode_sequences, encode_texts
 
@@ -70,15 +72,17 @@ class RewardModel:
         allow_untrained_head: bool = False,
     ) -> RewardModel:
         """Load an adapter folder (LoRA + head; onto its recorded base, or `base`: a hub id, a path or a
-        loaded `AutoModelForSequenceClassification`) or a merged model folder.
+        loaded `AutoModelForSequenceClassification`) or a merged model folder, local or a hub repo id.
 
         `device` defaults to CUDA when available, `dtype` to bf16/fp16 on a GPU and fp32 on the CPU.
         Every file read is checked first: UserError, naming the file and field, for a folder that holds neither,
         a damaged file, weights that do not fit the base or config, reward statistics that are not finite with
         std > 0, no trained reward head (a plain causal LM; allowed with `allow_untrained_head`), or a base
-        that cannot be loaded.
+        that cannot be loaded. Expected third-party warnings are dropped (`lora_rm.quiet.quiet_by_default`;
+        LORA_RM_VERBOSE=1 keeps them).
         """
-        path = Path(path)
+        quiet_by_default()
+        path = model_folder(path)  # a hub id: its snapshot, or a one-line error in seconds when offline
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         check_sequence_format(path)
@@ -146,7 +150,8 @@ class RewardModel:
     ) -> list[float]:
         from tqdm.auto import tqdm
 
-        with tqdm(total=len(seqs), desc="score", unit="seq", disable=not progress) as bar:
+        # disable=None: a bar on a terminal only, never carriage-return frames in a log file
+        with tqdm(total=len(seqs), desc="score", unit="seq", disable=None if progress else True) as bar:
             rewards = sequence_rewards(self.model, seqs, self.tokenizer.pad_token_id, batch_size, bar.update)
         check_rewards_finite(rewards, self.path)
         return [(r - mean) / std for r in rewards.tolist()]
@@ -180,27 +185,28 @@ class RewardModel:
         self,
         dataset: str,
         output_dir: str | Path,
-        split: str = "train",
+        split: str | None = None,
         batch_size: int = 16,
         skip_invalid: bool = False,
         save_stats: bool = True,
         log: Any = print,
     ) -> dict[str, Any]:
-        """Full evaluation on `dataset` (any format training accepts, every row used): eval.json and PNGs
-        in `output_dir` (training_curves.png too when the run's metrics.jsonl sits beside the model folder),
-        and, with `save_stats`, reward_stats.json in the model folder. Returns the report. Raises UserError
-        when `output_dir` is in the model folder, whose files it would replace."""
+        """Full evaluation on `dataset` (any format training accepts, every row of `split` used; by default
+        the dataset's test split where it has one, else its train split; the split read is logged): eval.json
+        and PNGs in `output_dir` (training_curves.png too when the run's metrics.jsonl sits beside the model
+        folder), and, with `save_stats`, reward_stats.json in the model folder. Returns the report. Raises
+        UserError when `output_dir` is in the model folder, whose files it would replace."""
         check_batch_size(batch_size)
         if self.path is not None and is_within(output_dir, self.path):
             raise UserError(
                 f"--output-dir {output_dir}: is in the model folder {self.path}; the evaluation goes into a "
                 "folder of its own (--update-stats refreshes the model's reward_stats.json)"
             )
-        rows = load_rows(dataset, split)[0]
+        rows, which = load_eval_rows(dataset, split)
         fmt = detect_format(rows, dataset)
         rows = check_rows(rows, fmt, dataset, skip_invalid, log)
         pairs, report = encode_rows(rows, fmt, self.tokenizer, self.max_length, "truncate", "all_pairs")
-        log(f"data: {fmt} format; {report.summary()}")
+        log(f"data: {fmt} format, {which} of {dataset}; {report.summary()}")
         if not pairs:
             raise UserError(f"{dataset}: no pairs left after the length policy ({report.summary()})")
         metrics_jsonl = self.path.parent / "metrics.jsonl" if self.path else None

@@ -78,7 +78,9 @@ def _aliases() -> list[tuple[str, str]]:
         return []
     rows = [(f"`--{a}`", f"`--{n.replace('_', '-')}`") for a, n in aliases.items()]
     rows += [(f"`--{a}`", f"`--{n} {v}`") for a, (n, v) in flag_aliases.items()]
-    return rows
+    from lora_rm.trl_names import TRL_NAMES  # translated into lora_rm's options, or refused naming them
+
+    return rows + [(f"`--{name}`", _cell(help_text)) for name, (_, help_text) in TRL_NAMES.items()]
 
 
 def render() -> str:
