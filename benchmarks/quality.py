@@ -4,7 +4,8 @@
     pip install trl                               # optional: the TRL row
     python benchmarks/quality.py --seeds 0 1 2    # about 10 minutes per seed on 2 CPU cores
 
-Reads ../shared/data/hh_harmless_dev.jsonl.gz (Anthropic HH harmless, implicit prompt), shuffles it with
+Reads the HH benchmark pairs (Anthropic HH harmless, implicit prompt; scripts/make_hh_data.py writes them to
+benchmarks/data/hh_harmless_dev.jsonl.gz, or set $LORA_RM_HH_DATA), shuffles them with
 --data-seed and holds out --heldout pairs; the first --train of the rest are the training pairs. Both trainers get
 the same model and score-head seed, LoRA (r, alpha, dropout, target modules, trainable classifier), steps,
 batch, learning rate and linear schedule, fp32, and the very same token ids: lora_rm's encoding (left-
@@ -18,12 +19,13 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import random
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "hh_harmless_dev.jsonl.gz"
+DATA = Path(os.environ.get("LORA_RM_HH_DATA", ROOT / "benchmarks" / "data" / "hh_harmless_dev.jsonl.gz"))
 
 
 def minilm_dir() -> Path:

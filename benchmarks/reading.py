@@ -2,7 +2,7 @@
 against lora_rm 0.1's reading (an EOS appended to every sequence and the reward read there), on a real causal
 LM, same code, data and settings.
 
-    python ../shared/tools/make_smollm2.py /tmp/smollm2         # SmolLM2-135M-Instruct, offline
+    python scripts/make_smollm2.py /tmp/smollm2                 # SmolLM2-135M-Instruct
     python benchmarks/reading.py --base /tmp/smollm2 --seeds 0 1 2
 
 Both readings run in this checkout, so they share everything else (head init, learning rate, batching). The
@@ -12,7 +12,7 @@ from EOS (its `<|endoftext|>`, id 0), so transformers pools the EOS instead of s
 sequences are then the last-token reading's plus one EOS id. `--old DIR` adds lora_rm 0.1's own run (a
 checkout of commit 13b940e: `git worktree add ../lora_rm-0.1 13b940e`), which also differs in head init.
 
-Reads ../shared/data/hh_harmless_dev.jsonl.gz (Anthropic HH harmless, implicit prompt) or --data, shuffles it
+Reads the HH benchmark pairs (Anthropic HH harmless, implicit prompt; quality.DATA) or --data, shuffles it
 with --data-seed, holds out --heldout pairs and trains on the next --train. Each run is `lora-rm train` as a
 user types it, with the held-out file as --eval-dataset; the accuracy is each run's own final evaluation
 (eval/eval.json), i.e. each model read the way it was trained. Prints a markdown table per seed, the mean +-

@@ -1,10 +1,12 @@
 """Reward-server throughput: `lora-rm serve` (concurrent requests batched into shared forwards) against a
 naive server, a FastAPI handler that calls `transformers.pipeline` on each request as it comes. Both are real
 uvicorn processes on the same model, device and torch threads; the clients are asyncio tasks of this process,
-each sending `/get_reward` requests (OpenRLHF's protocol) one after the other.
+each sending `/get_reward` requests (OpenRLHF's protocol) one after the other. The attack column: the p99
+latency of a small probe request while 200 sockets send their headers a line a second and one huge request
+(4096 texts) is in flight (benchmarks/serve_attack.py).
 
     python scripts/train_lora.py --config examples/quickstart.yaml      # writes runs/quickstart/merged
-    python benchmarks/serve.py                                          # the README table
+    python benchmarks/serve.py                                          # the table in docs/benchmarks.md
     python benchmarks/serve.py --smoke --model PATH                     # a few requests (CI)
 
 The naive handler is `async def`, like OpenRLHF's own `serve_rm`, so it scores one request at a time: a plain
@@ -22,12 +24,14 @@ import sys
 import time
 from pathlib import Path
 
+from serve_attack import probe_under_attack
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data" / "prefs_eval.jsonl"
 
 
 def baseline_server(model: str, port: int, device: str | None) -> int:
-    """The naive server: one pipeline call per request, rewards raw (no sigmoid, PITFALLS 17)."""
+    """The naive server: one pipeline call per request, rewards raw (no sigmoid: function_to_apply="none")."""
     import torch
     import uvicorn
     from fastapi import FastAPI, Request
@@ -173,9 +177,16 @@ def measure(url: str, texts: list[str], concurrency: int, requests: int, per_req
 
 def summary(runs: list[dict]) -> dict:
     """The median requests/s of the repeats, and latency percentiles over all their requests (ms)."""
-    latencies = sorted(x * 1000 for run in runs for x in run["latencies"])
-    p99 = latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]
-    return {"rps": statistics.median(r["rps"] for r in runs), "p50": statistics.median(latencies), "p99": p99}
+    p50, p99 = percentiles([x for run in runs for x in run["latencies"]])
+    return {"rps": statistics.median(r["rps"] for r in runs), "p50": p50, "p99": p99}
+
+
+def percentiles(seconds: list[float]) -> tuple[float, float]:
+    """p50 and p99 of latencies, in ms."""
+    latencies = sorted(x * 1000 for x in seconds)
+    return statistics.median(latencies), latencies[
+        min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeats", type=int, default=3, help="runs of each level; requests/s is their median"
     )
+    parser.add_argument("--probes", type=int, default=200, help="probe requests of the attack column")
     parser.add_argument("--smoke", action="store_true", help="concurrency 1 and 4, 40 requests, 1 run (CI)")
     parser.add_argument(
         "--gpt2-small",
@@ -207,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline_server:
         return baseline_server(args.model, args.port, args.device)
     if args.smoke:
-        args.concurrency, args.requests, args.repeats = [1, 4], 40, 1
+        args.concurrency, args.requests, args.repeats, args.probes = [1, 4], 40, 1, 10
     if args.gpt2_small:
         args.model = str(gpt2_small(ROOT / "runs" / "serve-gpt2-small"))
     args.model = os.path.relpath(Path(args.model).resolve(), ROOT)  # the servers run in ROOT
@@ -239,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name, url in urls.items():
                     measure(url, texts, c, max(c, args.requests // 10), args.texts_per_request)  # warm-up
                     runs[name, c].append(measure(url, texts, c, args.requests, args.texts_per_request))
+        attacked = {name: probe_under_attack(url, texts, args.probes) for name, url in urls.items()}
     finally:
         ours.stop()
         naive.stop()
@@ -249,15 +262,30 @@ def main(argv: list[str] | None = None) -> int:
         f"lora-rm serve --batch-size {args.batch_size}, {args.threads} torch thread(s) per server, "
         f"device {args.device or 'default'}\n"
     )
-    print("| server | concurrency | requests/s | p50 latency (ms) | p99 latency (ms) | vs naive |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| server | concurrency | requests/s | p50 latency (ms) | p99 latency (ms) | vs naive "
+        "| attack: probe p99 (ms) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for c in args.concurrency:
         for name in urls:
             r, base = summary(runs[name, c]), summary(runs["naive pipeline", c])
             print(
                 f"| {name} | {c} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | "
-                f"{r['rps'] / base['rps']:.2f}x |"
+                f"{r['rps'] / base['rps']:.2f}x | {percentiles(attacked[name]['latencies'])[1]:.1f} |"
             )
+    print(
+        f"\nattack: {args.probes} probes of one text, one after the other, each on a new connection, while 200"
+    )
+    print(
+        "sockets send headers a line a second and one request of 4096 texts is in flight; a probe unanswered"
+    )
+    print("in 30 s counts as 30 s.")
+    for name, a in attacked.items():
+        print(
+            f"  {name}: {len(a['latencies'])} probes (at most 60 s of them), probe p50 {percentiles(a['latencies'])[0]:.1f} ms, {a['failed']} unanswered, "
+            f"{a['slow_opened']} slow connections opened, {a['huge_answered']} huge requests answered"
+        )
     a, b = (runs[name, args.concurrency[0]][0]["rewards"] for name in urls)
     diff = max(abs(a[t] - b[t]) for t in a if t in b)
     print(f"\nmax |reward difference| between the two servers over the same texts: {diff:.2e}")

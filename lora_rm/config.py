@@ -16,6 +16,9 @@ PRECISION_CHOICES = ("auto", "bf16", "fp16", "fp32")
 SCHEDULER_CHOICES = ("cosine", "linear", "constant")
 OPTIMIZER_CHOICES = ("adamw", "paged_adamw_8bit")
 LOSS_CHOICES = ("auto", "pairwise", "all_pairs", "plackett_luce")
+# Runs that cannot finish. A million optimizer steps is days of the smallest model at ~10 steps/s on one GPU and
+# months of a 7B one (reward models train for thousands); every epoch plans its batch order up front.
+MAX_STEPS, MAX_EPOCHS = 10**6, 10**4
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -39,6 +42,9 @@ class TrainConfig:
         0.05, "fraction held out for eval when there is no eval split (0 disables eval)"
     )
     split: str = _opt("train", "dataset split to train on")
+    eval_split: str | None = _opt(
+        None, "the dataset's split to evaluate on (default: its test, validation or eval split, if any)"
+    )
     max_length: int | None = _opt(None, "tokens per sequence; default the model's limit, at most 1024")
     quant: str = _opt("8bit", "base weights: 8bit (LLM.int8), 4bit (NF4) or none", choices=QUANT_CHOICES)
     lora_r: int = _opt(16, "LoRA rank: higher is more capacity and memory")
@@ -132,7 +138,14 @@ class TrainConfig:
         None,
         "GPU memory to fit (8GB, 7.5GiB): sets batch size, accumulation and checkpointing (lora-rm plan)",
     )
-    push_to_hub: str | None = _opt(None, "after saving, upload adapter/ (and merged/) to this hub repo id")
+    push_to_hub: str | None = _opt(
+        None,
+        "after saving, upload adapter/ (and merged/) to this hub repo id; alone, to --hub-model-id or the "
+        "output folder's name (TrainingArguments' switch)",
+        nargs="?",
+        const=True,
+        metavar="REPO",
+    )
     private: bool = _opt(False, "create the --push-to-hub repo as private")
 
     def __post_init__(self) -> None:
@@ -169,6 +182,18 @@ class TrainConfig:
             problems.append(f"max_steps: must be > 0, got {self.max_steps}")
         if self.max_length is not None and self.max_length < 4:
             problems.append(f"max_length: must be at least 4, got {self.max_length}")
+        if self.eval_dataset and self.eval_split:
+            problems.append(
+                "eval_split: names a split of --dataset; with --eval-dataset give one or the other"
+            )
+        if self.epochs > MAX_EPOCHS:
+            problems.append(
+                f"epochs: {self.epochs} is more than {MAX_EPOCHS:,} passes over the data; use --max-steps"
+            )
+        if (self.max_steps or 0) > MAX_STEPS:
+            problems.append(
+                f"max_steps: {self.max_steps} is more than {MAX_STEPS:,} optimizer steps, past any run"
+            )
         problems += self._number_problems()
         problems += size_problems("vram", self.vram) + repo_id_problems(self.push_to_hub)
         if problems:

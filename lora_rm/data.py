@@ -55,52 +55,84 @@ def _is_saved_dataset(path: Path) -> bool:
     )
 
 
-def load_rows(source: str, split: str = "train", revision: str | None = None) -> tuple[list[Row], list[Row]]:
+# a dataset's own held-out split, in this order of preference
+HELD_OUT_SPLITS = ("test", "validation", "eval")
+
+
+def load_rows(
+    source: str, split: str = "train", revision: str | None = None, eval_split: str | None = None
+) -> tuple[list[Row], list[Row]]:
     """Read `source`: a local .jsonl/.json/.csv/.parquet file (JSON and CSV also compressed: .gz, .bz2, .xz,
     .zst), a `save_to_disk` folder (Dataset or DatasetDict), a folder of data files, or a hub dataset
     `owner/name[/data_dir][:config]`.
 
-    Returns (rows of `split`, rows of the dataset's own test or validation split, empty if none; a saved
-    `Dataset` has no splits: all its rows, whatever `split`). Raises UserError for a missing file, an
-    unreadable or malformed file (every bad line listed), an unknown dataset or split, and an unreachable hub.
+    Returns (rows of `split`, rows of `eval_split` or else the dataset's own test or validation split, empty if
+    none; a saved `Dataset` has no splits: all its rows, whatever `split`). Raises UserError for a missing
+    file, an unreadable or malformed file (every bad line listed), an unknown dataset or split (`eval_split`
+    of a source without splits too), and an unreachable hub.
     """
+    splits = read_source(source, revision)
+    if isinstance(splits, list):
+        if eval_split is not None:
+            raise UserError(
+                f"{source}: has no splits, so no eval split {eval_split!r}; give held-out data with --eval-dataset"
+            )
+        return splits, []
+    held_out = eval_split or next((s for s in HELD_OUT_SPLITS if s in splits and s != split), None)
+    return split_rows_of(source, splits, split), split_rows_of(source, splits, held_out) if held_out else []
+
+
+def load_eval_rows(source: str, split: str | None = None) -> tuple[list[Row], str]:
+    """The rows to evaluate a model on, and which ones they are ("all rows", "the test split"): `split` if
+    given, else the dataset's test (or validation, or eval) split where it has one, else its train split.
+    Raises UserError as `load_rows` does."""
+    splits = read_source(source)
+    if isinstance(splits, list):
+        return splits, "all rows"
+    if split is None:
+        split = next((s for s in (*HELD_OUT_SPLITS, "train") if s in splits), next(iter(splits)))
+    return split_rows_of(source, splits, split), f"the {split} split"
+
+
+def split_rows_of(source: str, splits: Any, name: str) -> list[Row]:
+    """The rows of split `name` of a dataset's splits; UserError naming the splits it has when there is none."""
+    if name not in splits:
+        raise UserError(f"{source}: has no split {name!r}; it has {', '.join(splits)}")
+    return [Row(f"{source}[{name}]:row {i + 1}", dict(r)) for i, r in enumerate(splits[name])]
+
+
+def read_source(source: str, revision: str | None = None) -> Any:
+    """The rows of a source without splits (a file, a saved `Dataset`), or the splits of a dataset (a
+    `DatasetDict`-like mapping of name to rows)."""
     path = Path(source)
     fmt, compression = file_kind(path)
     if path.is_file() or ((fmt or compression) and not path.is_dir()):  # a folder is a dataset folder
         if not path.is_file():
             raise UserError(f"{source}: no such file")
         if fmt in (".jsonl", ".json") or fmt is None:
-            return _read_json_rows(path), []
+            return _read_json_rows(path)
         if fmt == ".csv":
             text = decoded_text(path)
             check_csv_records(text, path)  # a header-only or ragged file: told with its line
             lines = csv_record_lines(text)
             # only an empty cell is missing: pandas would also read "NA", "None" or "null" answers as null
             ds = _load_csv(path, text)
-            return _csv_margins([Row(f"{path}:{lines[i]}", dict(r)) for i, r in enumerate(ds)]), []
+            return _csv_margins([Row(f"{path}:{lines[i]}", dict(r)) for i, r in enumerate(ds)])
         if compression:
             raise UserError(
                 f"{source}: compressed {fmt} is not supported; decompress it (Parquet compresses itself)"
             )
         ds = _load_hf(LOCAL_SUFFIXES[fmt], str(path), None)["train"]
-        return [Row(f"{path}:row {i + 1}", dict(r)) for i, r in enumerate(ds)], []
+        return [Row(f"{path}:row {i + 1}", dict(r)) for i, r in enumerate(ds)]
     if path.is_dir() and _is_saved_dataset(path):
         splits = _load_from_disk(path)
         if not isinstance(splits, dict):  # one Dataset: no splits of its own
-            return [Row(f"{source}:row {i + 1}", dict(r)) for i, r in enumerate(splits)], []
-    elif path.is_dir():
-        splits = _load_hf(source, None, revision)
-    else:
-        repo, config, data_dir = hub_source(source)
-        splits = _load_hf(repo, None, revision, name=config, data_dir=data_dir)
-    if split not in splits:
-        raise UserError(f"{source}: has no split {split!r}; it has {', '.join(splits)}")
-    held_out = next((s for s in ("test", "validation", "eval") if s in splits and s != split), None)
-
-    def rows_of(name: str) -> list[Row]:
-        return [Row(f"{source}[{name}]:row {i + 1}", dict(r)) for i, r in enumerate(splits[name])]
-
-    return rows_of(split), rows_of(held_out) if held_out else []
+            return [Row(f"{source}:row {i + 1}", dict(r)) for i, r in enumerate(splits)]
+        return splits
+    if path.is_dir():
+        return _load_hf(source, None, revision)
+    repo, config, data_dir = hub_source(source)
+    return _load_hf(repo, None, revision, name=config, data_dir=data_dir)
 
 
 def _load_from_disk(path: Path) -> Any:

@@ -20,9 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from lora_rm import metrics, plots
+from lora_rm.atomic import write_text_atomic
 from lora_rm.batch import PreferenceCollator, pad_sequences, plan_batches
 from lora_rm.encode import EncodedPair
 from lora_rm.engine import Throughput, score_sequences
+from lora_rm.folder_fit import check_rewards_finite
 from lora_rm.loss import LN2, PairStats, all_pairs_loss, loss_near_chance, pairwise_loss, plackett_luce_loss
 from lora_rm.quiet import progress
 from lora_rm.rewards import compute_rewards, pair_rewards
@@ -129,6 +131,7 @@ def full_evaluation(
     budget = max_tokens or batch_size * max(len(s) for s in seqs)
     with progress(len(index), "full eval", unit="seq") as bar:
         rewards = score_sequences(model, seqs, pad_token_id, max_tokens=budget, progress=bar.update, log=log)
+    check_rewards_finite(rewards, getattr(model, "name_or_path", None))
     r_c = rewards[[index[tuple(p.chosen)] for p in pairs]]
     r_r = rewards[[index[tuple(p.rejected)] for p in pairs]]
     margin = torch.tensor([p.margin for p in pairs], dtype=torch.float64)
@@ -164,7 +167,7 @@ def full_evaluation(
 def chance_warning(loss: float, margin_std: float) -> str | None:
     """A warning when the model gives chosen and rejected nearly equal rewards: loss within 0.01 of ln 2 *and*
     margins that barely spread (std < 0.1). A loss near ln 2 with wide margins is a model that learned a hard
-    task a little (SmolLM2 on HH: loss 0.684, accuracy 0.613, margin std 0.78), not one that learned nothing."""
+    task a little (docs/benchmarks.md has such a run), not one that learned nothing."""
     if loss_near_chance(loss) and margin_std < 0.1:
         return (
             f"loss {loss:.4f} is ~ln 2 ({LN2:.4f}) and the margins' std is {margin_std:.3f}: chosen and "
@@ -184,10 +187,16 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_reward_stats(model_dir: str | Path, stats: dict[str, Any], source: str | None = None) -> Path:
-    """Write `reward_stats.json` (mean and std of raw rewards) into a model folder, for normalised scores."""
+def write_reward_stats(
+    model_dir: str | Path, stats: dict[str, Any], source: str | None = None
+) -> Path | None:
+    """Write `reward_stats.json` (mean and std of raw rewards) into a model folder, for normalised scores.
+    Writes nothing and returns None when the rewards do not spread (std 0 or not finite): normalising divides
+    by the std, and a model folder with such stats is refused on load."""
+    if not (math.isfinite(stats["mean"]) and math.isfinite(stats["std"]) and stats["std"] > 0):
+        return None
     path = Path(model_dir) / STATS_FILE
-    path.write_text(json.dumps({**stats, "source": source}, indent=2), encoding="utf-8")
+    write_text_atomic(path, json.dumps({**stats, "source": source}, indent=2))
     return path
 
 
@@ -237,14 +246,18 @@ def write_full_eval(
     if not pairs:
         log("eval: no eval pairs, so no eval.json and no reward_stats.json")
         return {}
-    (out / "eval.json").write_text(json.dumps(_json_safe(report), indent=2), encoding="utf-8")
+    write_text_atomic(out / "eval.json", json.dumps(_json_safe(report), indent=2))
     plots.reward_histograms(r_c, r_r, out / "reward_hist.png")
     plots.reliability_curve(
         report["calibration"]["curve"], report["calibration"]["ece"], out / "reliability.png"
     )
-    for folder in [out, *model_dirs]:
-        if folder is not None:
-            write_reward_stats(folder, report["reward_stats"], source)
+    written = [
+        write_reward_stats(f, report["reward_stats"], source) for f in [out, *model_dirs] if f is not None
+    ]
+    if None in written:
+        log(
+            f"eval: the rewards do not spread (std {report['reward_stats']['std']}): no reward_stats.json, no --normalize"
+        )
     bias = report["length_bias"]
     log(
         f"eval: accuracy {report['accuracy']:.3f} ({report['ties']} ties), loss {report['loss']:.4f}, "

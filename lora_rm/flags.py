@@ -11,6 +11,7 @@ from typing import Any
 
 from lora_rm.config import TrainConfig, config_fields
 from lora_rm.config_file import ALIASES, FLAG_ALIASES
+from lora_rm.trl_names import TRL_NAMES
 
 
 def parse_bool(text: str) -> bool:
@@ -113,7 +114,7 @@ def add_config_flags(
             )
             help_text += f" (default: {default})"
         extra |= {"type": or_auto(kind) if f.metadata.get("auto") else kind}
-        extra |= {k: f.metadata[k] for k in ("choices", "nargs", "const") if k in f.metadata}
+        extra |= {k: f.metadata[k] for k in ("choices", "nargs", "const", "metavar") if k in f.metadata}
         flag = "--" + f.name.replace("_", "-")
         default = f.default if field_defaults else None
         parser.add_argument(
@@ -136,3 +137,7 @@ def add_config_flags(
             metavar="BOOL",
             help=f"same as --{name.replace('_', '-')} {value} (TrainingArguments' name)",
         )
+    for name, (switch, help_text) in TRL_NAMES.items():
+        kwargs = {"nargs": "?", "const": True, "metavar": "VALUE"} if switch else {"metavar": "VALUE"}
+        names = dict.fromkeys(["--" + name, "--" + name.replace("_", "-")])  # TRL's spelling shown in --help
+        parser.add_argument(*names, dest=f"trl_{name}", default=None, help=help_text, **kwargs)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lora_rm.atomic import write_text_atomic
 from lora_rm.config import repo_id_problems
 from lora_rm.errors import UserError
 
@@ -67,6 +68,8 @@ def render_model_card(
     eval_source = run_config.get("eval_dataset") or (
         f"{run_config.get('eval_fraction')} of the data held out (or the dataset's test split)"
     )
+    if run_config.get("eval_model"):
+        eval_source += f", read from {run_config['eval_model']}"
     metrics = (
         f"On {eval_source}; accuracy counts ties as half.\n\n| metric | value |\n|---|---|\n{_rows(metric_rows)}"
         if metric_rows
@@ -243,7 +246,7 @@ def publish(
         bool(run_config.get("merge")) and (out / "merged").is_dir(),
     )
     card = render_model_card(run_config, metrics, repo_id or "", merged)
-    (out / "adapter" / "README.md").write_text(card, encoding="utf-8")
+    write_text_atomic(out / "adapter" / "README.md", card)
     if not repo_id:
         return None
     url = push_to_hub(out, repo_id, bool(run_config.get("private")), include_merged=merged)

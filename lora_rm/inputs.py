@@ -12,13 +12,14 @@ from typing import Any
 
 import torch
 
-from lora_rm.checkpoint import fingerprint, resume_checkpoint
+from lora_rm.checkpoint import complete_checkpoints, fingerprint, resume_checkpoint
 from lora_rm.config import TrainConfig
 from lora_rm.encode import EncodedPair, default_max_length
 from lora_rm.errors import UserError, problems_message
 from lora_rm.model import check_quantization, load_tokenizer, resolve_base
 from lora_rm.optim import auto_learning_rate, choose_precision
 from lora_rm.prepare import prepare_pairs
+from lora_rm.saved import CONFIG_FILE
 
 # Options a resume may change freely: they do not change what is trained, or (data paths, split) what
 # they change is caught by the fingerprint of the tokenized training pairs itself.
@@ -36,6 +37,7 @@ RESUME_FREE = {
     "max_bad_steps",
     "skip_invalid",
     "eval_dataset",
+    "eval_split",
     "eval_fraction",
     "vram",  # what it changes (batch size, accumulation, checkpointing) is in the fingerprint itself
     "push_to_hub",
@@ -44,9 +46,23 @@ RESUME_FREE = {
 }
 
 
+class RunFinished(Exception):
+    """--resume on a run that already ended and saved its model: nothing to do (the CLI exits 0)."""
+
+    exit_code = 0
+
+
 def resume_point(cfg: TrainConfig, fingerprints: dict[str, str], log: Any = print) -> Path | None:
+    """The checkpoint to resume from, or None without --resume. Raises UserError when the data or config
+    differ from the checkpoint's (unless --force-resume), and RunFinished when the same run already ended:
+    its last checkpoint may lie before the end, and resuming would redo the steps after it."""
     if not cfg.resume:
         return None
+    adapter = Path(cfg.output_dir) / "adapter"
+    done = finished(adapter / CONFIG_FILE)
+    if done and cfg.resume == "latest" and not complete_checkpoints(cfg.output_dir):
+        # a run shorter than --save-steps ends with no checkpoint to compare with
+        raise RunFinished(finished_message(cfg.output_dir, adapter))
     path = resume_checkpoint(cfg.output_dir, cfg.resume, log)  # the newest intact one; damaged ones reported
     saved = json.loads((path / "state.json").read_text(encoding="utf-8"))["trainer"]["fingerprints"]
     changed = [k for k in fingerprints if saved.get(k) != fingerprints[k]]
@@ -55,7 +71,24 @@ def resume_point(cfg: TrainConfig, fingerprints: dict[str, str], log: Any = prin
             f"{path}: the {' and '.join(changed)} differ from the checkpoint's; "
             "resuming would not continue the same run (--force-resume to do it anyway)"
         )
+    if done and not changed:
+        raise RunFinished(finished_message(cfg.output_dir, adapter))
     return path
+
+
+def finished_message(output_dir: str, adapter: Path) -> str:
+    return (
+        f"{output_dir}: this run already finished (model in {adapter}); nothing to resume. "
+        "To train again, use another --output-dir or --overwrite-output-dir"
+    )
+
+
+def finished(config_file: Path) -> bool:
+    """Whether the adapter's config holds the final evaluation (empty without eval data): written last."""
+    try:
+        return "eval" in json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
 
 
 def tracker(name: str) -> str:

@@ -79,7 +79,7 @@ def choose_layout(
         )
     share = works and wanted["share_prefix"] != "off"
     # auto packs whenever the prompt is shared: on GPT-2 small it is faster and leaner than one pair per row
-    # (README, Speed); rows hold up to max_length tokens, a longer pair sits alone in its row
+    # (docs/benchmarks.md); rows hold up to max_length tokens, a longer pair sits alone in its row
     packed = works and (wanted["packing"] == "on" or (wanted["packing"] == "auto" and share))
     if not works and any(v == "auto" for v in wanted.values()):
         log(

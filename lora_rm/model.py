@@ -168,9 +168,9 @@ class Fp32Linear(torch.nn.Linear):
 def init_head(model: torch.nn.Module) -> None:
     """Draw the new linear reward head again with std 1 / (width + 1) and a zero bias, as OpenRLHF does.
 
-    transformers draws it with the base's `initializer_range` (0.02), which on a decoder's last hidden state
-    (SmolLM2-135M: norm ~46) gives rewards of std ~0.4 and random margins of std ~0.55 before any training:
-    Adam moves each weight ~lr a step, so at 1e-3 the random head takes ~20 steps to unlearn. Training only;
+    transformers draws it with the base's `initializer_range` (0.02), which on a decoder's large last hidden
+    state gives wide random margins before any training, a random ranking that Adam, moving each weight ~lr a
+    step, takes many steps to unlearn (measured: docs/benchmarks.md, "Do the defaults learn?"). Training only;
     a saved or loaded model's head is never touched.
     """
     head = getattr(unwrap_model(model), head_name(model))
@@ -196,7 +196,7 @@ def fuse_gelu(model: torch.nn.Module) -> int:
     kernel; returns how many activations were swapped.
 
     Same function up to float rounding (~1e-7), but autograd keeps one tensor per MLP instead of six: the
-    activations saved for backward shrink from about 78 to 42 KB per token and layer in GPT-2 small (fp32),
+    activations saved for backward shrink by about half (GPT-2 small: docs/performance.md),
     and the elementwise passes drop from seven to one. The model's config is untouched, so saved and merged
     models are unchanged.
     """
@@ -272,8 +272,11 @@ def add_lora(
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=target_modules,
-        modules_to_save=[head_name(model)],
+        # SEQ_CLS already adds `classifier` and `score` (our only head names, `head_name`): naming the head
+        # here too would list it twice in the saved adapter_config.json
+        modules_to_save=None,
     )
+    head_name(model)  # a model without a reward head: refused here, not trained with a random one
     try:
         model = get_peft_model(model, config)
     except ValueError as e:

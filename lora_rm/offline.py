@@ -93,3 +93,40 @@ def require_hub(name: str, what: str) -> None:
     reason = _probed[(host, port)]
     if reason is not None:
         raise UserError(unreachable_message(name, what, reason))
+
+
+def model_folder(name: str | Path, what: str = "reward model") -> Path:
+    """The local folder of a model: `name` itself when it is a path, else the hub repo `name` (`owner/name`,
+    as `--push-to-hub` wrote it) downloaded to, or read from, the Hugging Face cache. Raises UserError in
+    seconds when the hub is out of reach (or HF_HUB_OFFLINE=1 and nothing is cached), and for an unknown
+    repo."""
+    text = str(name)
+    if is_local(text) or text.count("/") > 1 or not _looks_like_repo_id(text):
+        return Path(name)
+    require_hub(text, what)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=text))
+    except Exception as e:  # huggingface_hub wraps failures in many exception types
+        kind = type(e).__name__
+        if "RepositoryNotFound" in kind or "RevisionNotFound" in kind:
+            raise UserError(
+                f"{text}: not a local folder, and no model repo by that name on the hub"
+            ) from None
+        if hub_offline() or any(
+            k in kind for k in ("LocalEntryNotFound", "Offline", "Connection", "Timeout")
+        ):
+            raise UserError(unreachable_message(text, what, kind)) from None
+        raise UserError(f"{text}: cannot download the {what} ({kind}: {e})") from None
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True

@@ -22,7 +22,7 @@ def choose_precision(precision: str, device_type: str, quant: str = "none") -> t
 
     auto picks the fastest for the machine: bf16 on GPUs that have it, fp16 with a grad scaler on older
     GPUs; on CPU, fp32 for an 8-bit or 4-bit base (bitsandbytes' CPU kernels dequantize to fp32, and bf16
-    autocast around them was 3.2x slower per step: MiniLM in 8-bit, 7.7 vs 2.4 s), bf16 for an unquantized
+    autocast around them is slower per step: docs/performance.md), bf16 for an unquantized
     base on CPUs with AVX512-BF16/AMX (elsewhere bf16 matmuls are emulated and far slower than fp32), else
     fp32. Explicit precisions are kept; fp16 on CPU is a UserError.
     """
@@ -73,12 +73,11 @@ def auto_learning_rate(model_config: Any) -> tuple[float, str]:
     """`--learning-rate auto`: (rate, why) for a base with this transformers config.
 
     For bases up to 576 wide, 2e-3 for causal decoders and 1e-3 for other bases (encoders), the rates measured
-    best or within 1 point of the best of 1e-5..3e-3 for LoRA reward models (`benchmarks/defaults.py`, README
-    "Do the defaults learn?"): SmolLM2-135M, a Llama decoder, 0.7 points behind 3e-3 and 0.7 ahead of 1e-3
-    over 5 seeds; all-MiniLM-L6-v2, an encoder, best at 1e-3 and unstable at 2e-3 (0.52 to 0.63 over 3
-    seeds). Wider bases get that rate x 576 / width, the field's practice of lower rates for wider models
-    (QLoRA: 2e-4 at 7B/13B, 1e-4 at 33B/65B; for a decoder this gives 2.8e-4 at 4096, 2.2e-4 at 5120, 1.4e-4 at
-    8192), which a CPU cannot measure.
+    best or within 1 point of the best of 1e-5..3e-3 for LoRA reward models on a decoder and an encoder
+    (`benchmarks/defaults.py`; the figures are in docs/benchmarks.md, "Do the defaults learn?"). Wider bases get
+    that rate x 576 / width, the field's practice of lower rates for wider models (QLoRA: 2e-4 at 7B/13B, 1e-4
+    at 33B/65B; for a decoder this gives 2.8e-4 at 4096, 2.2e-4 at 5120, 1.4e-4 at 8192), which a CPU cannot
+    measure.
     """
     if reads_last_token(model_config):
         rate, kind = AUTO_LR_DECODER, "a causal decoder"

@@ -19,7 +19,7 @@ def prepare_pairs(
     Raises UserError (every bad row listed) before anything is written; with `cfg.skip_invalid`, bad
     rows are skipped and counted instead.
     """
-    train_rows, own_eval_rows = load_rows(cfg.dataset, cfg.split)
+    train_rows, own_eval_rows = load_rows(cfg.dataset, cfg.split, eval_split=cfg.eval_split)
     fmt = detect_format(train_rows, cfg.dataset)
     train_rows = check_rows(train_rows, fmt, cfg.dataset, cfg.skip_invalid, log)
     if cfg.eval_dataset or own_eval_rows:

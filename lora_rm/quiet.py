@@ -47,8 +47,14 @@ class _DropMessages(logging.Filter):
         return not self.pattern.search(record.getMessage())
 
 
+# transformers colours the report (`MISSING` in red) when stdout is a terminal
+ANSI_CODE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def expected_load_report(message: str) -> bool:
-    """True when a transformers LOAD REPORT lists only keys a reward model is expected to miss or drop."""
+    """True when a transformers LOAD REPORT, coloured or not, lists only keys a reward model is expected to
+    miss or drop."""
+    message = ANSI_CODE.sub("", message)
     if "LOAD REPORT" not in message:
         return False
     rows = [
@@ -71,9 +77,9 @@ class _DropExpectedLoadReport(logging.Filter):
         return not expected_load_report(record.getMessage())
 
 
-def quiet_third_party() -> None:
-    """Install the filters (idempotent; before bitsandbytes is imported, since it warns at import). When
-    stderr is not a terminal, also turn off transformers' and datasets' progress bars ("Loading weights",
+def quiet_third_party(bars: bool = True) -> None:
+    """Install the filters (idempotent; before bitsandbytes is imported, since it warns at import). With
+    `bars`, when stderr is not a terminal, also turn off transformers' and datasets' progress bars ("Loading weights",
     "Generating train split"): in a log file they are lines of carriage returns."""
     for category, message in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
@@ -85,13 +91,42 @@ def quiet_third_party() -> None:
         report_logger = logging.getLogger(name)
         if not any(isinstance(f, _DropExpectedLoadReport) for f in report_logger.filters):
             report_logger.addFilter(_DropExpectedLoadReport())
-    if not sys.stderr.isatty():
+    if bars and not sys.stderr.isatty():
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets is imported
         if "datasets" in sys.modules:
             sys.modules["datasets"].disable_progress_bars()
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+
+
+VERBOSE_ENV = "LORA_RM_VERBOSE"  # set to 1: the Python API leaves third-party messages alone
+_shown = False  # set by `show_third_party`
+
+
+def quiet_by_default() -> None:
+    """The Python API's quiet default, called where it loads models (`train`, `RewardModel.from_pretrained`):
+    the expected warnings and load reports are dropped as on the command line, unless `show_third_party()`
+    was called or LORA_RM_VERBOSE=1. Progress bars are left to the libraries (a notebook draws them well)."""
+    if not _shown and os.environ.get(VERBOSE_ENV, "") in ("", "0"):
+        quiet_third_party(bars=False)
+
+
+def show_third_party() -> None:
+    """Turn the quiet default off (`--verbose`): every filter `quiet_third_party` installed is removed, and
+    the Python API installs none again."""
+    global _shown
+    _shown = True
+    patterns = {message for _, message in EXPECTED_WARNINGS}
+    warnings.filters[:] = [
+        f
+        for f in warnings.filters
+        if not (f[0] == "ignore" and f[1] is not None and f[1].pattern in patterns)
+    ]
+    for name in [n for n, _ in EXPECTED_LOGS] + list(LOAD_REPORT_LOGGERS):
+        logger = logging.getLogger(name)
+        for f in [f for f in logger.filters if isinstance(f, (_DropMessages, _DropExpectedLoadReport))]:
+            logger.removeFilter(f)
 
 
 def progress(total: int, desc: str, unit: str = "it", enabled: bool = True):

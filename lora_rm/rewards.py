@@ -83,9 +83,8 @@ def pair_rewards(model: Any, batch: PreferenceBatch | PackedBatch) -> tuple[torc
 
 
 # Packed rows pass the probe when they differ from plain rows by at most this many times the model's own
-# batch-to-batch noise. Measured on SmolLM2-135M in 8-bit (CPU, 3 x 4 short HH pairs): packed vs plain was
-# 0.8-1.0x the noise floor (~0.1 on rewards of scale 1-2), while a causal-only mask (a model ignoring the 4D
-# mask) gave 8-10x.
+# batch-to-batch noise: a model that takes the 4D mask stays near the floor, one that ignores it lands far
+# above (measurements: docs/performance.md, the layout probe).
 NOISE_MULTIPLE = 3.0
 # ... plus this share of the reward scale, for numerics that do not change with the batch (fp32: ~1e-7)
 SCALE_EPSILON = 2e-3
@@ -108,7 +107,7 @@ def within_noise(packed_diff: float, noise_floor: float, scale: float) -> bool:
     """Whether packed rows give plain rows' rewards up to the model's own batch-to-batch noise.
 
     LLM.int8 picks its outlier columns from each batch's activations, so the same pair scores slightly
-    differently in any two batchings (PITFALLS #20); a fixed tolerance reads that noise as "ignores the 4D
+    differently in any two batchings; a fixed tolerance reads that noise as "ignores the 4D
     mask". The bar is `NOISE_MULTIPLE` x the measured floor plus `SCALE_EPSILON` x the reward scale.
     """
     return packed_diff <= NOISE_MULTIPLE * noise_floor + SCALE_EPSILON * (scale + 1e-3)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lora_rm.bounds import check_batch_size
 from lora_rm.score import RewardModel
 
 
@@ -27,8 +28,10 @@ def reward_function(
     group) are read in one shared-prefix row, and a forward holds at most `max_tokens_per_batch` tokens
     (default batch_size x max_length), on the model's device; `normalize` gives
     (reward - mean) / std of the stored eval rewards. Other keyword arguments (TRL passes the dataset's
-    columns, `completion_ids`, `trainer_state`, ...) are ignored.
+    columns, `completion_ids`, `trainer_state`, ...) are ignored. ValueError for a `batch_size` that is not
+    a positive integer.
     """
+    check_batch_size(batch_size)  # now, not at the first batch of an RLHF run
     rm = model if isinstance(model, RewardModel) else RewardModel.from_pretrained(model, **load_kwargs)
 
     def reward(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:

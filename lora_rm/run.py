@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from lora_rm.atomic import write_text_atomic
 from lora_rm.checkpoint import checkpoint_dir, save_checkpoint
 from lora_rm.config import TrainConfig
 from lora_rm.encode import EncodedPair
@@ -105,9 +106,9 @@ def warn_if_not_learning(run: Run, stats: PairStats) -> None:
     within a hair of ln 2 and margins near 0 (their mean size: wide margins of both signs average to 0) *and*
     the learning rate is below `--learning-rate auto`'s: the model gives chosen and rejected the same reward,
     and at that rate the rest of the run would most likely end the same way (the most reported reward-model
-    failure). At auto's rate or above nothing is said yet: on hard data (all-MiniLM on HH) a run that ends
-    well looks exactly like this for its first ~15 steps, at 1e-4 and at 1e-3 alike (`mean_abs_margin`
-    ~0.004 in metrics.jsonl); the final evaluation says it then."""
+    failure). At auto's rate or above nothing is said yet: on hard data a run that ends well looks exactly
+    like this for its first steps, at 1e-4 and at 1e-3 alike (docs/benchmarks.md); the final evaluation says
+    it then."""
     summary = stats.summary()
     if not (loss_near_chance(summary["loss"], 0.005) and summary["mean_abs_margin"] < 0.05):
         return
@@ -130,11 +131,21 @@ def log_evaluation(run: Run) -> dict[str, Any]:
     )
     record = {"step": run.state.step, **{f"eval_{n}": v for n, v in metrics.items()}}
     record_metrics(run.accelerator, run.metrics_path, record)
-    run.log(
+    log_line(
+        run,
         f"eval @ step {run.state.step}: loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.3f} "
-        f"({metrics['ties']} ties), mean margin {metrics['mean_margin']:.3f}"
+        f"({metrics['ties']} ties), mean margin {metrics['mean_margin']:.3f}",
     )
     return metrics
+
+
+def log_line(run: Run, line: str) -> None:
+    """`run.log(line)` with the training bar cleared first and drawn again after: the eval bar that just
+    closed leaves the cursor at the end of the bar's line, where the line's first character would go."""
+    from tqdm import tqdm
+
+    with tqdm.external_write_mode():
+        run.log(line)
 
 
 def save(run: Run) -> Path:
@@ -213,7 +224,7 @@ def trim_metrics(path: Path, step: int) -> None:
             for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
             if (record := _json_or_none(line)) and record.get("step", step + 1) <= step
         ]  # a torn last line (the run was killed mid-write) is dropped: its step is redone
-    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def _json_or_none(line: str) -> dict[str, Any] | None:

@@ -6,7 +6,6 @@ adapter) load the same way; folders lora_rm saved under an older sequence rule a
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,8 @@ from typing import Any
 import torch
 
 from lora_rm.errors import UserError
+from lora_rm.folder_checks import check_model_config, read_json_object
+from lora_rm.folder_fit import check_adapter_fits, check_adapter_folder, loading
 from lora_rm.model import fuse_gelu, head_name, load_base_model, load_tokenizer
 
 CONFIG_FILE = "lora_rm_config.json"  # the resolved run config, saved beside every adapter and merged model
@@ -29,13 +30,9 @@ def check_sequence_format(folder: str | Path) -> None:
     Folders without lora_rm's config (a model trained by TRL's RewardTrainer or any plain transformers
     reward model) pass: they are read exactly as transformers reads them.
     """
-    path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
+    saved = read_json_object(Path(folder) / CONFIG_FILE, required=False)
+    if saved is None:
         return
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
     if saved.get("sequence_format") != SEQUENCE_FORMAT:
         raise UserError(
             f"{folder}: saved by an older lora_rm that read the reward at an EOS it appended, a token that "
@@ -50,12 +47,15 @@ def load_reward_model(
     quant: str = "none",
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
+    allow_untrained_head: bool = False,
 ) -> tuple[Any, Any]:
     """Load a trained adapter (LoRA + reward head) onto a base; return (model, tokenizer) ready to score.
 
     `base` is a hub id, a local path, an already loaded `AutoModelForSequenceClassification`, or None
     to use the base recorded in the adapter. The model is returned in eval mode.
-    Raises UserError when the folder holds no adapter or the base cannot be loaded.
+    Raises UserError, naming the file and field, when the folder holds no adapter, a file in it is damaged,
+    its weights do not fit the base, it saved no reward head (unless `allow_untrained_head`), or the base
+    cannot be loaded.
     """
     from peft import PeftModel
 
@@ -63,14 +63,17 @@ def load_reward_model(
     config_path = adapter_dir / "adapter_config.json"
     if not config_path.is_file():
         raise UserError(f"{adapter_dir}: no adapter_config.json; expected a PEFT adapter folder")
+    config, weights, shapes = check_adapter_folder(adapter_dir, allow_untrained_head)
     check_sequence_format(adapter_dir)
-    recorded = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    recorded = config.get("base_model_name_or_path")
     # lora_rm saves the tokenizer with the adapter; TRL's RewardTrainer usually does; else it is the base's
     has_tokenizer = any((adapter_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     if has_tokenizer:
-        tokenizer = load_tokenizer(str(adapter_dir))
+        with loading(f"{adapter_dir} (its tokenizer)"):
+            tokenizer = load_tokenizer(str(adapter_dir))
     elif isinstance(base, (str, Path)) or (base is None and recorded):
-        tokenizer = load_tokenizer(str(base or recorded))
+        with loading(f"{base or recorded} (its tokenizer)"):
+            tokenizer = load_tokenizer(str(base or recorded))
     elif base is not None:
         tokenizer = load_tokenizer(base.config.name_or_path)
     else:
@@ -78,12 +81,17 @@ def load_reward_model(
     if base is None or isinstance(base, (str, Path)):
         if not (base or recorded):
             raise UserError(f"{adapter_dir}: adapter_config.json records no base model; pass --base / base=")
-        base = load_base_model(str(base or recorded), tokenizer.pad_token_id, quant=quant, dtype=dtype)
+        name = str(base or recorded)
+        if Path(name).expanduser().is_dir():  # a local base: its config.json is read too
+            check_model_config(Path(name).expanduser())
+        with loading(f"{name} (the base model)"):
+            base = load_base_model(name, tokenizer.pad_token_id, quant=quant, dtype=dtype)
     else:
         head_name(base)
         base.config.pad_token_id = tokenizer.pad_token_id
         fuse_gelu(base)  # the activation training used: same rewards to the last bit
-    with warnings.catch_warnings():
+    check_adapter_fits(base, weights, shapes, config)
+    with warnings.catch_warnings(), loading(weights):
         # An adapter trained on an int8 GPT-2 (Linear) meets Conv1D here; PEFT flips fan_in_fan_out, as it should.
         warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
         model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)

@@ -21,25 +21,22 @@ from typing import Any
 import torch
 
 from lora_rm.atomic import staged
+from lora_rm.bounds import check_batch_size
 from lora_rm.checks import check_rows, detect_format, messages_problem, text_problem
-from lora_rm.data import Row, load_rows
+from lora_rm.data import Row, load_eval_rows, load_rows
 from lora_rm.encode import default_max_length, encode_rows
 from lora_rm.engine import Throughput, score_sequences
 from lora_rm.errors import UserError, problems_message
 from lora_rm.evaluate import STATS_FILE, write_full_eval
+from lora_rm.folder_checks import check_reward_stats, check_run_config
+from lora_rm.folder_fit import check_merged_folder, check_rewards_finite, loading
 from lora_rm.model import check_quantization, load_base_model, load_tokenizer
+from lora_rm.offline import model_folder
 from lora_rm.optim import choose_precision
-from lora_rm.saved import CONFIG_FILE, check_sequence_format, load_reward_model
+from lora_rm.outdir import is_within
+from lora_rm.quiet import quiet_by_default
+from lora_rm.saved import check_sequence_format, load_reward_model
 from lora_rm.sequences import encode_sequences, encode_texts
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
 def default_device() -> torch.device:
@@ -105,38 +102,45 @@ class RewardModel:
         quant: str = "none",
         max_tokens_per_batch: int | None = None,
         log: Any = None,
+        allow_untrained_head: bool = False,
     ) -> RewardModel:
         """Load an adapter folder (LoRA + head; onto its recorded base, or `base`: a hub id, a path or a
-        loaded `AutoModelForSequenceClassification`) or a merged model folder.
+        loaded `AutoModelForSequenceClassification`) or a merged model folder, local or a hub repo id.
 
         An adapter is merged into its unquantized base in memory (the folder is untouched), so scoring runs no
         adapter matmuls; `quant` "8bit"/"4bit" loads the base quantized instead and keeps the adapter apart (less
         memory, slower, LLM.int8 rewards shift with the batch); a loaded `base` you pass is merged into, in place.
-        `device` defaults to CUDA when available, `dtype`
-        to `scoring_dtype`'s choice, which is logged. Raises UserError for a folder that holds neither, a base
-        that cannot be loaded, or a quantization this machine cannot run.
+        `device` defaults to CUDA when available, `dtype` to `scoring_dtype`'s choice, which is logged.
+        Every file read is checked first: UserError, naming the file and field, for a folder that holds neither,
+        a damaged file, weights that do not fit the base or config, reward statistics that are not finite with
+        std > 0, no trained reward head (a plain causal LM; allowed with `allow_untrained_head`), a base
+        that cannot be loaded, or a quantization this machine cannot run. Expected third-party warnings are
+        dropped (`lora_rm.quiet.quiet_by_default`; LORA_RM_VERBOSE=1 keeps them).
         """
-        path = Path(path)
+        quiet_by_default()
+        path = model_folder(path)  # a hub id: its snapshot, or a one-line error in seconds when offline
         device = torch.device(device) if device is not None else default_device()
         dtype, why = scoring_dtype(device, dtype, quant)
         check_quantization(quant, device.type)
         check_sequence_format(path)
         if (path / "adapter_config.json").is_file():
-            model, tokenizer = _load_adapter(path, base, dtype, device, quant)
+            model, tokenizer = _load_adapter(path, base, dtype, device, quant, allow_untrained_head)
         elif (path / "config.json").is_file():
             if base is not None:
                 raise UserError(f"{path}: a merged model folder; base= only applies to adapter folders")
-            tokenizer = load_tokenizer(str(path))
-            model = load_base_model(str(path), tokenizer.pad_token_id, quant=quant, dtype=dtype)
+            check_merged_folder(path, allow_untrained_head)
+            with loading(path):
+                tokenizer = load_tokenizer(str(path))
+                model = load_base_model(str(path), tokenizer.pad_token_id, quant=quant, dtype=dtype)
             model = model if quant != "none" else model.to(device)
         else:
             raise UserError(
                 f"{path}: neither an adapter folder (adapter_config.json) nor a merged model folder "
                 "(config.json); pass the adapter/ or merged/ folder a training run wrote"
             )
-        saved = _read_json(path / CONFIG_FILE)
+        saved = check_run_config(path)
         max_length = saved.get("max_length") or default_max_length(model.config, tokenizer)
-        stats = _read_json(path / STATS_FILE) or None
+        stats = check_reward_stats(path)
         rm = cls(model, tokenizer, int(max_length), saved.get("data_format", "explicit"), stats, path)
         rm.max_tokens_per_batch, rm.log = max_tokens_per_batch, log or rm.log
         weights = f"{quant} base + adapter" if quant != "none" else "merged weights"
@@ -171,6 +175,7 @@ class RewardModel:
         max_length) bounds the tokens of one forward."""
         if isinstance(prompts, str) or isinstance(responses, str):
             raise TypeError("prompts and responses are lists: score([prompt], [response]) for one")
+        check_batch_size(batch_size)
         mean, std = self._normalizer() if normalize else (0.0, 1.0)
         seqs = encode_sequences(prompts, responses, self.tokenizer, self.max_length)
         keys = [p if isinstance(p, str) else json.dumps(p, sort_keys=True) for p in prompts]
@@ -190,10 +195,12 @@ class RewardModel:
 
         budget = max_tokens or self.max_tokens_per_batch or batch_size * self.max_length
         speed = Throughput(seqs)
-        with tqdm(total=len(seqs), desc="score", unit="seq", disable=not progress) as bar:
+        # disable=None: a bar on a terminal only, never carriage-return frames in a log file
+        with tqdm(total=len(seqs), desc="score", unit="seq", disable=None if progress else True) as bar:
             rewards = score_sequences(
                 self.model, seqs, self.tokenizer.pad_token_id, keys, budget, progress=bar.update, log=self.log
             )
+        check_rewards_finite(rewards, self.path)
         if progress:
             self.log(speed.line())
         return [(r - mean) / std for r in rewards.tolist()]
@@ -213,6 +220,7 @@ class RewardModel:
         `progress` and `max_tokens_per_batch` as in `score`."""
         if isinstance(texts, str):
             raise TypeError("texts is a list: score_texts([text]) for one")
+        check_batch_size(batch_size)
         mean, std = self._normalizer() if normalize else (0.0, 1.0)
         seqs = encode_texts(texts, self.tokenizer, self.max_length, chat=chat)
         return self._rewards(seqs, None, batch_size, progress, mean, std, max_tokens_per_batch)
@@ -228,22 +236,30 @@ class RewardModel:
         self,
         dataset: str,
         output_dir: str | Path,
-        split: str = "train",
+        split: str | None = None,
         batch_size: int = 16,
         skip_invalid: bool = False,
         save_stats: bool = True,
         log: Any = print,
         max_tokens_per_batch: int | None = None,
     ) -> dict[str, Any]:
-        """Full evaluation on `dataset` (any format training accepts, every row used): eval.json and PNGs
-        in `output_dir` (training_curves.png too when the run's metrics.jsonl sits beside the model folder),
-        and, with `save_stats`, reward_stats.json in the model folder. Returns the report. `max_tokens_per_batch`
-        as in `score`."""
-        rows = load_rows(dataset, split)[0]
+        """Full evaluation on `dataset` (any format training accepts, every row of `split` used; by default
+        the dataset's test split where it has one, else its train split; the split read is logged): eval.json
+        and PNGs in `output_dir` (training_curves.png too when the run's metrics.jsonl sits beside the model
+        folder), and, with `save_stats`, reward_stats.json in the model folder. Returns the report.
+        `max_tokens_per_batch` as in `score`. Raises UserError when `output_dir` is in the model folder, whose
+        files it would replace."""
+        check_batch_size(batch_size)
+        if self.path is not None and is_within(output_dir, self.path):
+            raise UserError(
+                f"--output-dir {output_dir}: is in the model folder {self.path}; the evaluation goes into a "
+                "folder of its own (--update-stats refreshes the model's reward_stats.json)"
+            )
+        rows, which = load_eval_rows(dataset, split)
         fmt = detect_format(rows, dataset)
         rows = check_rows(rows, fmt, dataset, skip_invalid, log)
         pairs, report = encode_rows(rows, fmt, self.tokenizer, self.max_length, "truncate", "all_pairs")
-        log(f"data: {fmt} format; {report.summary()}")
+        log(f"data: {fmt} format, {which} of {dataset}; {report.summary()}")
         if not pairs:
             raise UserError(f"{dataset}: no pairs left after the length policy ({report.summary()})")
         metrics_jsonl = self.path.parent / "metrics.jsonl" if self.path else None
@@ -262,7 +278,7 @@ class RewardModel:
 
 
 def _load_adapter(
-    path: Path, base: Any, dtype: torch.dtype, device: torch.device, quant: str
+    path: Path, base: Any, dtype: torch.dtype, device: torch.device, quant: str, allow_untrained_head: bool
 ) -> tuple[Any, Any]:
     """The adapter on its base: merged into it when the base is unquantized, kept apart on an 8/4-bit base."""
     from transformers.utils import logging as hf_logging
@@ -270,7 +286,9 @@ def _load_adapter(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the base's "score.weight newly initialized": the adapter brings it
     try:
-        model, tokenizer = load_reward_model(path, base=base, quant=quant, dtype=dtype, device=device)
+        model, tokenizer = load_reward_model(
+            path, base=base, quant=quant, dtype=dtype, device=device, allow_untrained_head=allow_untrained_head
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
     if quant == "none":

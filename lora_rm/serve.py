@@ -5,33 +5,62 @@
     GET  /health                                               -> {"status": "ok", ...}
 
 /get_reward is OpenRLHF's remote reward model protocol (`--remote_rm_url http://HOST:PORT/get_reward`): each
-query is a full text (prompt and response joined, as the policy's tokenizer decoded it), scored as
-`RewardModel.score_texts` reads it. OpenRLHF also sends "prompts" and "labels"; they are ignored. It reads
-"scores" (for dynamic filtering and logs) when present, else the rewards, so both are sent, equal.
+query is a full text (prompt and response joined, as the policy's tokenizer decoded it), read as OpenRLHF's own
+`serve_rm` reads it where that is what the model was trained on: a text that already starts with the tokenizer's
+special tokens (a template's BOS) is tokenized without adding them again, and a chat model reads every text as
+a rendered chat template; any other text as `tokenizer(text)`. Control characters are text. OpenRLHF also
+sends "prompts" and "labels"; they are ignored. It reads "scores" (for dynamic filtering and logs) when present,
+else the rewards, so both are sent, equal.
 
-One worker task owns the model. A request queues its sequences and waits; the worker scores the oldest queued
-sequences, up to `batch_size` from as many requests as fit, in one model call on a thread of its own, so
-concurrent requests share forwards, the event loop keeps answering, and one model call runs at a time.
+One worker task owns the model (lora_rm.batcher): requests queue their sequences, and each model call, on a
+thread of its own, takes up to `batch_size` of them shared fairly among the waiting requests. What a request may
+ask for and how it is checked is lora_rm.serve_request; deadlines, the connection cap, the SIGTERM drain and
+the throttled logs are lora_rm.serve_guard.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) at runtime.
 import asyncio
 import contextlib
-import json
 import logging
-import os
-import signal
 import socket
 import sys
-import threading
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from lora_rm.batcher import Batcher
-from lora_rm.checks import messages_problem, text_problem
+from lora_rm.batcher import Batcher, model_scorer
+from lora_rm.checks import messages_problem
 from lora_rm.errors import UserError
+from lora_rm.sequences import encode_sequences, encode_texts
+from lora_rm.serve_guard import (
+    Guards,
+    ThrottledLog,
+    listen_socket,
+    loopback,
+    protocol_class,
+    quiet_event_loop,
+    quiet_logs,
+    server_class,
+)
+from lora_rm.serve_request import (
+    MAX_BODY_BYTES,
+    ClientGone,
+    Limits,
+    RequestError,
+    chars,
+    check_content_type,
+    check_lengths,
+    check_row_lengths,
+    check_token,
+    check_tokens,
+    read_json,
+    served_text_problem,
+    template_marker,
+    text_kinds,
+    text_list,
+    token_bound,
+)
 
-MAX_BODY_BYTES = 64 * 2**20  # a request body larger than this is refused before it is parsed
+__all__ = ["MAX_BODY_BYTES", "Guards", "Limits", "RequestError", "build_app", "listen_socket", "serve"]
 log = logging.getLogger("lora_rm.serve")
 
 
@@ -47,84 +76,31 @@ def require_serve_extra() -> None:
         ) from None
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for; more is answered 413 and nothing of it is scored."""
-
-    max_request_texts: int = 4096  # texts (or rows) in one request
-    max_text_chars: int = 100_000  # characters in one text (a row: its prompt and response together)
-
-    def __post_init__(self) -> None:
-        for name in ("max_request_texts", "max_text_chars"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(self, name)}")
+async def _cancel_when_gone(receive: Any, task: Any) -> None:
+    """Cancels `task` when the client has gone (its body is read by then, so the next message is the
+    disconnect)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    task.cancel()
 
 
-class RequestError(Exception):
-    """A request the server refuses: answered with `status` and {"error": message}."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-def _text_list(body: dict[str, Any], key: str, limits: Limits, check: Any = text_problem) -> list[Any]:
-    """body[key] as a list whose every item passes `check`; RequestError (422 or 413) saying why not."""
-    if key not in body:
-        raise RequestError(422, f'missing field "{key}"')
-    values = body[key]
-    if not isinstance(values, list):
-        raise RequestError(422, f'"{key}": expected a list, got {type(values).__name__}')
-    if len(values) > limits.max_request_texts:
-        raise RequestError(
-            413, f'"{key}": {len(values)} items, more than --max-request-texts {limits.max_request_texts}'
-        )
-    problems = [f"{key}[{i}]: {p}" for i, v in enumerate(values) if (p := check(v))]
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise RequestError(422, "; ".join(problems[:3]) + more)
-    return values
-
-
-def _chars(value: Any) -> int:
-    return len(value) if isinstance(value, str) else sum(len(m["content"]) for m in value)
-
-
-def _check_lengths(values: list[Any], limits: Limits, what: str) -> None:
-    for i, v in enumerate(values):
-        if _chars(v) > limits.max_text_chars:
-            raise RequestError(
-                413,
-                f"{what}[{i}]: {_chars(v)} characters, more than --max-text-chars {limits.max_text_chars}",
-            )
-
-
-async def _json_body(request: Any) -> dict[str, Any]:
-    size = request.headers.get("content-length", "")
-    if size.isdigit() and int(size) > MAX_BODY_BYTES:
-        raise RequestError(413, f"request body of {size} bytes, more than {MAX_BODY_BYTES}")
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise RequestError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
-    try:
-        data = json.loads(body)
-    except ValueError as e:
-        raise RequestError(400, f"request body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise RequestError(422, f"expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def build_app(model: Any, batch_size: int = 32, normalize: bool = False, limits: Limits | None = None) -> Any:
+def build_app(
+    model: Any,
+    batch_size: int = 32,
+    normalize: bool = False,
+    limits: Limits | None = None,
+    guards: Guards | None = None,
+    throttle: ThrottledLog | None = None,
+) -> Any:
     """The FastAPI app serving `model` (a RewardModel, or anything with its `score`, `score_texts` and
-    `data_format`); the batching worker runs while the app's lifespan does."""
+    `data_format`); the batching worker runs while the app's lifespan does. Every refused request is logged,
+    one line with its reason (throttled)."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
 
-    limits = limits or Limits()
+    limits, guards, throttle = limits or Limits(), guards or Guards(), throttle or ThrottledLog()
     chat = model.data_format == "conversational"
+    marker = template_marker(model)
 
     def prompt_problem(prompt: Any) -> str | None:
         if chat != isinstance(prompt, list):
@@ -133,13 +109,14 @@ def build_app(model: Any, batch_size: int = 32, normalize: bool = False, limits:
                 if chat
                 else "this model was trained on text: give the prompt as text, formatted as in training"
             )
-        return messages_problem(prompt) if chat else text_problem(prompt)
+        return messages_problem(prompt, controls=True) if chat else served_text_problem(prompt)
 
     state: dict[str, Batcher] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher = state["batcher"] = Batcher(model, batch_size, normalize)
+        quiet_event_loop(throttle)
+        batcher = state["batcher"] = Batcher(model_scorer(model, batch_size, normalize), batch_size)
         worker = asyncio.create_task(batcher.run())
         yield
         worker.cancel()  # uvicorn has drained every request by now
@@ -149,93 +126,121 @@ def build_app(model: Any, batch_size: int = 32, normalize: bool = False, limits:
 
     app = FastAPI(title="lora_rm reward server", lifespan=lifespan)
 
+    def client(request: Request) -> str:
+        return f"{request.client.host}:{request.client.port}" if request.client else "a client"
+
     @app.exception_handler(RequestError)
     async def refuse(request: Request, e: RequestError) -> JSONResponse:
-        return JSONResponse({"error": str(e)}, status_code=e.status)
+        throttle(
+            f"{e.status}",
+            f"refused {request.method} {request.url.path} from {client(request)}: {e.status} {e}",
+        )
+        return JSONResponse({"error": str(e)}, status_code=e.status, headers=e.headers)
 
-    async def rewards(kind: str, items: list[Any]) -> list[float]:
+    @app.exception_handler(ClientGone)
+    async def gone(request: Request, e: ClientGone) -> Response:
+        if not request.scope.get("state", {}).get("cut"):  # cut for being slow: logged already
+            throttle("gone", f"{request.method} {request.url.path} from {client(request)}: client {e}")
+        return Response(status_code=499)
+
+    tokenizer, max_length = getattr(model, "tokenizer", None), getattr(model, "max_length", 0)
+
+    def over_token_cap(lengths: list[int]) -> bool:
+        """Whether a request of texts this long (characters) might pass --max-request-tokens: then its
+        sequences are tokenized, as they will be scored, to count them."""
+        cap = limits.max_request_tokens
+        return cap is not None and token_bound(lengths, max_length) > cap
+
+    async def sequences_of(encode: Any, *args: Any) -> list[list[int]]:
+        """encode(*args) on the model's thread (it owns the tokenizer); 422 for input it refuses."""
         try:
-            return await state["batcher"].rewards(kind, items)
+            return await state["batcher"].on_model_thread(encode, *args)
         except UserError as e:
             raise RequestError(422, str(e)) from None
 
+    async def body_of(request: Request) -> dict[str, Any]:
+        check_token(request.headers, request.query_params, guards.token)
+        check_content_type(request.headers)
+        return await read_json(request)
+
+    async def rewards(request: Request, jobs: list[tuple[str, list[Any]]]) -> list[list[float]]:
+        """The rewards of each (kind, items) job; ClientGone (its unscored items dropped) when the client
+        disconnects first: a watcher cancels this request's task then (one task more per request, no wait)."""
+        batcher, task = state["batcher"], asyncio.current_task()
+        watch = asyncio.ensure_future(_cancel_when_gone(request.receive, task))
+        dropped = batcher.dropped
+        try:
+            if len(jobs) == 1:
+                return [await batcher.rewards(*jobs[0])]
+            return list(await asyncio.gather(*(batcher.rewards(k, items) for k, items in jobs)))
+        except asyncio.CancelledError:
+            if not watch.done() or watch.cancelled():
+                raise  # cancelled by the server (a cut drain), not by the watcher
+            if hasattr(task, "uncancel"):  # Python 3.11+
+                task.uncancel()
+            total = sum(len(items) for _, items in jobs)
+            raise ClientGone(
+                f"disconnected before its answer; {batcher.dropped - dropped} of {total} unscored"
+            ) from None
+        except UserError as e:
+            raise RequestError(422, str(e)) from None
+        except Exception as e:  # the model failed: one line, not a traceback per request
+            throttle("model", f"scoring failed: {type(e).__name__}: {e}")
+            raise RequestError(500, f"scoring failed: {type(e).__name__}: {e}") from None
+        finally:
+            watch.cancel()
+
     @app.post("/get_reward")
     async def get_reward(request: Request) -> dict[str, Any]:
-        texts = _text_list(await _json_body(request), "query", limits)
-        _check_lengths(texts, limits, "query")
-        scores = await rewards("texts", texts)
+        texts = text_list(await body_of(request), "query", limits)
+        check_lengths(texts, limits, "query")
+        kinds = text_kinds(texts, chat, marker)
+        if over_token_cap([len(t) for t in texts]):
+            ids = []
+            for kind, at in kinds.items():
+                chat_text = kind == "template_texts"
+                ids += await sequences_of(
+                    encode_texts, [texts[i] for i in at], tokenizer, max_length, chat_text
+                )
+            check_tokens(ids, limits, max_length)
+        answers = await rewards(request, [(k, [texts[i] for i in at]) for k, at in kinds.items()])
+        scores = [0.0] * len(texts)
+        for at, got in zip(kinds.values(), answers):
+            for i, x in zip(at, got):
+                scores[i] = x
         return {"rewards": scores, "scores": scores}
 
     @app.post("/score")
     async def score(request: Request) -> dict[str, Any]:
-        body = await _json_body(request)
-        prompts = _text_list(body, "prompts", limits, prompt_problem)
-        responses = _text_list(body, "responses", limits)
+        body = await body_of(request)
+        prompts = text_list(body, "prompts", limits, prompt_problem)
+        responses = text_list(body, "responses", limits)
         if len(prompts) != len(responses):
             raise RequestError(422, f"{len(prompts)} prompts but {len(responses)} responses")
-        for i, (p, r) in enumerate(zip(prompts, responses)):
-            if _chars(p) + len(r) > limits.max_text_chars:
-                raise RequestError(
-                    413,
-                    f"row {i}: {_chars(p) + len(r)} characters of prompt and response, more than "
-                    f"--max-text-chars {limits.max_text_chars}",
-                )
-        return {"rewards": await rewards("rows", list(zip(prompts, responses)))}
+        check_row_lengths(prompts, responses, limits)
+        if over_token_cap([chars(p) + len(r) for p, r in zip(prompts, responses)]):
+            ids = await sequences_of(encode_sequences, prompts, responses, tokenizer, max_length)
+            check_tokens(ids, limits, max_length)
+        rows = list(zip(prompts, responses))
+        return {"rewards": (await rewards(request, [("rows", rows)]))[0] if rows else []}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         batcher = state.get("batcher")
+        path = getattr(model, "path", None)
         return {
             "status": "ok",
-            "model": str(getattr(model, "path", None)),
+            "model": Path(path).name if path else None,  # the folder's name: no local paths to strangers
             "data_format": model.data_format,
             "batch_size": batch_size,
             "normalize": normalize,
             "pending_requests": batcher.pending if batcher else 0,
             "model_calls": batcher.model_calls if batcher else 0,
             "sequences_scored": batcher.sequences if batcher else 0,
+            "sequences_dropped": batcher.dropped if batcher else 0,
         }
 
     return app
-
-
-def listen_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port (port 0: a free one); UserError when the address is taken or invalid."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-        )[0]
-        # proto must say TCP: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets that do, and
-        # with it on every response waits ~40 ms for the client's delayed ACK.
-        sock = socket.socket(family, kind, proto)
-        if os.name != "nt":  # on Windows SO_REUSEADDR would let two servers share a port
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError as e:
-        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    return sock
-
-
-def _server_class() -> type:
-    import uvicorn
-    from uvicorn.server import HANDLED_SIGNALS
-
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self):
-            # uvicorn re-raises a caught SIGTERM after its graceful shutdown, so the process would end by
-            # the signal (exit 143); a server that drained every request and stopped cleanly exits 0.
-            if threading.current_thread() is not threading.main_thread():
-                yield
-                return
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in HANDLED_SIGNALS}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
-    return Server
 
 
 def serve(
@@ -244,12 +249,15 @@ def serve(
     batch_size: int = 32,
     normalize: bool = False,
     limits: Limits | None = None,
+    guards: Guards | None = None,
 ) -> int:
-    """Serve `model` on the bound `sock` until SIGTERM or Ctrl-C, which stop accepting connections, finish
-    the requests in flight and return 0."""
+    """Serve `model` on the bound `sock` until SIGTERM or Ctrl-C, which stop accepting connections, finish the
+    requests in flight (cutting those still open after `guards.drain_timeout`, and saying so) and return 0."""
     import uvicorn
 
-    app = build_app(model, batch_size, normalize, limits)
+    guards, throttle = guards or Guards(), ThrottledLog()
+    quiet_logs(throttle)
+    app = build_app(model, batch_size, normalize, limits, guards, throttle)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(
@@ -257,8 +265,20 @@ def serve(
         "(POST /get_reward, POST /score, GET /health)",
         flush=True,
     )
-    config = uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=None)
-    server = _server_class()(config)
+    if guards.token is None and not loopback(host):
+        log.warning(
+            f"{host} is reachable beyond this machine and no --token is set: anyone who reaches it can score"
+        )
+    config = uvicorn.Config(
+        app,
+        http=protocol_class(guards, throttle),
+        log_level="info",
+        access_log=False,
+        timeout_keep_alive=guards.keep_alive_timeout,
+        timeout_graceful_shutdown=guards.drain_timeout + 5,  # a backstop: the server cuts at drain_timeout
+        h11_max_incomplete_event_size=32 * 1024,  # request line and headers
+    )
+    server = server_class(guards, throttle)(config)
     server.run(sockets=[sock])
     sys.stdout.flush()
     return 0 if server.started else 1

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lora_rm import bounds
 from lora_rm.errors import UserError, problems_message
 
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -25,45 +26,56 @@ def file_kind(path: Path) -> tuple[str | None, str | None]:
     return fmt, compression
 
 
-def decompress(path: Path, raw: bytes) -> bytes:
-    """The file's bytes, decompressed when its name ends in .gz, .bz2, .xz or .zst."""
-    compression = file_kind(path)[1]
-    if compression is None:
-        return raw
+def _reader(path: Path, compression: str) -> Any:
+    """A binary stream of the decompressed bytes of `path`."""
+    if compression == ".gz":
+        import gzip
+
+        return gzip.open(path, "rb")
+    if compression == ".bz2":
+        import bz2
+
+        return bz2.open(path, "rb")
+    if compression == ".xz":
+        import lzma
+
+        return lzma.open(path, "rb")
     try:
-        if compression == ".gz":
-            import gzip
+        import zstandard
+    except ImportError:
+        raise UserError(f"{path}: reading .zst needs the zstandard package (pip install zstandard)") from None
+    return zstandard.ZstdDecompressor().stream_reader(path.open("rb"), read_across_frames=True, closefd=True)
 
-            return gzip.decompress(raw)
-        if compression == ".bz2":
-            import bz2
 
-            return bz2.decompress(raw)
-        if compression == ".xz":
-            import lzma
-
-            return lzma.decompress(raw)
-        try:
-            import zstandard
-        except ImportError:
-            raise UserError(
-                f"{path}: reading .zst needs the zstandard package (pip install zstandard)"
-            ) from None
-        return zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+def read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed when its name ends in .gz, .bz2, .xz or .zst; UserError when it cannot be
+    read, is not valid for its compression, or is (or decompresses to) more than MAX_TEXT_BYTES."""
+    limit = bounds.MAX_TEXT_BYTES
+    bounds.check_file_size(path, limit)  # a huge (or sparse) file: refused from its size, unread
+    compression = file_kind(path)[1]
+    try:
+        if compression is None:
+            return path.read_bytes()
+        with _reader(path, compression) as stream:
+            return bounds.read_limited(stream, path, limit)  # stops early: a small bomb cannot fill memory
     except UserError:
         raise
-    except Exception as e:  # gzip.BadGzipFile, OSError, EOFError, lzma.LZMAError, zstandard.ZstdError
-        kind = COMPRESSED_SUFFIXES[compression]
-        raise UserError(f"{path}: not a valid {kind} file ({type(e).__name__}: {e})") from None
+    except OSError as e:
+        if compression is None or e.strerror:  # a file that cannot be opened, not a bad archive
+            raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+        raise _invalid(path, compression, e) from None
+    except Exception as e:  # EOFError, lzma.LZMAError, zstandard.ZstdError
+        raise _invalid(path, compression, e) from None
+
+
+def _invalid(path: Path, compression: str | None, e: Exception) -> UserError:
+    kind = COMPRESSED_SUFFIXES.get(compression or "", "compressed")
+    return UserError(f"{path}: not a valid {kind} file ({type(e).__name__}: {e})")
 
 
 def decoded_text(path: Path) -> str:
-    """The file's text; UserError if it cannot be read, is not UTF-8 (with the line) or is empty."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
-    raw = decompress(path, raw)
+    """The file's text; UserError if it cannot be read, is too big, is not UTF-8 (with the line) or is empty."""
+    raw = read_bytes(path)
     try:
         text = raw.decode("utf-8-sig")  # a UTF-8 BOM is harmless: accept it
     except UnicodeDecodeError as e:

@@ -7,6 +7,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,9 @@ from typing import Any
 
 import torch
 
+from lora_rm.atomic import write_text_atomic
 from lora_rm.batch import shard_batches
+from lora_rm.bounds import check_total_steps
 from lora_rm.checkpoint import load_checkpoint
 from lora_rm.config import TrainConfig
 from lora_rm.encode import LengthReport
@@ -26,8 +29,9 @@ from lora_rm.layout import choose_layout
 from lora_rm.model import add_lora, init_head, load_base_model
 from lora_rm.optim import build_optimizer
 from lora_rm.outdir import claim_output_dir, clear_previous_run
+from lora_rm.quiet import quiet_by_default
 from lora_rm.run import LoopState, Run, record_metrics, trim_metrics
-from lora_rm.saved import SEQUENCE_FORMAT
+from lora_rm.saved import CONFIG_FILE, SEQUENCE_FORMAT
 
 
 @dataclass
@@ -52,10 +56,12 @@ def train(cfg: TrainConfig, log: Any = print) -> TrainResult:
     is written to the output directory; problems raise UserError, as do a second run into the same folder, a
     fresh run over another run's outputs (without --overwrite-output-dir) and failed writes. Raises
     TrainingStopped after saving a checkpoint when stopped by a signal or by `cfg.max_bad_steps` non-finite
-    steps in a row.
+    steps in a row, and RunFinished for --resume on a run that already ended. Expected third-party warnings
+    are dropped (`lora_rm.quiet.quiet_by_default`; LORA_RM_VERBOSE=1 keeps them).
     """
     from accelerate.state import AcceleratorState
 
+    quiet_by_default()
     started = time.perf_counter()
     try:
         with claim_output_dir(cfg, main_process=os.environ.get("RANK", "0") == "0"):
@@ -75,7 +81,7 @@ def collector_paused():
 
     Set-up imports transformers, PEFT and bitsandbytes and builds the model: a few hundred thousand objects
     that live as long as the run, and next to no cyclic garbage. Left on, the collector walks all of them
-    each time the heap grows by a quarter (eight full passes, about 1 s on GPT-2 small) and frees almost
+    each time the heap grows by a quarter (measured: docs/benchmarks.md, start-up) and frees almost
     nothing. One pass at the end moves them to the oldest generation, where the loop's collections skip them.
     """
     was_enabled = gc.isenabled()
@@ -134,6 +140,9 @@ def set_up(cfg: TrainConfig, log: Any) -> tuple[Run, Inputs]:
     train_pairs = inputs.train_pairs
     layout = choose_layout(cfg, model, train_pairs, inputs.tokenizer.pad_token_id, inputs.max_length, log)
     k = cfg.gradient_accumulation_steps
+    if not cfg.max_steps:  # refuse before planning every epoch: that alone would not finish
+        first = math.ceil(len(shard_batches(layout.epoch_batches(0), 0, world)) / k)
+        check_total_steps(first * cfg.epochs, cfg.epochs)
     total_steps = cfg.max_steps or sum(
         math.ceil(len(shard_batches(layout.epoch_batches(e), 0, world)) / k) for e in range(cfg.epochs)
     )
@@ -157,7 +166,7 @@ def set_up(cfg: TrainConfig, log: Any) -> tuple[Run, Inputs]:
     )  # fmt: skip
     config = run_config(run, inputs)
     if accelerator.is_main_process:
-        (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        write_text_atomic(out / "config.json", json.dumps(config, indent=2))
         trim_metrics(run.metrics_path, state.step)
     accelerator.init_trackers(
         "lora_rm", config={k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
@@ -167,6 +176,42 @@ def set_up(cfg: TrainConfig, log: Any) -> tuple[Run, Inputs]:
         f"{cfg.gradient_accumulation_steps} x {world} pairs; writing to {out}"
     )
     return run, inputs
+
+
+def final_evaluation(run: Run, inputs: Inputs, trained: Any, adapter_dir: Path) -> tuple[dict[str, Any], str]:
+    """The run's one final evaluation (every eval pair, plain rows) into OUTPUT_DIR/eval, logged and appended
+    to metrics.jsonl as the last step's eval record. It reads the saved adapter as its users load it
+    (`RewardModel.from_pretrained`: bf16 or fp16 on a GPU, fp32 on the CPU; not the int8 or NF4 training
+    model), so that the card and lora_rm_config.json publish what `lora-rm eval` gives them; when that copy
+    does not fit in memory beside the training model, the training model, said so. Returns the report ({}
+    without eval pairs) and which model it read."""
+    from lora_rm.score import RewardModel
+
+    cfg, accelerator = run.cfg, run.accelerator
+
+    def evaluate(model: Any) -> dict[str, Any]:
+        return write_full_eval(
+            model, inputs.tokenizer, run.eval_pairs, run.output_dir / "eval", [], run.metrics_path, cfg.batch_size * 2,
+            max_tokens=cfg.max_tokens_per_batch,
+            source=cfg.eval_dataset or cfg.dataset, log=run.log,
+            record_eval=lambda record: record_metrics(accelerator, run.metrics_path, {"step": run.state.step, **record}),
+        )  # fmt: skip
+
+    try:
+        loaded = RewardModel.from_pretrained(adapter_dir, device=accelerator.device).model
+        dtype = str(next(loaded.parameters()).dtype).removeprefix("torch.")
+        return evaluate(loaded), f"the saved adapter as RewardModel.from_pretrained loads it ({dtype})"
+    except torch.cuda.OutOfMemoryError:
+        pass  # out of the except block first: its traceback holds the copy's memory
+    finally:
+        loaded = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the copy's memory, before the merge loads another
+    run.log(
+        "warning: the saved model does not fit in memory beside the training model; the final evaluation "
+        "reads the training model, and `lora-rm eval` on the saved model may give slightly other figures"
+    )
+    return evaluate(trained), "the training model (the saved model did not fit beside it)"
 
 
 def run_config(run: Run, inputs: Inputs) -> dict[str, Any]:
@@ -190,18 +235,16 @@ def save_outputs(run: Run, inputs: Inputs, started: float) -> TrainResult:
     unwrapped = accelerator.unwrap_model(run.model)
     eval_metrics: dict[str, Any] = {}  # the main process's; the others return none
     if accelerator.is_main_process:
-        # The full evaluation (every eval pair, plain rows) is the run's one final evaluation, logged
-        # and appended to metrics.jsonl as the last step's eval record.
-        report = write_full_eval(
-            unwrapped, inputs.tokenizer, run.eval_pairs, out / "eval", [], run.metrics_path, cfg.batch_size * 2,
-            source=cfg.eval_dataset or cfg.dataset, log=log,
-            record_eval=lambda record: record_metrics(accelerator, run.metrics_path, {"step": run.state.step, **record}),
-            max_tokens=cfg.max_tokens_per_batch,
-        )  # fmt: skip
+        save_adapter(unwrapped, inputs.tokenizer, config, adapter_dir)
+        log(f"saved adapter (LoRA + reward head) to {adapter_dir}")
+        report, config["eval_model"] = final_evaluation(run, inputs, unwrapped, adapter_dir)
         if report:
             eval_metrics = summary(report)
-        save_adapter(unwrapped, inputs.tokenizer, {**config, "eval": eval_metrics}, adapter_dir)
-        log(f"saved adapter (LoRA + reward head) to {adapter_dir}")
+        config["eval"] = eval_metrics
+        write_text_atomic(adapter_dir / CONFIG_FILE, json.dumps(config, indent=2, default=str))
+        if not cfg.merge and (out / "merged").exists():  # an earlier leg's, merged from another adapter
+            shutil.rmtree(out / "merged")
+            log(f"deleted {out / 'merged'}: it was merged from an earlier adapter and --merge is off")
         if cfg.merge:
             merged_dir = out / "merged"
             started_merge = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Tiny local models and data: the tests never touch a model hub or ../shared."""
+"""Tiny local models and data: the tests never touch a model hub or data outside the repository."""
 
 from __future__ import annotations
 
@@ -212,8 +212,9 @@ CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['conten
 
 
 def caller_tokenizer(kind: str):
-    """A word-level tokenizer of one of four kinds: GPT-2's (pad == EOS, nothing added), Llama's (adds BOS),
-    one with a distinct pad token, and a chat-template model's (pad == EOS == `<|im_end|>`, `<unk>` at id 0)."""
+    """A word-level tokenizer of one of five kinds: GPT-2's (pad == EOS, nothing added), Llama's (adds BOS),
+    one with a distinct pad token, a chat-template model's (pad == EOS == `<|im_end|>`, `<unk>` at id 0), and
+    a Llama-3-style chat model's whose tokenizer adds BOS and whose template writes it too (`chat_bos`)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -222,6 +223,7 @@ def caller_tokenizer(kind: str):
         "llama_bos": ["<unk>", "<s>", "</s>"],
         "distinct_pad": ["<|endoftext|>", "<pad>"],
         "chat": ["<unk>", "<|im_start|>", "<|im_end|>"],
+        "chat_bos": ["<unk>", "<s>", "<|im_start|>", "<|im_end|>"],
     }[kind]
     words = sorted(set(WORDS) | {"user", "assistant"})
     vocab = {t: i for i, t in enumerate(specials + words + ["?", ":", ".", ","])}
@@ -232,12 +234,20 @@ def caller_tokenizer(kind: str):
         "llama_bos": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
         "distinct_pad": {"eos_token": "<|endoftext|>", "pad_token": "<pad>", "unk_token": "<|endoftext|>"},
         "chat": {"eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "unk_token": "<unk>"},
+        "chat_bos": {
+            "bos_token": "<s>",
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|im_end|>",
+            "unk_token": "<unk>",
+        },
     }[kind]
-    if kind == "llama_bos":  # adds BOS to every text, as Llama's tokenizer does
+    if kind in ("llama_bos", "chat_bos"):  # adds BOS to every text, as Llama's tokenizer does
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     out = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=64, **names)
     if kind == "chat":
         out.chat_template = CHAT_TEMPLATE
+    if kind == "chat_bos":  # its template writes BOS too: the rendered text tokenized with specials has two
+        out.chat_template = "{{ bos_token }}" + CHAT_TEMPLATE
     return out
 
 

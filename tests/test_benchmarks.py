@@ -1,5 +1,5 @@
-"""The benchmark scripts that back the README's quality figures run end to end, smoke-sized, on tiny local
-models and test-made data (the figures themselves come from the full-sized commands in the README)."""
+"""The benchmark scripts behind docs/benchmarks.md run end to end, smoke-sized, on tiny local models and
+test-made data (the figures themselves come from the full-sized commands in docs/benchmarks.md)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,14 @@
 """One reward, everywhere: the model lora_rm saves gives, in every caller a user plugs it into, the reward lora_rm
 trained, evaluated and scores (within 1e-4, fp32).
 
-Callers: lora_rm's RewardModel (adapter and merged), `AutoModelForSequenceClassification` (one text, and a
-right-padded batch), `pipeline("text-classification")`, `PeftModel` on the recorded base from another working
-directory, PEFT's `AutoPeftModelForSequenceClassification`, and TRL's `GRPOTrainer` reward computation (the saved
-model as a reward model, and `lora_rm.reward_function`). Tokenizers: GPT-2 (pad == EOS, trained on an 8-bit base,
-the default path), a Llama-style one that adds BOS, one with a distinct pad token, and a chat-template model. The
-other way round, an adapter trained by TRL's RewardTrainer is read by lora_rm exactly as transformers reads it.
+Callers: lora_rm's RewardModel (adapter and merged), `lora-rm serve` (/get_reward and /score),
+`AutoModelForSequenceClassification` (one text, and a right-padded batch), `pipeline("text-classification")`,
+`PeftModel` on the recorded base from another working directory, PEFT's `AutoPeftModelForSequenceClassification`,
+and TRL's `GRPOTrainer` reward computation (the saved model as a reward model, and `lora_rm.reward_function`).
+Tokenizers: GPT-2 (pad == EOS, trained on an 8-bit base, the default path), a Llama-style one that adds BOS, one
+with a distinct pad token, a chat-template model, and a chat model whose tokenizer adds BOS and whose template
+writes it (Llama-3 style). The other way round, an adapter trained by TRL's RewardTrainer is read by lora_rm
+exactly as transformers reads it.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def _chat_rows(n: int) -> list[dict]:
     ]
 
 
-KINDS = ["gpt2", "llama_bos", "distinct_pad", "chat"]
+KINDS = ["gpt2", "llama_bos", "distinct_pad", "chat", "chat_bos"]
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -59,7 +61,7 @@ def run(request, tmp_path_factory):
     kind = request.param
     tmp = tmp_path_factory.mktemp(f"callers-{kind}")
     base = caller_base(tmp / "bases" / kind, kind)
-    rows = _chat_rows(48) if kind == "chat" else preference_rows(48)
+    rows = _chat_rows(48) if kind.startswith("chat") else preference_rows(48)
     data = write_jsonl(tmp / "prefs.jsonl", rows)
     quant = "8bit" if kind == "gpt2" else "none"  # GPT-2 on the default 8-bit path
     with pytest.MonkeyPatch.context() as patch:
@@ -68,7 +70,9 @@ def run(request, tmp_path_factory):
         result = train(cfg, log=lambda *_: None)
     prompts = [r["prompt"] for r in rows[:6]]
     responses = [r["chosen"] if i % 2 else r["rejected"] for i, r in enumerate(rows[:6])]
-    if kind != "chat":  # a response ending in the EOS text: transformers never reads a trailing pad id
+    if not kind.startswith(
+        "chat"
+    ):  # a response ending in the EOS text: transformers never reads a trailing pad id
         responses[0] = responses[0] + caller_tokenizer(kind).eos_token
     else:
         responses = [r[0]["content"] for r in responses]
@@ -88,7 +92,7 @@ def run(request, tmp_path_factory):
 def _texts(run) -> list[str]:
     """The texts as others see them: prompt + response, or the chat rendered with the template."""
     tok = run["rm"].tokenizer
-    if run["kind"] == "chat":
+    if run["kind"].startswith("chat"):
         return [
             tok.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
             for p, r in zip(run["prompts"], run["responses"])
@@ -98,7 +102,7 @@ def _texts(run) -> list[str]:
 
 def _encode(tokenizer, texts, kind, **kwargs):
     # a rendered chat template holds its special tokens already (TRL and lora_rm tokenize it without adding them)
-    return tokenizer(texts, add_special_tokens=kind != "chat", return_tensors="pt", **kwargs)
+    return tokenizer(texts, add_special_tokens=not kind.startswith("chat"), return_tensors="pt", **kwargs)
 
 
 def _close(got, run, what: str) -> None:
@@ -134,7 +138,9 @@ def test_merged_model_through_lora_rm_transformers_and_pipeline(run):
         padded = model(**batch).logits[:, 0]
     _close(torch.stack(one_by_one), run, "transformers, one text")
     _close(padded, run, "transformers, right-padded batch")
-    if run["kind"] != "chat":  # pipeline tokenizes with special tokens: for chat text it would add them again
+    if not run["kind"].startswith(
+        "chat"
+    ):  # pipeline tokenizes with special tokens: for chat text it would add them again
         pipe = pipeline("text-classification", model=str(merged), function_to_apply="none", device="cpu")
         _close([o["score"] for o in pipe(texts, batch_size=4)], run, "pipeline")
 
@@ -176,7 +182,9 @@ def _grpo_rewards(run, tmp_path, reward_funcs):
 
     prompts, responses = run["prompts"], run["responses"]
     completions = (
-        [[{"role": "assistant", "content": r}] for r in responses] if run["kind"] == "chat" else responses
+        [[{"role": "assistant", "content": r}] for r in responses]
+        if run["kind"].startswith("chat")
+        else responses
     )
     args = GRPOConfig(
         output_dir=str(tmp_path / "grpo"),
@@ -221,7 +229,7 @@ def test_reward_function_signature_and_normalization(run):
     prompts = run["prompts"]
     completions = (
         [[{"role": "assistant", "content": r}] for r in run["responses"]]
-        if run["kind"] == "chat"
+        if run["kind"].startswith("chat")
         else run["responses"]
     )
     got = fn(
@@ -236,6 +244,24 @@ def test_reward_function_signature_and_normalization(run):
         )
     with pytest.raises(ValueError, match="6 prompts but 5 completions"):
         fn(prompts, completions[:5])
+
+
+def test_serve_gives_the_trained_reward_to_openrlhf_and_score(run):
+    # /get_reward reads what OpenRLHF sends: the chat template rendered as text (chat_bos: BOS included, so it
+    # must not be added again), or prompt + response, also as a policy decodes it with its BOS in front
+    from fastapi.testclient import TestClient
+
+    from lora_rm.serve import build_app
+
+    bos = run["rm"].tokenizer.bos_token if not run["kind"].startswith("chat") else None
+    with TestClient(build_app(run["rm"], batch_size=4)) as http:
+        r = http.post("/get_reward", json={"query": _texts(run)})
+        _close(r.json()["rewards"], run, "serve /get_reward")
+        if bos:
+            r = http.post("/get_reward", json={"query": [bos + t for t in _texts(run)]})
+            _close(r.json()["rewards"], run, "serve /get_reward, texts decoded with their BOS")
+        r = http.post("/score", json={"prompts": run["prompts"], "responses": run["responses"]})
+        _close(r.json()["rewards"], run, "serve /score")
 
 
 def test_models_saved_under_the_old_rule_are_refused(trained_run, tmp_path):

@@ -188,6 +188,29 @@ def test_resume_with_other_data_or_config_is_refused(reference, tiny_gpt2, tmp_p
         train(_cfg(tiny_gpt2, data, tmp_path / "empty", resume="latest"), log=lambda *_: None)
 
 
+def test_resume_of_a_finished_run_says_so_and_exits_0(reference, tiny_gpt2, capsys):
+    from lora_rm.cli import main
+
+    data, ref_out = reference  # 24 steps, the last checkpoint at step 20
+    metrics, weights = (ref_out / "metrics.jsonl").read_bytes(), _weights(ref_out)
+    assert main(["train", *_cmd(tiny_gpt2, data, ref_out)[2:], "--resume"]) == 0
+    assert "this run already finished" in capsys.readouterr().out
+    assert (ref_out / "metrics.jsonl").read_bytes() == metrics  # steps 21-24 not redone
+    assert all(torch.equal(weights[k], v) for k, v in _weights(ref_out).items())
+
+
+def test_resume_of_a_finished_run_without_checkpoints_says_so(tiny_gpt2, prefs_file, tmp_path):
+    import dataclasses
+
+    from lora_rm.inputs import RunFinished
+
+    cfg = _cfg(tiny_gpt2, prefs_file, tmp_path / "run", max_steps=2)  # shorter than --save-steps
+    train(cfg, log=lambda *_: None)
+    assert not complete_checkpoints(tmp_path / "run")
+    with pytest.raises(RunFinished, match="this run already finished"):
+        train(dataclasses.replace(cfg, resume="latest"), log=lambda *_: None)
+
+
 def test_rng_state_round_trips_without_pickle():
     tensors, py = rng_state()
     json.dumps(py)  # plain JSON

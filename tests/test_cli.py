@@ -238,15 +238,20 @@ def unreachable_hub(monkeypatch):
             "no-org/no-data: cannot fetch the dataset",
         ),
         (["plan", "--base", "no-org/no-model"], "no-org/no-model: cannot fetch the model config"),
+        (["score", "--model", "no-org/no-rm", "--input", "{rows}", "--output", "{tmp}/s.jsonl"], "no-org/no-rm: cannot fetch the reward model"),
+        (["eval", "--model", "no-org/no-rm", "--dataset", "{good}", "--output-dir", "{tmp}/e"], "no-org/no-rm: cannot fetch the reward model"),
+        (["compare", "--model", "no-org/no-rm", "--prompt", "q", "a", "b"], "no-org/no-rm: cannot fetch the reward model"),
+        (["serve", "--model", "no-org/no-rm", "--port", "0"], "no-org/no-rm: cannot fetch the reward model"),
     ],
-)
+)  # fmt: skip
 def test_unreachable_hub_fails_fast_in_one_line(unreachable_hub, tiny_gpt2, tmp_path, capsys, argv, asked):
     import time
 
     from lora_rm.cli import main
 
     good = write_jsonl(tmp_path / "good.jsonl", preference_rows(4))
-    argv = [a.format(good=good, tiny=tiny_gpt2) for a in argv]
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "q", "response": "a"}])
+    argv = [a.format(good=good, tiny=tiny_gpt2, rows=rows, tmp=tmp_path) for a in argv]
     if argv[0] == "train":
         argv += ["--output-dir", str(tmp_path / "out"), "--quant", "none", "--precision", "fp32"]
     started = time.perf_counter()

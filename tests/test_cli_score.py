@@ -46,6 +46,9 @@ def setup(trained_run, tmp_path_factory):
     prefs = write_jsonl(tmp / "prefs.jsonl", preference_rows(10))
     same = write_jsonl(tmp / "same.jsonl", [{"prompt": "q", "chosen": " a", "rejected": " a"}])
     ranked = write_jsonl(tmp / "ranked.jsonl", ranked_rows(4))
+    (tmp / "splits").mkdir()
+    write_jsonl(tmp / "splits" / "train.jsonl", preference_rows(10))
+    write_jsonl(tmp / "splits" / "test.jsonl", preference_rows(3))
     o = tmp / "out"
     cases = {
         "score": ["score", "--model", adapter, "--input", str(good), "--output", str(o / "scored.jsonl")],
@@ -57,6 +60,7 @@ def setup(trained_run, tmp_path_factory):
         "compare_empty": ["compare", "--model", adapter, "--prompt", PROMPTS[0], GOOD, "  "],
         "eval": ["eval", "--model", str(merged), "--dataset", str(prefs), "--output-dir", str(o / "eval")],
         "eval_ranked": ["eval", "--model", str(bare_too), "--dataset", str(ranked), "--output-dir", str(o / "eval-r"), "--update-stats"],
+        "eval_splits": ["eval", "--model", adapter, "--dataset", str(tmp / "splits"), "--output-dir", str(o / "eval-s")],
         "eval_bad": ["eval", "--model", adapter, "--dataset", str(same), "--output-dir", str(o / "eval-bad")],
     }  # fmt: skip
     runs = cli_runner.start(
@@ -83,7 +87,9 @@ def _user_error(runs, name, *expected):
 
 def test_score_adds_a_reward_to_every_row(setup):
     runs, tmp, model = setup
-    assert "scored 6 rows" in _ok(runs, "score").out
+    result = _ok(runs, "score")
+    assert "scored 6 rows" in result.out
+    assert "\r" not in result.err and "seq/s" not in result.err, result.err  # stderr is a file: no bar frames
     rows = [
         json.loads(line) for line in (tmp / "out" / "scored.jsonl").read_text(encoding="utf-8").splitlines()
     ]
@@ -144,6 +150,14 @@ def test_eval_writes_the_report_plots_and_statistics(setup):
     # without --update-stats the model keeps the statistics of its training run: `score --normalize` is unchanged
     kept = (tmp / "run" / "merged" / "reward_stats.json").read_text(encoding="utf-8")
     assert kept == (tmp / "run" / "merged-stats.json").read_text(encoding="utf-8")
+
+
+def test_eval_reads_the_test_split_says_so_and_sums_up_once(setup):
+    runs, tmp, _ = setup
+    out = _ok(runs, "eval_splits").out
+    assert f"the test split of {tmp / 'splits'}" in out
+    assert json.loads((tmp / "out" / "eval-s" / "eval.json").read_text(encoding="utf-8"))["n_pairs"] == 3
+    assert sum("accuracy" in line for line in out.splitlines()) == 1, out
 
 
 def test_eval_on_ranked_lists_reports_top1(setup):

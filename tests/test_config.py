@@ -347,6 +347,84 @@ def test_trl_names_in_yaml(tmp_path):
     assert {k: getattr(cfg, k) for k in TRL_EXPECTED} == TRL_EXPECTED
 
 
+TRL_MAPPED = [
+    (["--load_in_8bit"], {"quant": "8bit"}),
+    (["--load_in_4bit"], {"quant": "4bit"}),
+    (["--load_in_4bit", "false"], {"quant": "8bit"}),
+    (["--dtype", "bfloat16"], {"precision": "bf16"}),
+    (["--torch_dtype", "float32"], {"precision": "fp32"}),
+    (["--torch_dtype", "float16", "--bf16"], {"precision": "bf16"}),  # the switch is the compute precision
+    (["--warmup_steps", "0.1"], {"warmup_ratio": 0.1}),  # transformers reads < 1 as a fraction
+    (["--warmup_steps", "0"], {"warmup_ratio": 0.0}),
+    (["--dataset_test_split", "dev"], {"eval_split": "dev"}),
+    (["--resume_from_checkpoint"], {"resume": "latest"}),
+    (["--resume_from_checkpoint", "true"], {"resume": "latest"}),
+    (["--resume_from_checkpoint", "runs/x/step-000010"], {"resume": "runs/x/step-000010"}),
+    (["--push_to_hub", "--hub_model_id", "me/rm"], {"push_to_hub": "me/rm"}),
+    (["--push_to_hub", "true", "--output_dir", "runs/abc"], {"push_to_hub": "abc"}),
+    (["--push_to_hub", "false", "--hub_model_id", "me/rm"], {"push_to_hub": None}),
+    (["--hub_model_id", "me/rm"], {"push_to_hub": None}),  # as in transformers: no switch, no upload
+    (["--push-to-hub", "me/x"], {"push_to_hub": "me/x"}),
+    (["--optim", "adamw_torch"], {"optimizer": "adamw"}),
+    (["--optim", "paged_adamw_8bit"], {"optimizer": "paged_adamw_8bit"}),
+    (["--disable_dropout"], {"lora_dropout": 0.0}),  # TRL zeroes every dropout, LoRA's too
+    (["--use_peft"], {"lora_r": 16}),
+    (["--eval_strategy", "steps", "--eval_steps", "7"], {"eval_steps": 7}),
+]
+
+
+@pytest.mark.parametrize(("flags", "expected"), TRL_MAPPED)
+def test_more_trl_names_map_to_options(flags, expected):
+    cfg = config_from_args(["--base", "m", "--dataset", "d.jsonl", *flags])
+    assert {k: getattr(cfg, k) for k in expected} == expected
+
+
+TRL_REFUSED = [
+    (["--per_device_eval_batch_size", "8"], "--batch-size"),
+    (["--eval_strategy", "no"], "--eval-fraction 0"),
+    (["--eval_strategy", "epoch"], "--eval-steps"),
+    (["--warmup_steps", "50"], "--warmup-ratio"),
+    (["--optim", "adafactor"], "--optimizer is adamw"),
+    (["--dtype", "int8"], "--precision"),
+    (["--disable_dropout", "false"], "--lora-dropout"),
+    (["--use_peft", "false"], "always trains a LoRA adapter"),
+    (["--load_in_8bit", "--load_in_4bit"], "both set quant"),
+    (["--disable_dropout", "--lora_dropout", "0.1"], "also given as 0.1"),
+    (["--push_to_hub", "me/a", "--hub_model_id", "me/b"], "name two repos"),
+]
+
+
+@pytest.mark.parametrize(("flags", "hint"), TRL_REFUSED)
+def test_trl_names_without_an_equivalent_name_it(flags, hint):
+    with pytest.raises(UserError, match="command line: |name two repos") as e:
+        config_from_args(["--base", "m", "--dataset", "d.jsonl", *flags])
+    assert hint in str(e.value)
+
+
+def test_more_trl_names_in_yaml(tmp_path):
+    path = tmp_path / "trl.yaml"
+    path.write_text(
+        "model_name_or_path: m\ndataset_name: d.jsonl\nload_in_4bit: true\ndtype: bfloat16\nwarmup_steps: 0.1\n"
+        "push_to_hub: true\nhub_model_id: me/rm\noptim: adamw_torch\ndisable_dropout: true\nuse_peft: true\n"
+        "eval_strategy: steps\ndataset_test_split: dev\nresume_from_checkpoint: true\n",
+        encoding="utf-8",
+    )
+    cfg = config_from_args(["--config", str(path)])
+    got = (cfg.quant, cfg.precision, cfg.warmup_ratio, cfg.push_to_hub, cfg.optimizer, cfg.lora_dropout)
+    assert got == ("4bit", "bf16", 0.1, "me/rm", "adamw", 0.0)
+    assert (cfg.eval_split, cfg.resume) == ("dev", "latest")
+    path.write_text("base: m\ndataset: d.jsonl\neval_strategy: no\n", encoding="utf-8")
+    with pytest.raises(UserError, match="eval_strategy: .*--eval-fraction 0"):
+        config_from_args(["--config", str(path)])
+    path.write_text("base: m\ndataset: d.jsonl\nper_device_eval_batch_size: 8\n", encoding="utf-8")
+    with pytest.raises(UserError, match="per_device_eval_batch_size: .*--batch-size"):
+        config_from_args(["--config", str(path)])
+
+
+def test_eval_split_and_eval_dataset_are_one_or_the_other():
+    assert "eval_split: names a split of --dataset" in config_error(eval_dataset="e.jsonl", eval_split="dev")
+
+
 @pytest.mark.parametrize("flag", ["--batch_size", "--batch-size", "--per-device-train-batch-size"])
 def test_every_flag_also_has_its_underscore_spelling(flag):
     assert config_from_args(["--base", "m", "--dataset", "d.jsonl", flag, "5"]).batch_size == 5

@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import ROW, load_checked, preference_rows, user_error, write_jsonl, write_lines
 
-from lora_rm.data import Row, load_rows, split_rows
+from lora_rm.data import Row, load_eval_rows, load_rows, split_rows
 from lora_rm.errors import UserError, problems_message
 
 # ---------------------------------------------------------------- reading files
@@ -374,6 +374,36 @@ def test_dataset_folder_with_splits(tmp_path):
     assert held[1].where == f"{folder}[test]:row 2"
     with pytest.raises(UserError, match="has no split 'validation'; it has"):
         load_rows(str(folder), split="validation")
+
+
+def test_eval_split_names_the_held_out_split(tmp_path):
+    import datasets
+
+    folder = tmp_path / "ds"
+    parts = {"train": 3, "test": 2, "dev": 4}
+    splits = {k: datasets.Dataset.from_list(preference_rows(n)) for k, n in parts.items()}
+    datasets.DatasetDict(splits).save_to_disk(str(folder))
+    assert len(load_rows(str(folder))[1]) == 2
+    assert len(load_rows(str(folder), eval_split="dev")[1]) == 4  # TRL's --dataset_test_split dev
+    with pytest.raises(UserError, match="has no split 'valid'; it has"):
+        load_rows(str(folder), eval_split="valid")
+    write_jsonl(tmp_path / "one.jsonl", preference_rows(2))
+    with pytest.raises(UserError, match="has no splits, so no eval split 'test'"):
+        load_rows(str(tmp_path / "one.jsonl"), eval_split="test")
+
+
+def test_evaluation_reads_the_test_split_and_says_so(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", preference_rows(3))
+    write_jsonl(folder / "test.jsonl", preference_rows(2))
+    rows, which = load_eval_rows(str(folder))
+    assert (len(rows), which) == (2, "the test split") and rows[0].where.endswith("[test]:row 1")
+    assert load_eval_rows(str(folder), "train")[1] == "the train split"
+    (folder / "test.jsonl").unlink()
+    assert load_eval_rows(str(folder))[1] == "the train split"
+    write_jsonl(tmp_path / "one.jsonl", preference_rows(2))
+    assert load_eval_rows(str(tmp_path / "one.jsonl"))[1] == "all rows"
 
 
 # ---------------------------------------------------------------- compressed files, saved datasets, hub configs

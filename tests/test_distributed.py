@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -85,7 +86,15 @@ def test_resume_under_two_processes(single, tiny_gpt2, tmp_path):
             proc.stderr.read()[-2000:] if proc.stderr else ""
         )
         time.sleep(0.01)
+    import psutil  # accelerate's dependency
+
+    # torchrun starts each worker in a session of its own: killing its group alone leaves them to finish the run
+    workers = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGKILL)
+    for worker in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.kill()
+    psutil.wait_procs(workers, timeout=60)
     proc.wait(timeout=60)
     resumed = run_training([*cmd, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]

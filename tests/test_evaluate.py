@@ -125,3 +125,19 @@ def test_only_equal_rewards_are_flagged_as_not_learned(loss, margin_std, flagged
     from lora_rm.evaluate import chance_warning
 
     assert (chance_warning(loss, margin_std) is not None) is flagged
+
+
+def test_rewards_that_do_not_spread_write_no_reward_stats(tiny_gpt2, tmp_path):
+    """std 0 would make normalised scores divide by zero, and a folder holding it is refused on load."""
+    tokenizer = load_tokenizer(str(tiny_gpt2))
+    model = load_base_model(str(tiny_gpt2), tokenizer.pad_token_id, seed=0)
+    torch.nn.init.zeros_(model.score.weight)  # every reward 0
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    pairs = [EncodedPair([5, 6, 0], [7, 0]), EncodedPair([8, 0], [9, 10, 0])]
+    logs = []
+    report = write_full_eval(model, tokenizer, pairs, tmp_path / "eval", [model_dir], log=logs.append)
+    assert report["reward_stats"]["std"] == 0
+    assert not (tmp_path / "eval" / "reward_stats.json").exists() and not (model_dir / "reward_stats.json").exists()
+    assert any("do not spread" in line and "no reward_stats.json" in line for line in logs)
+    assert (tmp_path / "eval" / "eval.json").is_file()

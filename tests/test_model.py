@@ -36,6 +36,16 @@ def test_only_lora_and_head_are_trainable(fixture, request):
 
 
 @pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_bert"])
+def test_the_head_is_listed_once_in_modules_to_save(fixture, request, tmp_path):
+    import json
+
+    model, _ = _model(request.getfixturevalue(fixture))
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text(encoding="utf-8"))["modules_to_save"]
+    assert saved.count(head_name(model)) == 1 and len(saved) == len(set(saved)), saved
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_bert"])
 def test_8bit_base_keeps_head_in_full_precision_and_trains(fixture, request):
     import bitsandbytes as bnb
 

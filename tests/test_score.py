@@ -132,3 +132,44 @@ def test_chat_prompts_need_a_chat_template_and_no_mixing(adapter):
         adapter.score([[{"role": "user", "content": "hi"}]], [" sure"])
     with pytest.raises(UserError, match="mix text and chat"):
         adapter.score([PROMPTS[0], [{"role": "user", "content": "hi"}]], [" sure", " no"])
+
+
+def test_a_hub_id_offline_is_one_clear_error():
+    with pytest.raises(
+        UserError, match="no-org/no-rm: no local reward model by that name, and HF_HUB_OFFLINE=1"
+    ):
+        RewardModel.from_pretrained("no-org/no-rm")  # HF_HUB_OFFLINE=1 from conftest, an empty cache
+
+
+@pytest.fixture
+def hub_copy(trained_run, monkeypatch, tmp_path):
+    """The hub switched on and reachable, its snapshot_download serving a copy of the trained adapter."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from lora_rm import offline
+
+    folder = shutil.copytree(trained_run.adapter_dir, tmp_path / "snapshot")
+    calls = []
+
+    def snapshot_download(repo_id, **kwargs):
+        calls.append(repo_id)
+        return str(folder)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(offline, "_probe", lambda host, port: None)
+    monkeypatch.setattr(offline, "_probed", {})
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls
+
+
+def test_a_hub_id_is_downloaded_and_loaded(hub_copy, adapter, capsys):
+    from lora_rm.cli import main
+
+    model = RewardModel.from_pretrained("me/rm")
+    assert hub_copy == ["me/rm"]
+    prompts, responses = [PROMPTS[0], PROMPTS[1]], [" sure", " no"]
+    assert model.score(prompts, responses) == pytest.approx(adapter.score(prompts, responses), abs=1e-6)
+    assert main(["compare", "--model", "me/rm", "--prompt", PROMPTS[0], " sure", " no"]) == 0
+    assert hub_copy == ["me/rm", "me/rm"] and "P(A preferred)" in capsys.readouterr().out

@@ -258,6 +258,8 @@ def test_chat_prompts_go_to_the_model_as_message_lists():
         assert r.status_code == 422 and "trained on chat messages" in r.json()["error"]
         r = http.post("/score", json={"prompts": [[{"role": "robot", "content": "x"}]], "responses": ["a"]})
         assert r.status_code == 422 and "unknown role" in r.json()["error"]
+        escape = [{"role": "user", "content": "hi \x1b[1m there"}]  # control characters are text
+        assert http.post("/score", json={"prompts": [escape], "responses": ["a \x0c b"]}).status_code == 200
 
 
 @pytest.mark.slow

@@ -300,3 +300,50 @@ def test_the_auto_learning_rate_is_logged_and_saved_with_the_model(tmp_path, tin
     saved = json.loads((result.adapter_dir / "lora_rm_config.json").read_text(encoding="utf-8"))
     assert saved["learning_rate"] == 2e-3
     assert "0.002 (cosine" in (result.adapter_dir / "README.md").read_text(encoding="utf-8")
+
+
+def test_the_published_evaluation_reads_the_saved_model_as_users_load_it(tiny_gpt2, tmp_path, monkeypatch):
+    from conftest import preference_rows, write_jsonl
+
+    import lora_rm.score
+    from lora_rm.score import RewardModel
+
+    # users' default dtype made bf16 here (it is on a GPU): the saved model then scores unlike the fp32 trainer
+    monkeypatch.setattr(lora_rm.score, "default_dtype", lambda device: torch.bfloat16)
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(24))
+    held_out = write_jsonl(tmp_path / "held.jsonl", preference_rows(30)[24:])
+    cfg = tiny_run_config(tiny_gpt2, data, tmp_path / "run", max_steps=4, eval_dataset=str(held_out))
+    result = train(cfg, log=lambda *_: None)
+    saved = json.loads((result.adapter_dir / "lora_rm_config.json").read_text(encoding="utf-8"))
+    users = RewardModel.from_pretrained(result.adapter_dir).evaluate(
+        str(held_out),
+        tmp_path / "users",
+        batch_size=cfg.batch_size * 2,
+        save_stats=False,
+        log=lambda *_: None,
+    )
+    fp32 = RewardModel.from_pretrained(result.adapter_dir, dtype=torch.float32).evaluate(
+        str(held_out), tmp_path / "fp32", batch_size=cfg.batch_size * 2, save_stats=False, log=lambda *_: None
+    )
+    assert users["loss"] != fp32["loss"]  # the two readings differ: the check below tells them apart
+    assert saved["eval"]["loss"] == pytest.approx(users["loss"], abs=1e-7)
+    assert "RewardModel.from_pretrained" in saved["eval_model"] and "bfloat16" in saved["eval_model"]
+    card = (result.adapter_dir / "README.md").read_text(encoding="utf-8")
+    assert "read from the saved adapter as RewardModel.from_pretrained loads it (bfloat16)" in card
+
+
+def test_the_training_model_is_evaluated_when_the_saved_one_does_not_fit(tiny_gpt2, tmp_path, monkeypatch):
+    from conftest import preference_rows, write_jsonl
+
+    from lora_rm.score import RewardModel
+
+    def no_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(RewardModel, "from_pretrained", no_memory)
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(24))
+    logs: list[str] = []
+    result = train(tiny_run_config(tiny_gpt2, data, tmp_path / "run", max_steps=2), log=logs.append)
+    saved = json.loads((result.adapter_dir / "lora_rm_config.json").read_text(encoding="utf-8"))
+    assert saved["eval_model"].startswith("the training model") and saved["eval"]["n_pairs"] == 6
+    assert any(line.startswith("warning: the saved model does not fit") for line in logs), logs

@@ -1,0 +1,67 @@
+"""The serve batcher's scheduling, against a scoring function that records its batches."""
+
+from __future__ import annotations
+
+import asyncio
+
+from lora_rm.batcher import Batcher
+
+
+class Recorder:
+    def __init__(self):
+        self.batches: list[tuple[str, list]] = []
+
+    def __call__(self, kind: str, items: list) -> list[float]:
+        self.batches.append((kind, list(items)))
+        return [float(x) for x in items]
+
+
+async def _run(batcher: Batcher, *requests):
+    """Queue every request (kind, items) before the worker starts; their results, in order."""
+    tasks = [asyncio.ensure_future(batcher.rewards(kind, items)) for kind, items in requests]
+    await asyncio.sleep(0)
+    worker = asyncio.ensure_future(batcher.run())
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        worker.cancel()
+        batcher.close()
+
+
+def test_a_small_request_behind_a_huge_one_is_in_the_first_batch():
+    record = Recorder()
+    huge, small = list(range(100)), [1000, 1001]
+    got = asyncio.run(_run(Batcher(record, 8), ("texts", huge), ("texts", small)))
+    assert got == [[float(x) for x in huge], [1000.0, 1001.0]]
+    assert record.batches[0] == (
+        "texts",
+        [0, 1, 2, 3, 4, 5, 1000, 1001],
+    )  # equal shares; small takes all it needs
+    assert all(len(items) == 8 for _, items in record.batches[:-1])
+
+
+def test_kinds_take_turns():
+    record = Recorder()
+    asyncio.run(_run(Batcher(record, 4), ("texts", list(range(12))), ("rows", [7])))
+    assert [kind for kind, _ in record.batches] == ["texts", "rows", "texts", "texts"]
+
+
+def test_a_cancelled_request_is_dropped_before_it_is_scored():
+    record = Recorder()
+
+    async def main():
+        batcher = Batcher(record, 4)
+        gone = asyncio.ensure_future(batcher.rewards("texts", list(range(40))))
+        kept = asyncio.ensure_future(batcher.rewards("texts", [100]))
+        await asyncio.sleep(0)
+        gone.cancel()
+        worker = asyncio.ensure_future(batcher.run())
+        try:
+            assert await kept == [100.0]
+        finally:
+            worker.cancel()
+            batcher.close()
+        return batcher.dropped
+
+    assert asyncio.run(main()) == 40
+    assert record.batches == [("texts", [100])]
