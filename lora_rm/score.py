@@ -287,7 +287,12 @@ def _load_adapter(
     hf_logging.set_verbosity_error()  # the base's "score.weight newly initialized": the adapter brings it
     try:
         model, tokenizer = load_reward_model(
-            path, base=base, quant=quant, dtype=dtype, device=device, allow_untrained_head=allow_untrained_head
+            path,
+            base=base,
+            quant=quant,
+            dtype=dtype,
+            device=device,
+            allow_untrained_head=allow_untrained_head,
         )
     finally:
         hf_logging.set_verbosity(verbosity)
