@@ -295,5 +295,5 @@ class Throughput:
         seconds = max(time.perf_counter() - self.started, 1e-9)
         return (
             f"{what} {self.n} sequences ({self.tokens} tokens) in {seconds:.1f}s: "
-            f"{self.n / seconds:.1f} seq/s, {self.tokens / seconds:.0f} tokens/s"
+            f"{self.n / seconds:.1f} sequences/s, {self.tokens / seconds:.0f} tokens/s"
         )
