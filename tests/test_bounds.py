@@ -173,7 +173,7 @@ def runs(tiny_gpt2, tmp_path_factory):
     cases = {
         "alias_bomb": ["train", "--config", str(tmp / "bomb.yaml")],
         "sparse_train": ["train", *base, "--dataset", str(sparse), "--output-dir", out, "--quant", "none"],
-        "sparse_score": ["score", "--model", str(tmp), "--input", str(sparse), "--output", str(tmp / "s.jsonl")],
+        "sparse_score": ["score", "--model", str(tmp / "model"), "--input", str(sparse), "--output", str(tmp / "s.jsonl")],
         "epochs": ["train", *base, "--dataset", str(prefs), "--output-dir", out, "--epochs", "1000000000"],
     }  # fmt: skip
     runs = cli_runner.start({name: Case(LORA_RM, argv) for name, argv in cases.items()}, tmp)

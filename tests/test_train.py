@@ -305,11 +305,10 @@ def test_the_auto_learning_rate_is_logged_and_saved_with_the_model(tmp_path, tin
 def test_the_published_evaluation_reads_the_saved_model_as_users_load_it(tiny_gpt2, tmp_path, monkeypatch):
     from conftest import preference_rows, write_jsonl
 
-    import lora_rm.score
     from lora_rm.score import RewardModel
 
     # users' default dtype made bf16 here (it is on a GPU): the saved model then scores unlike the fp32 trainer
-    monkeypatch.setattr(lora_rm.score, "default_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setenv("LORA_RM_SCORE_DTYPE", "bf16")
     data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(24))
     held_out = write_jsonl(tmp_path / "held.jsonl", preference_rows(30)[24:])
     cfg = tiny_run_config(tiny_gpt2, data, tmp_path / "run", max_steps=4, eval_dataset=str(held_out))
