@@ -54,8 +54,9 @@ class RunFinished(Exception):
 
 def resume_point(cfg: TrainConfig, fingerprints: dict[str, str], log: Any = print) -> Path | None:
     """The checkpoint to resume from, or None without --resume. Raises UserError when the data or config
-    differ from the checkpoint's (unless --force-resume), and RunFinished when the same run already ended:
-    its last checkpoint may lie before the end, and resuming would redo the steps after it."""
+    differ from the checkpoint's (unless --force-resume), and RunFinished when the same run already ended and
+    resuming would start from its newest checkpoint: that may lie before the end, and resuming would redo the
+    steps after it. A resume from an older checkpoint (the newest damaged, or one named) trains on."""
     if not cfg.resume:
         return None
     adapter = Path(cfg.output_dir) / "adapter"
@@ -71,7 +72,8 @@ def resume_point(cfg: TrainConfig, fingerprints: dict[str, str], log: Any = prin
             f"{path}: the {' and '.join(changed)} differ from the checkpoint's; "
             "resuming would not continue the same run (--force-resume to do it anyway)"
         )
-    if done and not changed:
+    newest = [p.resolve() for p in complete_checkpoints(cfg.output_dir)[-1:]]
+    if done and not changed and [path.resolve()] == newest:  # from an older one (the newest damaged, or asked): train on
         raise RunFinished(finished_message(cfg.output_dir, adapter))
     return path
 
