@@ -120,6 +120,9 @@ def scored(saved):
     # one at the limit, two cut to it from over it (a chat's trailing <|im_end|> is its pad id: dropped)
     assert rm.max_length == 64 and max(len(s) for s in seqs) == 64 - (kind == "chat")
     assert sum(len(s) == 64 - (kind == "chat") for s in seqs) == 3
+    # the layout probe runs once per model; read once here so its verdict lands in `logs` whatever order the
+    # tests of this module run in (the others score `rm.model` with their own, silent log)
+    rm.score(prompts, responses)
     return (
         kind,
         folder,
