@@ -13,7 +13,7 @@
 # (OpenRLHF main at commit 3c3be6234e0cb353e76bb8019947db9dfe99fca7,
 # 2026-08-13; version.txt 0.11.0). The whole file, unmodified but for the one import marked VENDORED below.
 # SingleTurnAgentExecutor is what OpenRLHF's vLLM rollout actor (openrlhf/trainer/ray/vllm_engine.py) runs for
-# `--reward.remote_url` (formerly `--remote_rm_url`): it builds the reward query by decoding prompt + response
+# `--reward.remote_url` (`--remote_rm_url` before v0.10.2): it builds the reward query by decoding prompt + response
 # tokens and POSTs it with aiohttp (_fetch_rewards_via_http).
 
 import asyncio
