@@ -1,4 +1,5 @@
-"""`lora-rm` command line: flags generated from TrainConfig, user errors printed without a traceback."""
+"""`lora-rm` command line: one function per command (train's flags: `lora_rm.args`), user errors printed without a
+traceback."""
 
 from __future__ import annotations
 
@@ -9,45 +10,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lora_rm.args import Parser, config_from_args
 from lora_rm.atomic import NotReplaceable
-from lora_rm.config import TrainConfig, config_fields
-from lora_rm.config_file import read_config_file, resolve_aliases
 from lora_rm.errors import UserError
 from lora_rm.fit import TrainingStopped
-from lora_rm.flags import Parser, add_config_flags
 from lora_rm.inputs import RunFinished
 from lora_rm.offline import require_hub
 from lora_rm.outdir import Terminated, check_output_file, check_output_folder, terminate_on_sigterm
 from lora_rm.quiet import quiet_third_party, show_third_party
-from lora_rm.trl_names import resolve_push
-
-
-def train_parser(prog: str = "lora-rm train") -> argparse.ArgumentParser:
-    """Every TrainConfig field as a flag, plus the TRL / TrainingArguments names of `ALIASES` and
-    `FLAG_ALIASES`; defaults are None so a --config file can fill the rest."""
-    parser = Parser(
-        prog=prog,
-        usage=f"{prog} --base MODEL --dataset DATA [options]   (or --config FILE)",
-        description="Train a LoRA reward model on preference pairs. Every option also works as a key in a "
-        "--config file; a switch takes no value, true/false, or a --no- prefix (--no-merge).",
-    )
-    parser.add_argument("--config", help="YAML or JSON file of options; flags given here override it")
-    add_config_flags(parser)
-    return parser
-
-
-def config_from_args(argv: list[str]) -> TrainConfig:
-    args = vars(train_parser().parse_args(argv))
-    args.pop("verbose", None)
-    config = args.pop("config", None)
-    options = read_config_file(config) if config else {}
-    flags = resolve_aliases(
-        {k.removeprefix("alias_").removeprefix("trl_"): v for k, v in args.items() if v is not None},
-        "command line",
-    )
-    options.update(flags)
-    output_dir = next(f.default for f in config_fields() if f.name == "output_dir")
-    return TrainConfig(**resolve_push(options, output_dir))
 
 
 def run_train(argv: list[str]) -> int:

@@ -1,4 +1,4 @@
-"""Training configuration: one dataclass and its checks (config files and the TRL names: `lora_rm.config_file`)."""
+"""Training configuration: one dataclass and its checks (flags, config files and the TRL names: `lora_rm.args`)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,19 @@ LOSS_CHOICES = ("auto", "pairwise", "all_pairs", "plackett_luce")
 MAX_STEPS, MAX_EPOCHS = 10**6, 10**4
 
 
+# Fields whose value may be `auto` (any case): None, chosen once the model is known.
+AUTO_FIELDS = ("learning_rate",)
+
+
 def _opt(default: Any, help: str, **kw: Any) -> Any:
+    """A field whose metadata is what transformers' HfArgumentParser passes to argparse: the help, and any of
+    choices, nargs, const, metavar and aliases (other spellings of the flag)."""
     return field(default=default, metadata={"help": help, **kw})
+
+
+def _also(name: str) -> list[str]:
+    """The flags of a TRL / TrainingArguments / PEFT name for a field, in both spellings (`lora_rm.args`)."""
+    return ["--" + name, "--" + name.replace("_", "-")]
 
 
 @dataclass
@@ -32,8 +43,16 @@ class TrainConfig:
     Every field is also a CLI flag (`lora_rm` -> `--lora-r`), and can come from a YAML/JSON file.
     """
 
-    base: str = _opt(None, "base model: hub id or local path (any AutoModelForSequenceClassification arch)")
-    dataset: str = _opt(None, "preference data: hub id or local .jsonl/.json/.csv/.parquet file")
+    base: str = _opt(
+        None,
+        "base model: hub id or local path (any AutoModelForSequenceClassification arch)",
+        aliases=_also("model_name_or_path"),
+    )
+    dataset: str = _opt(
+        None,
+        "preference data: hub id or local .jsonl/.json/.csv/.parquet file",
+        aliases=_also("dataset_name"),
+    )
     output_dir: str = _opt("runs/rm", "where adapter/, merged/, metrics.jsonl and the config go")
     eval_dataset: str | None = _opt(
         None, "separate eval data (same formats); else the dataset's own test split"
@@ -41,7 +60,7 @@ class TrainConfig:
     eval_fraction: float = _opt(
         0.05, "fraction held out for eval when there is no eval split (0 disables eval)"
     )
-    split: str = _opt("train", "dataset split to train on")
+    split: str = _opt("train", "dataset split to train on", aliases=_also("dataset_train_split"))
     eval_split: str | None = _opt(
         None, "the dataset's split to evaluate on (default: its test, validation or eval split, if any)"
     )
@@ -51,9 +70,14 @@ class TrainConfig:
     lora_alpha: int = _opt(32, "LoRA scaling numerator (update is scaled by alpha/r)")
     lora_dropout: float = _opt(0.05, "dropout on the LoRA input")
     target_modules: list[str] | None = _opt(
-        None, "modules to adapt; default PEFT's choice for the architecture"
+        None,
+        "modules to adapt; default PEFT's choice for the architecture",
+        metavar="NAME",
+        aliases=_also("lora_target_modules"),
     )
-    batch_size: int = _opt(4, "pairs per micro-batch (each pair is two sequences)")
+    batch_size: int = _opt(
+        4, "pairs per micro-batch (each pair is two sequences)", aliases=_also("per_device_train_batch_size")
+    )
     max_tokens_per_batch: int | None = _opt(
         None, "cut micro-batches by a token budget instead of --batch-size"
     )
@@ -75,15 +99,20 @@ class TrainConfig:
         None,
         "peak learning rate; auto (the default): 2e-3 for causal decoders and 1e-3 for encoders up to 576 wide, "
         "scaled down by the width above that (a 7B decoder, 4096 wide: 2.8e-4); logged and saved with the model",
-        auto=True,
     )
     head_learning_rate: float | None = _opt(
         None, "peak learning rate of the reward head (default: --learning-rate)"
     )
     weight_decay: float = _opt(0.0, "AdamW weight decay")
-    lr_scheduler: str = _opt("cosine", "decay after warmup", choices=SCHEDULER_CHOICES)
+    lr_scheduler: str = _opt(
+        "cosine", "decay after warmup", choices=SCHEDULER_CHOICES, aliases=_also("lr_scheduler_type")
+    )
     warmup_ratio: float = _opt(0.05, "fraction of optimizer steps spent warming up")
-    epochs: int = _opt(1, "passes over the training pairs (ignored when --max-steps is set)")
+    epochs: int = _opt(
+        1,
+        "passes over the training pairs (ignored when --max-steps is set)",
+        aliases=_also("num_train_epochs"),
+    )
     max_steps: int | None = _opt(None, "optimizer steps to run; overrides --epochs")
     eval_steps: int = _opt(100, "evaluate every N optimizer steps (and at the end)")
     logging_steps: int = _opt(10, "append training metrics every N optimizer steps")
@@ -228,7 +257,7 @@ class TrainConfig:
         hints = typing.get_type_hints(TrainConfig)
         for f in dataclasses.fields(self):
             value, hint = getattr(self, f.name), hints[f.name]
-            if isinstance(value, str) and value.strip().lower() == "auto" and f.metadata.get("auto"):
+            if isinstance(value, str) and value.strip().lower() == "auto" and f.name in AUTO_FIELDS:
                 value = None  # chosen later, when the model is known
                 setattr(self, f.name, value)
             if value is None:

@@ -7,9 +7,9 @@ import sys
 import time
 from typing import Any
 
+from lora_rm.args import options_parser
 from lora_rm.config import parse_size
 from lora_rm.errors import UserError
-from lora_rm.flags import Parser, add_config_flags
 from lora_rm.plan import (
     ALLOCATOR_SLACK,
     CUDA_CONTEXT_BYTES,
@@ -108,7 +108,7 @@ def format_plan(
     return "\n".join(lines)
 
 
-# The TrainConfig options an estimate reads; their flags are TrainConfig's own (lora_rm.flags).
+# The TrainConfig options an estimate reads; their flags are TrainConfig's own (lora_rm.args).
 PLAN_OPTIONS = (
     "base", "max_length", "quant", "lora_r", "lora_dropout", "target_modules", "gradient_checkpointing",
     "optimizer", "vram", "revision", "trust_remote_code",
@@ -116,13 +116,15 @@ PLAN_OPTIONS = (
 
 
 def plan_parser() -> argparse.ArgumentParser:
-    parser = Parser(
+    parser = options_parser(
+        PLAN_OPTIONS,
+        field_defaults=True,
         prog="lora-rm plan",
         description="Estimate the peak GPU memory of training from the model config alone (no weights are read).",
     )
-    add_config_flags(parser, PLAN_OPTIONS, field_defaults=True)
     parser.add_argument(
         "--batch-sizes",
+        "--batch_sizes",
         type=int,
         nargs="+",
         default=[1, 2, 4, 8, 16],

@@ -18,7 +18,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lora_rm.config import TrainConfig  # noqa: E402
+from lora_rm.args import ALIASES, FLAG_ALIASES  # noqa: E402
+from lora_rm.config import AUTO_FIELDS, TrainConfig  # noqa: E402
+from lora_rm.trl_names import TRL_NAMES  # noqa: E402
 
 DOC = ROOT / "docs" / "options.md"
 
@@ -50,7 +52,7 @@ def _default(field: dataclasses.Field) -> str:
     value = field.default
     if value is dataclasses.MISSING:
         return "required"
-    if field.metadata.get("auto") and value is None:
+    if field.name in AUTO_FIELDS and value is None:
         return "auto"
     if value is None:
         return "none"
@@ -64,22 +66,9 @@ def _cell(text: str) -> str:
 
 
 def _aliases() -> list[tuple[str, str]]:
-    """(alias, what it stands for), from the module that parses flags and config files."""
-    import importlib
-
-    for name in ("lora_rm.config_file", "lora_rm.args"):  # config_file is to merge into args
-        try:
-            module = importlib.import_module(name)
-            aliases, flag_aliases = module.ALIASES, module.FLAG_ALIASES
-            break
-        except (ImportError, AttributeError):
-            continue
-    else:
-        return []
-    rows = [(f"`--{a}`", f"`--{n.replace('_', '-')}`") for a, n in aliases.items()]
-    rows += [(f"`--{a}`", f"`--{n} {v}`") for a, (n, v) in flag_aliases.items()]
-    from lora_rm.trl_names import TRL_NAMES  # translated into lora_rm's options, or refused naming them
-
+    """(alias, what it stands for): the renames, the switches, and the TRL names translated or refused."""
+    rows = [(f"`--{a}`", f"`--{n.replace('_', '-')}`") for a, n in ALIASES.items()]
+    rows += [(f"`--{a}`", f"`--{n} {v}`") for a, (n, v) in FLAG_ALIASES.items()]
     return rows + [(f"`--{name}`", _cell(help_text)) for name, (_, help_text) in TRL_NAMES.items()]
 
 

@@ -15,8 +15,8 @@ from cli_runner import ROOT, Case
 from conftest import PROMPTS, ROW, preference_rows, write_jsonl
 
 from lora_rm import bounds
+from lora_rm.args import read_config_file
 from lora_rm.config import TrainConfig
-from lora_rm.config_file import read_config_file
 from lora_rm.data import load_rows
 from lora_rm.errors import UserError
 

@@ -6,9 +6,8 @@ import json
 
 import pytest
 
-from lora_rm.cli import config_from_args, train_parser
+from lora_rm.args import config_from_args, read_config_file, train_parser
 from lora_rm.config import TrainConfig
-from lora_rm.config_file import read_config_file
 from lora_rm.errors import UserError
 
 REQUIRED = {"base": "gpt2", "dataset": "prefs.jsonl"}

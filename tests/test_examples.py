@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_rm.cli import config_from_args
+from lora_rm.args import config_from_args
 from lora_rm.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
