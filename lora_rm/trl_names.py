@@ -1,6 +1,6 @@
 """TRL `RewardConfig` / transformers `TrainingArguments` / TRL `ModelConfig` names that are not one field under
-another name (those are `config_file.ALIASES`): each is translated into lora_rm's option, or refused with the
-option to use instead named."""
+another name (those are the fields' `aliases`, `args.ALIASES`): each is translated into lora_rm's option, or
+refused with the option to use instead named."""
 
 from __future__ import annotations
 
