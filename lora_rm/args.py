@@ -125,11 +125,11 @@ def options_parser(
     parser = HfArgumentParser(
         copy, parents=[common], allow_abbrev=False, formatter_class=_HelpFormatter, **kwargs
     )
-    # What lora-rm's flags did before HfArgumentParser and it does otherwise, set on its actions (argparse has
-    # no public list of them): dash spellings first (argparse names a flag by them in errors), `(default: X)`
-    # in the help (argparse formats help with %), switches that take yes/no/on/off as well as true/false with
-    # lora-rm's message, `auto` for the fields of AUTO_FIELDS, a hidden `--no-` for every switch (transformers
-    # adds one, shown, for switches that default to true only).
+    # Where HfArgumentParser differs from lora-rm's flags, set on its actions (argparse has no public list of
+    # them; subclassing it would hide the same edits): dash spellings first (argparse names a flag by them in
+    # its errors), `(default: X)` and `%` escaped in the help, switches read by `parse_bool` (on/off yes, t/y
+    # no, and its message), `auto` for AUTO_FIELDS, a hidden `--no-` for every switch (transformers adds one,
+    # shown, only for switches that default to true).
     for action in parser._actions:
         field = fields.get(action.dest)
         if field is None:
@@ -186,10 +186,11 @@ def train_parser(prog: str = "lora-rm train") -> argparse.ArgumentParser:
 def config_from_args(argv: list[str]) -> TrainConfig:
     """The TrainConfig of `lora-rm train ARGV`: the --config file's options, overridden by the flags given.
 
-    Not TrlParser's `set_defaults_with_config`: argparse would re-read the file's text values through the
-    flags' types (a YAML `batch_size: four` would be refused as an unknown int, not named as a config problem),
-    and the TRL names and alias conflicts are resolved on the file's keys. SystemExit 2 for bad flags,
-    UserError for a bad file or configuration.
+    TrlParser's pattern without its `set_defaults_with_config`: argparse would re-read the file's text values
+    through the flags' types (a YAML `batch_size: four` refused as an int flag, not named as a config problem),
+    and the TRL names and alias conflicts are resolved on the file's keys first. Nor `parse_args_into_dataclasses`,
+    which also reads a `<script>.args` file beside sys.argv[0]. SystemExit 2 for bad flags, UserError for a
+    bad file or configuration.
     """
     args = vars(train_parser().parse_args(argv))
     args.pop("verbose", None)
