@@ -208,9 +208,13 @@ def test_bad_repo_id_is_refused_before_training(tiny_gpt2, prefs_file, tmp_path,
 
 
 def test_the_card_template_is_package_data():
-    """The card is rendered from lora_rm/model_card.md, which a wheel carries only when pyproject names it."""
+    """The card is rendered from lora_rm/model_card.md, which a wheel carries only when pyproject names it, and
+    huggingface_hub reads its front matter back."""
     from importlib.resources import files
 
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
     assert (files("lora_rm") / "model_card.md").is_file()
     assert re.search(r'\[tool\.setuptools\.package-data\]\s*\nlora_rm = \["model_card\.md"\]', pyproject)
+    data = huggingface_hub.ModelCard(render_model_card(RUN_CONFIG, METRICS, "me/rm", merged=False)).data
+    assert (data.library_name, data.base_model, data.pipeline_tag) == ("peft", "gpt2", "text-classification")
+    assert data.tags == ["reward-model", "lora", "rlhf", "lora_rm"]
