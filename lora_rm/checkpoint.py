@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_rm.atomic import respect_umask, staged
+from lora_rm.atomic import respect_umask, staged, write_text_atomic
 from lora_rm.errors import UserError
 
 MARKER = "COMPLETE"
@@ -112,7 +112,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(final.with_name(final.name + ".partial"), ignore_errors=True)
         raise
-    (final / MARKER).write_text(str(step), encoding="utf-8")
+    write_text_atomic(final / MARKER, str(step))
     if keep_last:
         for old in complete_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)

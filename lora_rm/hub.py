@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -18,35 +19,24 @@ def _is_hub_id(name: str) -> bool:
     return bool(name) and not repo_id_problems(name) and not Path(name).expanduser().exists()
 
 
-def _rows(pairs: list[tuple[str, Any]]) -> str:
-    return "\n".join(f"| {k} | {v} |" for k, v in pairs)
-
-
 def render_model_card(
     run_config: dict[str, Any],
     eval_metrics: dict[str, Any],
     repo_id: str,
     merged: bool,
 ) -> str:
-    """README.md for the adapter folder and the hub repo: YAML front matter (library_name peft, base_model
-    when the base is a hub id, tags), what it is, base, data, settings, eval metrics and usage snippets.
+    """README.md for the adapter folder and the hub repo: huggingface_hub's ModelCard rendered from the Jinja
+    template lora_rm/model_card.md, with YAML front matter (library_name peft, base_model when the base is a hub
+    id, tags), what it is, base, data, settings, eval metrics and usage snippets.
     The reward of a text is what `AutoModelForSequenceClassification` gives for `tokenizer(prompt + response)`
     (a chat: the template rendered to text, tokenized without adding special tokens), so the snippets need no
     caveat; they are run by the tests.
     """
+    from huggingface_hub import ModelCard, ModelCardData
+
     base = str(run_config.get("base"))
     repo = repo_id or PLACEHOLDER_REPO
     hub_base = _is_hub_id(base)
-    front = ["---", "library_name: peft"] + ([f"base_model: {base}"] if hub_base else [])
-    front += [
-        "pipeline_tag: text-classification",
-        "tags:",
-        "- reward-model",
-        "- lora",
-        "- rlhf",
-        "- lora_rm",
-        "---",
-    ]
     targets = ", ".join(run_config.get("target_modules") or []) or "PEFT's default for the architecture"
     settings = [
         ("LoRA r / alpha / dropout", f"{run_config.get('lora_r')} / {run_config.get('lora_alpha')} / {run_config.get('lora_dropout')}"),
@@ -70,93 +60,30 @@ def render_model_card(
     )
     if run_config.get("eval_model"):
         eval_source += f", read from {run_config['eval_model']}"
-    metrics = (
-        f"On {eval_source}; accuracy counts ties as half.\n\n| metric | value |\n|---|---|\n{_rows(metric_rows)}"
-        if metric_rows
-        else "No evaluation was run (no eval data)."
+    card_data = ModelCardData(
+        library_name="peft",
+        base_model=base if hub_base else None,
+        pipeline_tag="text-classification",
+        tags=["reward-model", "lora", "rlhf", "lora_rm"],
     )
-    chat = run_config.get("data_format") == "conversational"
-    text_line = (
-        "texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in conversations]  # chat rendered as text\n"
-        'batch = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")  # the template has them'
-        if chat
-        else 'texts = ["Question: Hi?\\nAnswer:" + " Hello!"]  # prompt + response, as one text\n'
-        'batch = tokenizer(texts, padding=True, return_tensors="pt")'
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(files("lora_rm") / "model_card.md"),
+        name=repo.split("/")[-1],
+        repo=repo,
+        base=base,
+        hub_base=hub_base,
+        merged=merged,
+        chat=run_config.get("data_format") == "conversational",
+        quant=run_config.get("quant"),
+        dataset=run_config.get("dataset"),
+        split=run_config.get("split", "train"),
+        data_format=run_config.get("data_format", "?"),
+        settings=settings,
+        metrics=metric_rows,
+        eval_source=eval_source,
     )
-    merged_lr = (
-        '\nrm = lora_rm.RewardModel.from_pretrained(f"{path}/merged")   # the merged model\n'
-        if merged
-        else ""
-    )
-    merged_tf = (
-        f'\n# Or the merged model, no peft needed:\n# model = AutoModelForSequenceClassification.from_pretrained("{repo}", subfolder="merged")'
-        if merged
-        else ""
-    )
-    what = "a LoRA adapter and a one-output reward head" + (
-        ", and the same model merged into a standalone one in `merged/`" if merged else ""
-    )
-    return f"""{chr(10).join(front)}
-
-# {repo.split("/")[-1]}: a LoRA reward model
-
-A reward model for RLHF, trained with lora_rm on preference pairs with the pairwise loss
-`-log sigmoid(r_chosen - r_rejected)`. It gives one raw score per (prompt, response): higher is preferred, and
-the difference of two scores is the log-odds that the first response is preferred. This repo holds {what}.
-
-## Base model
-
-`{base}`{"" if hub_base else " (a local folder when trained: load your copy of it as the base)"}, as
-`AutoModelForSequenceClassification` with `num_labels=1`; its weights were {run_config.get("quant")} during training.
-
-## Training data
-
-`{run_config.get("dataset")}` (split `{run_config.get("split", "train")}`, format `{run_config.get("data_format", "?")}`).
-
-## Training settings
-
-| setting | value |
-|---|---|
-{_rows(settings)}
-
-## Evaluation
-
-{metrics}
-
-## Usage
-
-With lora_rm installed, which builds sequences exactly as training did:
-
-```python
-import lora_rm
-from huggingface_hub import snapshot_download
-
-path = snapshot_download("{repo}")
-rm = lora_rm.RewardModel.from_pretrained(path)   # the adapter, on the base it records
-rm.score(["Question: How do I boil an egg?\\nAnswer:"], [" Put it in boiling water for 8 minutes."])
-rm.compare("Question: Hi?\\nAnswer:", " Hello!", " Go away.")   # P(A preferred), both rewards
-model, tokenizer = lora_rm.load_reward_model(path)   # or the PeftModel and tokenizer themselves
-{merged_lr}```
-
-With peft and transformers only:
-
-```python
-import torch
-from peft import PeftModel
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-tokenizer = AutoTokenizer.from_pretrained("{repo}")
-base = AutoModelForSequenceClassification.from_pretrained("{base}", num_labels=1, pad_token_id=tokenizer.pad_token_id)
-model = PeftModel.from_pretrained(base, "{repo}").eval()
-# or in one line: AutoPeftModelForSequenceClassification.from_pretrained("{repo}", num_labels=1, pad_token_id=tokenizer.pad_token_id)
-{text_line}
-with torch.no_grad():
-    rewards = model(**batch).logits[:, 0].tolist()  # raw rewards; a pipeline needs function_to_apply="none"{merged_tf}
-```
-
-As a reward for TRL's GRPOTrainer / RLOOTrainer: `reward_funcs=[lora_rm.reward_function(path)]`, or the merged model
-itself (`reward_funcs="<folder of merged/>"`); `lora-rm serve --model PATH` serves it to OpenRLHF's `--remote_rm_url`.
-"""
+    return str(card) + "\n"  # jinja drops the template's last newline
 
 
 def _offline() -> bool:

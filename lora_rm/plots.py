@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from lora_rm.atomic import staged
 from lora_rm.metrics import Values, as_array
 
 BLUE = "#1f77b4"  # chosen, train
@@ -35,16 +36,13 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: str | Path) -> Path:
-    """Write `fig` as PNG to a temporary name beside `path`, then rename it; close the figure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(path.name + ".partial")
+    """Write `fig` as PNG through `lora_rm.atomic.staged` (beside `path`, then renamed); close the figure."""
     try:
-        fig.savefig(staging, format="png", dpi=DPI)
+        with staged(path, folder=False) as staging:
+            fig.savefig(staging, format="png", dpi=DPI)
     finally:
         _pyplot().close(fig)
-    staging.replace(path)
-    return path
+    return Path(path)
 
 
 def reward_histograms(r_chosen: Values, r_rejected: Values, path: str | Path, bins: int = 30) -> Path:

@@ -53,11 +53,12 @@ from lora_rm.serve_request import (
     check_token,
     check_tokens,
     read_json,
+    request_models,
     served_text_problem,
     template_marker,
     text_kinds,
-    text_list,
     token_bound,
+    validate_body,
 )
 
 __all__ = ["MAX_BODY_BYTES", "Guards", "Limits", "RequestError", "build_app", "listen_socket", "serve"]
@@ -111,6 +112,7 @@ def build_app(
             )
         return messages_problem(prompt, controls=True) if chat else served_text_problem(prompt)
 
+    reward_request, score_request = request_models(limits, prompt_problem)
     state: dict[str, Batcher] = {}
 
     @contextlib.asynccontextmanager
@@ -192,7 +194,7 @@ def build_app(
 
     @app.post("/get_reward")
     async def get_reward(request: Request) -> dict[str, Any]:
-        texts = text_list(await body_of(request), "query", limits)
+        texts = validate_body(reward_request, await body_of(request)).query
         check_lengths(texts, limits, "query")
         kinds = text_kinds(texts, chat, marker)
         if over_token_cap([len(t) for t in texts]):
@@ -212,11 +214,8 @@ def build_app(
 
     @app.post("/score")
     async def score(request: Request) -> dict[str, Any]:
-        body = await body_of(request)
-        prompts = text_list(body, "prompts", limits, prompt_problem)
-        responses = text_list(body, "responses", limits)
-        if len(prompts) != len(responses):
-            raise RequestError(422, f"{len(prompts)} prompts but {len(responses)} responses")
+        body = validate_body(score_request, await body_of(request))
+        prompts, responses = body.prompts, body.responses
         check_row_lengths(prompts, responses, limits)
         if over_token_cap([chars(p) + len(r) for p, r in zip(prompts, responses)]):
             ids = await sequences_of(encode_sequences, prompts, responses, tokenizer, max_length)

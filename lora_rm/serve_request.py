@@ -1,12 +1,14 @@
 """What `lora-rm serve` accepts of a request: the limits, the checks of its headers (bearer token, JSON content
-type, size) and its JSON body, each refusal a RequestError with the status and the reason; and how its texts
-are read (with the tokenizer's special tokens added, or as a template rendered them)."""
+type, size), its JSON body (read and parsed here, its shape checked by pydantic models), each refusal a
+RequestError with the status and the reason; and how its texts are read (with the tokenizer's special tokens
+added, or as a template rendered them). pydantic comes with FastAPI (the `serve` extra): imported when used."""
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from lora_rm.checks import text_problem
 from lora_rm.errors import UserError
@@ -107,22 +109,69 @@ def served_text_problem(value: Any) -> str | None:
     return text_problem(value, controls=True)
 
 
-def text_list(body: dict[str, Any], key: str, limits: Limits, check: Any = served_text_problem) -> list[Any]:
-    """body[key] as a list whose every item passes `check`; RequestError (422 or 413) saying why not."""
-    if key not in body:
+def request_models(
+    limits: Limits, prompt_check: Callable[[Any], str | None] = served_text_problem
+) -> tuple[Any, Any]:
+    """The pydantic models of the two request bodies, for these limits: /get_reward's {"query": [text, ...]}
+    and /score's {"prompts": [...], "responses": [...]} with as many of each (other fields are ignored). A field
+    is a list (strictly) of at most `limits.max_request_texts` items, each passing its check: `prompt_check` for
+    the prompts, `served_text_problem` for the rest. `validate_body` turns a refusal into a RequestError."""
+    from pydantic import AfterValidator, Field, create_model, model_validator
+    from pydantic_core import PydanticCustomError
+
+    def items(check: Callable[[Any], str | None]) -> Any:
+        def checked(value: Any) -> Any:
+            if problem := check(value):
+                raise PydanticCustomError("text", "{problem}", {"problem": problem})
+            return value
+
+        item = Annotated[Any, AfterValidator(checked)]
+        return Annotated[list[item], Field(strict=True, max_length=limits.max_request_texts)], ...
+
+    def as_many(body: Any) -> Any:
+        if len(body.prompts) != len(body.responses):
+            raise PydanticCustomError(
+                "rows",
+                "{problem}",
+                {"problem": f"{len(body.prompts)} prompts but {len(body.responses)} responses"},
+            )
+        return body
+
+    reward = create_model("RewardRequest", query=items(served_text_problem))
+    score = create_model(
+        "ScoreRequest",
+        __validators__={"as_many": model_validator(mode="after")(as_many)},
+        prompts=items(prompt_check),
+        responses=items(served_text_problem),
+    )
+    return reward, score
+
+
+def validate_body(model: Any, body: dict[str, Any]) -> Any:
+    """`body` as `model` (one of `request_models`); RequestError naming the first field at fault: 422 (missing,
+    not a list, bad items: the first three, or the prompts and responses not as many) or 413 (too many items)."""
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+    key = errors[0]["loc"][0] if errors[0]["loc"] else None
+    first = errors[0]
+    if key is None or first["type"] not in ("missing", "list_type", "too_long", "text"):
+        raise RequestError(422, first["msg"])
+    if first["type"] == "missing":
         raise RequestError(422, f'missing field "{key}"')
-    values = body[key]
-    if not isinstance(values, list):
-        raise RequestError(422, f'"{key}": expected a list, got {type(values).__name__}')
-    if len(values) > limits.max_request_texts:
-        raise RequestError(
-            413, f'"{key}": {len(values)} items, more than --max-request-texts {limits.max_request_texts}'
-        )
-    problems = [f"{key}[{i}]: {p}" for i, v in enumerate(values) if (p := check(v))]
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise RequestError(422, "; ".join(problems[:3]) + more)
-    return values
+    if first["type"] == "list_type":
+        raise RequestError(422, f'"{key}": expected a list, got {type(first["input"]).__name__}')
+    if first["type"] == "too_long":
+        n, most = first["ctx"]["actual_length"], first["ctx"]["max_length"]
+        raise RequestError(413, f'"{key}": {n} items, more than --max-request-texts {most}')
+    problems = [
+        f"{key}[{x['loc'][1]}]: {x['msg']}" for x in errors if x["loc"][0] == key and x["type"] == "text"
+    ]
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    raise RequestError(422, "; ".join(problems[:3]) + more)
 
 
 def chars(value: Any) -> int:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+from conftest import write_jsonl
 
+from lora_rm import atomic
 from lora_rm.atomic import staged
+from lora_rm.cli import main
 from lora_rm.export import CONFIG_FILE, merge_adapter, save_adapter
 
 
@@ -64,3 +68,35 @@ def test_merge_matches_the_adapter_and_refuses_a_disagreement(trained_run, tmp_p
     with pytest.raises(RuntimeError, match="merged model disagrees with its adapter"):
         merge_adapter(trained_run.adapter_dir, tmp_path / "bad", pairs)
     assert not (tmp_path / "bad").exists()
+
+
+def test_every_file_a_run_and_a_score_write_is_renamed_into_place(
+    tiny_gpt2, prefs_file, tmp_path, monkeypatch
+):
+    """Every file of a training run (checkpoints, eval, charts, card, merged model) and of `score --output` comes
+    into place through lora_rm.atomic's one rename: on its own, or inside a staged folder. (metrics.jsonl is
+    started that way, then appended to a line at a time: a torn last line is dropped on --resume.)"""
+    renamed: list[Path] = []
+    rename = atomic.rename_with_retry
+
+    def recording(src: Path, dst: Path, attempts: int = 10) -> None:
+        renamed.append(Path(dst))
+        rename(src, dst, attempts)
+
+    monkeypatch.setattr(atomic, "rename_with_retry", recording)
+    out, scored = tmp_path / "run", tmp_path / "scored.jsonl"
+    argv = [f"--base={tiny_gpt2}", f"--dataset={prefs_file}", f"--output-dir={out}", "--quant=none"]
+    argv += ["--precision=fp32", "--max-steps=2", "--save-steps=1", "--batch-size=4", "--merge"]
+    assert main(["train", *argv, "--gradient-accumulation-steps=1", "--eval-fraction=0.25"]) == 0
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "Q:", "response": " A."}])
+    assert main(["score", f"--model={out / 'adapter'}", f"--input={rows}", f"--output={scored}"]) == 0
+    written = [p for p in [*out.rglob("*"), scored] if p.is_file()]
+    for name in (
+        "eval/eval.json",
+        "eval/reward_hist.png",
+        "adapter/README.md",
+        "config.json",
+        "step-000002/COMPLETE",
+    ):
+        assert out / name in written and out / name in renamed, name
+    assert [str(p) for p in written if not any(d == p or d in p.parents for d in renamed)] == []

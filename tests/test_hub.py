@@ -205,3 +205,16 @@ def test_bad_repo_id_is_refused_before_training(tiny_gpt2, prefs_file, tmp_path,
     assert main(_train_argv(tiny_gpt2, prefs_file, out, "--push-to-hub=not a/valid//id")) == 2
     assert "push_to_hub: 'not a/valid//id' is not a hub repo id" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_card_template_is_package_data():
+    """The card is rendered from lora_rm/model_card.md, which a wheel carries only when pyproject names it, and
+    huggingface_hub reads its front matter back."""
+    from importlib.resources import files
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+    assert (files("lora_rm") / "model_card.md").is_file()
+    assert re.search(r'\[tool\.setuptools\.package-data\]\s*\nlora_rm = \["model_card\.md"\]', pyproject)
+    data = huggingface_hub.ModelCard(render_model_card(RUN_CONFIG, METRICS, "me/rm", merged=False)).data
+    assert (data.library_name, data.base_model, data.pipeline_tag) == ("peft", "gpt2", "text-classification")
+    assert data.tags == ["reward-model", "lora", "rlhf", "lora_rm"]

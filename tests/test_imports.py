@@ -114,3 +114,22 @@ def test_the_cli_leaves_heavy_libraries_to_the_commands_that_use_them():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "[]"
+
+
+def test_the_package_imports_without_the_serve_extra():
+    """FastAPI, uvicorn and pydantic (the `serve` extra) are imported by `lora-rm serve` only: with them
+    missing, the package, the server's modules and `lora-rm --help` still import and run."""
+    extra = ["fastapi", "starlette", "uvicorn", "pydantic", "pydantic_core"]
+    script = (
+        "import contextlib, io, sys\n"
+        f"for name in {extra!r}:\n"
+        "    sys.modules[name] = None  # `import name` now raises ImportError\n"
+        "import lora_rm, lora_rm.serve, lora_rm.serve_request, lora_rm.serve_guard, lora_rm.batcher\n"
+        "from lora_rm.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['--help'])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]

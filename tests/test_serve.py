@@ -18,6 +18,7 @@ from conftest import GOOD, PROMPTS
 from lora_rm import cli
 from lora_rm.errors import UserError
 from lora_rm.score import RewardModel
+from lora_rm.serve_request import Limits, RequestError, request_models, validate_body
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -270,3 +271,32 @@ def test_the_benchmark_runs_smoke_sized(trained_run):
     )  # fmt: skip
     assert bench.returncode == 0, bench.stdout + bench.stderr
     assert "| lora-rm serve | 4 |" in bench.stdout and "| naive pipeline | 4 |" in bench.stdout
+
+
+def test_the_request_models_refuse_as_the_server_answers():
+    """The bodies' pydantic models without a server: too many items is a 413 before any item is read, the first
+    three bad items are named (then how many more), a field missing or not a list is named, the prompts come
+    before the responses, other fields are ignored and control characters are text."""
+    reward, score = request_models(Limits(max_request_texts=4))
+
+    def refusal(model, body) -> tuple[int, str]:
+        with pytest.raises(RequestError) as e:
+            validate_body(model, body)
+        return e.value.status, str(e.value)
+
+    assert refusal(reward, {"query": [1, 2, 3, 4, 5]}) == (
+        413,
+        '"query": 5 items, more than --max-request-texts 4',
+    )
+    assert refusal(reward, {"query": [1, None, " ", "\x00"]}) == (
+        422,
+        "query[0]: expected text, got int; query[1]: missing or null; query[2]: empty or whitespace-only text "
+        "(and 1 more)",
+    )
+    assert refusal(reward, {"query": {"a": 1}}) == (422, '"query": expected a list, got dict')
+    assert refusal(reward, {"queries": []}) == (422, 'missing field "query"')
+    assert refusal(score, {"prompts": [7], "responses": 3}) == (422, "prompts[0]: expected text, got int")
+    assert refusal(score, {"prompts": ["q"], "responses": [" a", " b"]}) == (422, "1 prompts but 2 responses")
+    assert validate_body(reward, {"query": ["\x01 bytes \x7f"], "prompts": 5, "labels": None}).query == [
+        "\x01 bytes \x7f"
+    ]
