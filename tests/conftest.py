@@ -20,6 +20,23 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("LORA_RM_SCORE_DTYPE", "fp32")
 
 
+def integration(fixture_function):
+    """Put every test that uses this fixture in the integration lane (`pytest -m integration`): the fixture
+    trains a model, starts a process or a server. Apply it under `@pytest.fixture(...)`."""
+    fixture_function.integration = True
+    return fixture_function
+
+
+def pytest_collection_modifyitems(config, items):
+    """The two lanes: a test is in the integration lane when it carries the marker or uses an `integration`
+    fixture (at any depth); `pytest` alone runs the unit lane (pyproject's addopts: -m "not integration")."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        defs = info.name2fixturedefs.values() if info else ()
+        if any(getattr(d[-1].func, "integration", False) for d in defs):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """accelerate keeps one AcceleratorState per process, fixed by the first `Accelerator(...)`: a test that
@@ -195,6 +212,7 @@ def tiny_run_config(base: Path, data: Path, output_dir: Path, **overrides):
 
 
 @pytest.fixture(scope="session")
+@integration
 def trained_run(tmp_path_factory, tiny_gpt2):
     """The one trained model the suite shares (test_train, test_score, test_evaluate, test_export, test_hub, ...):
     a short run on the tiny GPT-2 with a merged model, eval outputs and reward statistics (~3 s idle)."""

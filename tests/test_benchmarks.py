@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
+@pytest.mark.integration
 def test_the_appended_eos_reading_is_read_at_the_eos(tmp_path):
     import reading
 
@@ -40,7 +41,7 @@ def test_the_appended_eos_reading_is_read_at_the_eos(tmp_path):
         reading.eos_base(caller_base(tmp_path / "distinct", "distinct_pad"), tmp_path / "out2")
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_reading_benchmark_runs_smoke_sized(tmp_path):
     base = caller_base(tmp_path / "base", "chat")
     data = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(30))
@@ -71,7 +72,7 @@ def test_reading_benchmark_runs_smoke_sized(tmp_path):
     )
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_defaults_benchmark_runs_smoke_sized(tmp_path, tiny_bert):
     train = write_jsonl(tmp_path / "train.jsonl", preference_rows(16))
     heldout = write_jsonl(tmp_path / "heldout.jsonl", preference_rows(24)[16:])

@@ -12,7 +12,7 @@ from pathlib import Path
 import cli_runner
 import pytest
 from cli_runner import ROOT, Case
-from conftest import PROMPTS, ROW, preference_rows, write_jsonl
+from conftest import PROMPTS, ROW, integration, preference_rows, write_jsonl
 
 from lora_rm import bounds
 from lora_rm.args import read_config_file
@@ -162,6 +162,7 @@ def test_library_calls_refuse_a_bad_batch_size(trained_run, tmp_path):
 
 
 @pytest.fixture(scope="module")
+@integration
 def runs(tiny_gpt2, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bounds-cli")
     (tmp / "bomb.yaml").write_text(ALIAS_BOMB, encoding="utf-8")

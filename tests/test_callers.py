@@ -26,6 +26,7 @@ from conftest import (
     PROMPTS,
     caller_base,
     caller_tokenizer,
+    integration,
     preference_rows,
     tiny_run_config,
     write_jsonl,
@@ -53,6 +54,7 @@ KINDS = ["gpt2", "llama_bos", "distinct_pad", "chat", "chat_bos"]
 
 
 @pytest.fixture(scope="module", params=KINDS)
+@integration
 def run(request, tmp_path_factory):
     """A base of one tokenizer kind, trained by lora_rm with a merged model; the base is given as a path
     relative to the working directory, as a user types it."""
@@ -278,6 +280,7 @@ def test_models_saved_under_the_old_rule_are_refused(trained_run, tmp_path):
             lora_rm.load_reward_model(old) if name == "adapter" else lora_rm.reward_function(old)
 
 
+@pytest.mark.integration
 def test_an_adapter_trained_by_trl_is_read_as_transformers_reads_it(tiny_gpt2, tmp_path):
     from datasets import Dataset
     from peft import LoraConfig, PeftModel

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_runner import ROOT, run_training, train_command, train_env
+from conftest import integration
 from safetensors.torch import load_file
 
 from lora_rm.checkpoint import complete_checkpoints, restore_rng_state, rng_state
@@ -51,6 +52,7 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
+@integration
 def reference(tmp_path_factory, tiny_gpt2):
     from conftest import preference_rows, write_jsonl
 
@@ -199,6 +201,7 @@ def test_resume_of_a_finished_run_says_so_and_exits_0(reference, tiny_gpt2, caps
     assert all(torch.equal(weights[k], v) for k, v in _weights(ref_out).items())
 
 
+@pytest.mark.integration
 def test_resume_of_a_finished_run_without_checkpoints_says_so(tiny_gpt2, prefs_file, tmp_path):
     import dataclasses
 
@@ -221,6 +224,7 @@ def test_rng_state_round_trips_without_pickle():
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
 
 
+@pytest.mark.integration
 def test_a_nan_step_is_skipped_and_counted(monkeypatch, tiny_gpt2, prefs_file, tmp_path):
     import lora_rm.fit as fit_module
 
@@ -242,6 +246,7 @@ def test_a_nan_step_is_skipped_and_counted(monkeypatch, tiny_gpt2, prefs_file, t
     assert all(torch.isfinite(v).all() for v in _weights(tmp_path / "run").values())
 
 
+@pytest.mark.integration
 def test_repeated_nan_stops_with_a_checkpoint(monkeypatch, tiny_gpt2, prefs_file, tmp_path):
     import lora_rm.fit as fit_module
 
@@ -254,6 +259,7 @@ def test_repeated_nan_stops_with_a_checkpoint(monkeypatch, tiny_gpt2, prefs_file
     assert complete_checkpoints(tmp_path / "run")[-1].name == "step-000003"
 
 
+@pytest.mark.integration
 def test_out_of_memory_halves_micro_batches_with_the_same_result(
     monkeypatch, tiny_gpt2, prefs_file, tmp_path
 ):

@@ -14,7 +14,7 @@ from pathlib import Path
 import cli_runner
 import pytest
 from cli_runner import ROOT, SCRIPT, Case
-from conftest import preference_rows, write_jsonl
+from conftest import integration, preference_rows, write_jsonl
 
 EXEC_CASE = "missing_dataset_file"  # always run as a plain subprocess
 
@@ -74,6 +74,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
 
 
 @pytest.fixture(scope="module")
+@integration
 def runs(tiny_gpt2, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     cases = {}
@@ -338,6 +339,7 @@ QUICKSTART = "quickstart"  # a plain subprocess, the command a user types
 
 
 @pytest.fixture(scope="module")
+@integration
 def source_runs(tiny_gpt2, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sources")
     common = ["--quant", "none", "--precision", "fp32", "--max-steps", "1", "--batch-size", "2"]

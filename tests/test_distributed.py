@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_runner import ROOT, run_training, train_command, train_env
+from conftest import integration
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.skipif(
@@ -43,6 +44,7 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
+@integration
 def single(tmp_path_factory, tiny_gpt2):
     from conftest import preference_rows, write_jsonl
 

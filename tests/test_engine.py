@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from conftest import WORDS, caller_base
+from conftest import WORDS, caller_base, integration
 
 import lora_rm
 from lora_rm.encode import EncodedPair
@@ -54,6 +54,7 @@ def _save_adapter(base_dir, out, kind: str):
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama_bos", "distinct_pad", "chat", "bert"])
+@integration
 def saved(request, tmp_path_factory, tiny_bert):
     kind = request.param
     tmp = tmp_path_factory.mktemp(f"engine-{kind}")

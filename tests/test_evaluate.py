@@ -138,6 +138,9 @@ def test_rewards_that_do_not_spread_write_no_reward_stats(tiny_gpt2, tmp_path):
     logs = []
     report = write_full_eval(model, tokenizer, pairs, tmp_path / "eval", [model_dir], log=logs.append)
     assert report["reward_stats"]["std"] == 0
-    assert not (tmp_path / "eval" / "reward_stats.json").exists() and not (model_dir / "reward_stats.json").exists()
+    assert (
+        not (tmp_path / "eval" / "reward_stats.json").exists()
+        and not (model_dir / "reward_stats.json").exists()
+    )
     assert any("do not spread" in line and "no reward_stats.json" in line for line in logs)
     assert (tmp_path / "eval" / "eval.json").is_file()

@@ -116,6 +116,7 @@ def _cfg(tmp_path, base, precision: str, **kw) -> TrainConfig:
 
 
 @pytest.mark.parametrize("precision, mixed", [("fp32", "no"), ("bf16", "bf16")])
+@pytest.mark.integration
 def test_a_short_run_in_each_precision(tmp_path, tiny_gpt2, precision, mixed):
     result = train(_cfg(tmp_path, tiny_gpt2, precision), log=lambda *_: None)
     assert result.steps == 3
@@ -129,6 +130,7 @@ def test_a_short_run_in_each_precision(tmp_path, tiny_gpt2, precision, mixed):
     assert all(p.dtype == torch.float32 for p in result.model.parameters() if p.requires_grad)
 
 
+@pytest.mark.integration
 def test_train_twice_in_one_process_with_other_precisions(tmp_path, tiny_gpt2):
     """accelerate's state is process-wide; train() must not leave the first run's precision fixed."""
     train(_cfg(tmp_path, tiny_gpt2, "bf16", max_steps=1), log=lambda *_: None)
@@ -184,6 +186,7 @@ def test_not_learning_is_said_with_the_change_to_make(loss, abs_margin_sum, lr, 
         assert "--learning-rate auto (0.001 for this base; now 0.0001)" in lines[0]
 
 
+@pytest.mark.integration
 def test_a_run_with_a_tiny_learning_rate_is_told_early(tmp_path, tiny_gpt2, monkeypatch):
     import sys
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from cli_runner import run_training, train_command
 from conftest import preference_rows, write_jsonl
@@ -67,6 +68,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.integration
 def test_a_run_whose_loss_turns_infinite_stops_with_the_last_finite_weights(tmp_path, tiny_gpt2):
     data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(24))
     out = tmp_path / "run"

@@ -178,6 +178,7 @@ def _train_argv(tiny_gpt2, prefs_file, out: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.integration
 def test_cli_offline_push_exits_2_and_keeps_the_adapter(tiny_gpt2, prefs_file, tmp_path, capsys):
     out = tmp_path / "run"  # HF_HUB_OFFLINE=1 comes from conftest
     assert main(_train_argv(tiny_gpt2, prefs_file, out, "--push-to-hub=me/rm")) == 2
@@ -188,6 +189,7 @@ def test_cli_offline_push_exits_2_and_keeps_the_adapter(tiny_gpt2, prefs_file, t
     assert "library_name: peft" in (out / "adapter" / "README.md").read_text(encoding="utf-8")
 
 
+@pytest.mark.integration
 def test_cli_refused_token_exits_2(tiny_gpt2, prefs_file, tmp_path, capsys, online):
     response = SimpleNamespace(status_code=401, headers={}, request=None)
     refused = huggingface_hub.errors.HfHubHTTPError("401 Unauthorized", response=response)

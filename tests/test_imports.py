@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lora_rm"
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
@@ -82,6 +84,7 @@ def test_no_private_name_crosses_a_module():
     assert crossing == []
 
 
+@pytest.mark.integration
 def test_every_module_imports_on_its_own():
     """Each module imported first, in a package where nothing else is loaded yet (one interpreter: torch
     and transformers are imported once, the lora_rm modules are dropped between imports)."""
@@ -98,6 +101,7 @@ def test_every_module_imports_on_its_own():
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.integration
 def test_the_cli_leaves_heavy_libraries_to_the_commands_that_use_them():
     """`import lora_rm.cli` and `lora-rm --help` (what every command pays before it starts) import none of
     transformers, PEFT, accelerate, bitsandbytes, datasets or matplotlib."""

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from cli_runner import run_training, train_command
 from conftest import preference_rows, write_jsonl
 
@@ -52,6 +53,7 @@ def _cmd(base, data, out, *extra):
     )
 
 
+@pytest.mark.integration
 def test_resume_skips_a_damaged_checkpoint_and_refuses_when_all_are(tmp_path, tiny_gpt2):
     data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(24))
     out = tmp_path / "run"

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import BAD, GOOD, PROMPTS, WORDS, tiny_run_config, write_jsonl
+from conftest import BAD, GOOD, PROMPTS, WORDS, integration, tiny_run_config, write_jsonl
 
 from lora_rm.score import RewardModel
 
@@ -89,6 +89,7 @@ def _tokenizer():
 
 
 @pytest.fixture(scope="module")
+@integration
 def trained(tmp_path_factory):
     """A tiny Llama with the tokenizer above, trained by lora_rm on chat preferences (~10 s)."""
     from transformers import LlamaConfig, LlamaForCausalLM

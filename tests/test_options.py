@@ -7,7 +7,7 @@ from __future__ import annotations
 import cli_runner
 import pytest
 from cli_runner import SCRIPT, Case
-from conftest import preference_rows, write_jsonl
+from conftest import integration, preference_rows, write_jsonl
 
 CASES = {  # name: (flags, expected in stderr)
     "learning_rate_nan": (["--learning-rate", "nan"], "learning_rate: must be a finite number, got nan"),
@@ -31,6 +31,7 @@ CASES = {  # name: (flags, expected in stderr)
 
 
 @pytest.fixture(scope="module")
+@integration
 def runs(tiny_gpt2, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("options")
     data = write_jsonl(tmp / "prefs.jsonl", preference_rows(8))

@@ -50,6 +50,7 @@ def _refused(proc, *expected: str) -> None:
         assert text in proc.stderr, proc.stderr[-3000:]
 
 
+@pytest.mark.integration
 def test_second_run_and_resume_into_a_folder_in_use_are_refused(tmp_path, tiny_gpt2):
     data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(24))
     out = tmp_path / "run"
@@ -87,6 +88,7 @@ def test_a_lock_whose_process_is_gone_is_taken_over(tmp_path):
         acquire_lock(tmp_path)  # now held by a live process: this one
 
 
+@pytest.mark.integration
 def test_a_finished_run_is_never_overwritten_by_a_fresh_one(tmp_path, tiny_gpt2):
     data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(24))
     out = tmp_path / "run"
@@ -123,6 +125,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.integration
 def test_a_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, tiny_gpt2):
     data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(24))
     out = tmp_path / "run"
@@ -250,6 +253,7 @@ def test_overwrite_and_output_folders_never_touch_what_a_run_did_not_write(tmp_p
     assert {k: v for k, v in _tree(tmp_path).items() if not k.startswith("logs")} == before
 
 
+@pytest.mark.integration
 def test_a_run_started_in_the_current_folder_is_refused(tmp_path, tiny_gpt2):
     data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(8))
     checkout = tmp_path / "checkout"
@@ -261,6 +265,7 @@ def test_a_run_started_in_the_current_folder_is_refused(tmp_path, tiny_gpt2):
     assert sorted(p.name for p in checkout.iterdir()) == ["train.py"]
 
 
+@pytest.mark.integration
 def test_overwrite_deletes_exactly_the_previous_runs_outputs(tmp_path, tiny_gpt2):
     data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(24))
     out = tmp_path / "run"
@@ -296,6 +301,7 @@ except UserError:
 """
 
 
+@pytest.mark.integration
 def test_of_processes_taking_a_stale_lock_at_once_exactly_one_wins(tmp_path):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()

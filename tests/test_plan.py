@@ -200,6 +200,7 @@ def test_fit_to_vram_keeps_the_effective_batch():
         fit_to_vram(_cfg(100 * 2**20), config)
 
 
+@pytest.mark.integration
 def test_train_with_vram_uses_the_fitted_batch(tmp_path, tiny_gpt2):
     from lora_rm.train import train
 

@@ -96,6 +96,7 @@ def test_reliability_curve(tmp_path):
 
 
 @pytest.mark.parametrize("with_eval", [True, False])
+@pytest.mark.integration
 def test_training_curves(tmp_path, with_eval):
     metrics = write_metrics(tmp_path / "metrics.jsonl", with_eval)
     image = read_png(plots.training_curves(metrics, tmp_path / "t.png"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import warnings
 
+import pytest
+
 from lora_rm.quiet import expected_load_report, quiet_third_party
 
 HEAD_ONLY = """GPT2ForSequenceClassification LOAD REPORT from: gpt2
@@ -169,6 +171,7 @@ def render(raw: str, width: int = 80) -> list[str]:
     ]
 
 
+@pytest.mark.integration
 def test_training_in_a_terminal_shows_no_load_report_and_whole_eval_lines(tiny_gpt2, tmp_path):
     from cli_runner import train_command, train_env
     from conftest import preference_rows, write_jsonl

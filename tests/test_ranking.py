@@ -152,6 +152,7 @@ def test_window_counts_each_list_once(model, loss):
 
 
 @pytest.mark.parametrize("loss", ["all_pairs", "plackett_luce"])
+@pytest.mark.integration
 def test_training_on_ranked_lists(tmp_path, tiny_gpt2, loss):
     data = write_jsonl(tmp_path / "ranked.jsonl", ranked_rows(40))
     cfg = tiny_run_config(

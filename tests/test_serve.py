@@ -263,7 +263,7 @@ def test_chat_prompts_go_to_the_model_as_message_lists():
         assert http.post("/score", json={"prompts": [escape], "responses": ["a \x0c b"]}).status_code == 200
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_the_benchmark_runs_smoke_sized(trained_run):
     bench = subprocess.run(
         [sys.executable, "benchmarks/serve.py", "--smoke", "--model", str(trained_run.merged_dir)],

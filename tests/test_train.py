@@ -169,6 +169,7 @@ def test_merged_model_loads_plainly_and_matches_adapter(trained):
         )
 
 
+@pytest.mark.integration
 def test_8bit_training_and_its_adapter_on_the_full_precision_base(tmp_path, tiny_gpt2, prefs_file):
     result = train(_cfg(tmp_path, tiny_gpt2, prefs_file, quant="8bit", epochs=2), log=lambda *_: None)
     assert result.eval_metrics["n_pairs"] == 12
@@ -183,7 +184,7 @@ def test_8bit_training_and_its_adapter_on_the_full_precision_base(tmp_path, tiny
     torch.testing.assert_close(fp, int8, rtol=0.05, atol=0.05 * float(int8.abs().max()) + 1e-3)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_quickstart_from_the_readme_learns(tmp_path):
     """The README's offline main job, as a user types it: tiny local GPT-2, example data, 8-bit, merged; every
     output written and eval accuracy well above 50%."""
@@ -213,6 +214,7 @@ def test_quickstart_from_the_readme_learns(tmp_path):
     assert final["n_pairs"] == 200 and final["accuracy"] >= 0.85
 
 
+@pytest.mark.integration
 def test_report_to_sends_every_metrics_record_to_the_tracker(monkeypatch, tmp_path, tiny_gpt2, prefs_file):
     from accelerate.tracking import GeneralTracker
 
@@ -277,6 +279,7 @@ def test_ddp_and_fsdp_pass_the_backend_check(name):
     check_distributed(DistributedType[name])
 
 
+@pytest.mark.integration
 def test_the_end_of_training_is_evaluated_once(tmp_path, tiny_gpt2, prefs_file):
     """The last step has no in-loop eval: the full evaluation is the one final number, in the log and in
     metrics.jsonl (the in-loop one ran on the training layout and could differ in the last digits)."""
@@ -292,6 +295,7 @@ def test_the_end_of_training_is_evaluated_once(tmp_path, tiny_gpt2, prefs_file):
     assert evals[-1] == {"step": 4, **{f"eval_{k}": v for k, v in result.eval_metrics.items()}}
 
 
+@pytest.mark.integration
 def test_the_auto_learning_rate_is_logged_and_saved_with_the_model(tmp_path, tiny_gpt2, prefs_file):
     lines: list[str] = []
     cfg = tiny_run_config(tiny_gpt2, prefs_file, tmp_path / "run", max_steps=2, learning_rate=None)
@@ -302,6 +306,7 @@ def test_the_auto_learning_rate_is_logged_and_saved_with_the_model(tmp_path, tin
     assert "0.002 (cosine" in (result.adapter_dir / "README.md").read_text(encoding="utf-8")
 
 
+@pytest.mark.integration
 def test_the_published_evaluation_reads_the_saved_model_as_users_load_it(tiny_gpt2, tmp_path, monkeypatch):
     from conftest import preference_rows, write_jsonl
 
@@ -331,6 +336,7 @@ def test_the_published_evaluation_reads_the_saved_model_as_users_load_it(tiny_gp
     assert "read from the saved adapter as RewardModel.from_pretrained loads it (bfloat16)" in card
 
 
+@pytest.mark.integration
 def test_the_training_model_is_evaluated_when_the_saved_one_does_not_fit(tiny_gpt2, tmp_path, monkeypatch):
     from conftest import preference_rows, write_jsonl
 

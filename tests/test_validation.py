@@ -19,7 +19,7 @@ from pathlib import Path
 import cli_runner
 import pytest
 from cli_runner import SCRIPT, Case
-from conftest import preference_rows, write_jsonl
+from conftest import integration, preference_rows, write_jsonl
 
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0  # root reads a chmod 000 file anyway
 
@@ -285,6 +285,7 @@ PASSING: dict[str, Callable[[Path], Spec]] = {
 
 
 @pytest.fixture(scope="module")
+@integration
 def runs(tiny_gpt2, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("validation")
     cases = {}
