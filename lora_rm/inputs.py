@@ -73,7 +73,9 @@ def resume_point(cfg: TrainConfig, fingerprints: dict[str, str], log: Any = prin
             "resuming would not continue the same run (--force-resume to do it anyway)"
         )
     newest = [p.resolve() for p in complete_checkpoints(cfg.output_dir)[-1:]]
-    if done and not changed and [path.resolve()] == newest:  # from an older one (the newest damaged, or asked): train on
+    if (
+        done and not changed and [path.resolve()] == newest
+    ):  # from an older one (the newest damaged, or asked): train on
         raise RunFinished(finished_message(cfg.output_dir, adapter))
     return path
 
