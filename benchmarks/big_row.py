@@ -18,10 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    from lora_rm.checks import check_rows, detect_format
-    from lora_rm.data import load_rows
-    from lora_rm.encode import encode_pairs
-    from lora_rm.model import load_tokenizer
+    from lora_rm.data.checks import check_rows, detect_format
+    from lora_rm.data.encode import encode_pairs
+    from lora_rm.data.read import load_rows
+    from lora_rm.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(str(ROOT / "examples" / "tiny-gpt2"))
     big = {

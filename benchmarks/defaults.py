@@ -14,7 +14,7 @@ Reads the HH benchmark pairs (Anthropic HH harmless; quality.DATA), split as ben
 the run's own final evaluation on the held-out pairs. The TRL row is RewardTrainer with RewardConfig's defaults
 (lr 1e-4, 8 pairs a step, linear decay, bf16 where the machine has it) but 1 epoch and the same LoRA as
 lora_rm's defaults, fed lora_rm's token ids of the training pairs, scored on the same held-out pairs by
-`lora_rm.evaluate.full_evaluation`. `--extra` passes more flags to every lora_rm row (e.g. `--quant none`
+`lora_rm.evaluation.evaluate.full_evaluation`. `--extra` passes more flags to every lora_rm row (e.g. `--quant none`
 for a faster grid).
 """
 
@@ -81,10 +81,10 @@ def run_trl(base: str, train: Path, heldout: Path, out: Path, seed: int) -> tupl
     from transformers import AutoConfig
     from trl import RewardConfig, RewardTrainer
 
-    from lora_rm.encode import default_max_length
-    from lora_rm.evaluate import full_evaluation
-    from lora_rm.model import load_tokenizer
-    from lora_rm.optim import choose_precision
+    from lora_rm.data.encode import default_max_length
+    from lora_rm.evaluation.evaluate import full_evaluation
+    from lora_rm.model.load import load_tokenizer
+    from lora_rm.model.precision import choose_precision
 
     tokenizer = load_tokenizer(base)
     max_length = default_max_length(AutoConfig.from_pretrained(base), tokenizer)  # lora_rm's default

@@ -11,7 +11,7 @@ the same model and score-head seed, LoRA (r, alpha, dropout, target modules, tra
 batch, learning rate and linear schedule, fp32, and the very same token ids: lora_rm's encoding (left-
 truncated prompt, response tail and [SEP] kept, at most --max-length tokens), given to TRL pre-tokenized.
 (TRL's own text path appends an EOS, which BERT's tokenizer lacks, and drops pairs over max_length instead
-of truncating them.) Both models are then scored on the same held-out pairs by `lora_rm.evaluate`.
+of truncating them.) Both models are then scored on the same held-out pairs by `lora_rm.evaluation.evaluate`.
 """
 
 from __future__ import annotations
@@ -57,9 +57,9 @@ def split_data(out: Path, n_train: int, n_heldout: int, seed: int, data: Path = 
 
 def encode_file(path: Path, tokenizer, max_length: int) -> list:
     """The pairs of a data file as lora_rm encodes them for training (`EncodedPair`s)."""
-    from lora_rm.checks import check_rows, detect_format
-    from lora_rm.data import load_rows
-    from lora_rm.encode import encode_pairs
+    from lora_rm.data.checks import check_rows, detect_format
+    from lora_rm.data.encode import encode_pairs
+    from lora_rm.data.read import load_rows
 
     rows = load_rows(str(path))[0]
     fmt = detect_format(rows, str(path))
@@ -67,7 +67,8 @@ def encode_file(path: Path, tokenizer, max_length: int) -> list:
 
 
 def train_lora_rm(args, seed: int, base: Path, train_file: Path, heldout_file: Path, out: Path):
-    from lora_rm import TrainConfig, train
+    from lora_rm import TrainConfig
+    from lora_rm.training import train
 
     cfg = TrainConfig(
         base=str(base),
@@ -215,7 +216,7 @@ HEADER = (
 
 def run_seed(args, seed: int, base: Path, train_file: Path, heldout_file: Path, out: Path):
     """Train lora_rm, then TRL (when installed) with the same seed; both reports on the same held-out pairs."""
-    from lora_rm.evaluate import full_evaluation
+    from lora_rm.evaluation.evaluate import full_evaluation
 
     started = time.perf_counter()
     result = train_lora_rm(args, seed, base, train_file, heldout_file, out)

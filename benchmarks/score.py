@@ -96,7 +96,7 @@ def ceiling_seconds(model, units: list[list[int]], width: int = 256, rows: int =
 
 
 def needed_units(seqs: list[list[int]], groups: list[list[int]]) -> list[list[int]]:
-    from lora_rm.engine import make_units
+    from lora_rm.model.engine import make_units
 
     units = make_units(seqs, groups, row_tokens=10**9)
     return [
@@ -118,8 +118,8 @@ def grpo_rows(name: str, folder: Path, dialogues: list[dict], args) -> list[dict
     from transformers import AutoModelForSequenceClassification
 
     import lora_rm
-    from lora_rm.engine import group_by_key
-    from lora_rm.sequences import encode_sequences
+    from lora_rm.data.sequences import encode_sequences
+    from lora_rm.model.engine import group_by_key
 
     rm = lora_rm.RewardModel.from_pretrained(
         folder, device=args.device, dtype=args.dtype, log=lambda *_: None
@@ -166,9 +166,9 @@ def eval_rows(name: str, folder: Path, dialogues: list[dict], args, tmp: Path) -
     from transformers import AutoModelForSequenceClassification
 
     import lora_rm
-    from lora_rm.data import Row
-    from lora_rm.encode import encode_pairs
-    from lora_rm.engine import group_by_prefix
+    from lora_rm.data.encode import encode_pairs
+    from lora_rm.data.read import Row
+    from lora_rm.model.engine import group_by_prefix
 
     rm = lora_rm.RewardModel.from_pretrained(
         folder, device=args.device, dtype=args.dtype, log=lambda *_: None

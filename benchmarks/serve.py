@@ -37,7 +37,7 @@ def baseline_server(model: str, port: int, device: str | None) -> int:
     from fastapi import FastAPI, Request
     from transformers import pipeline
 
-    from lora_rm.serve import listen_socket
+    from lora_rm.serving.guard import listen_socket
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = pipeline("text-classification", model=model, device=device, function_to_apply="none")

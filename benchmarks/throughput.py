@@ -70,24 +70,19 @@ def read_rows(n: int) -> list[dict]:
 def run_lora_rm(name: str, base: Path, rows: list[dict], args) -> dict:
     from accelerate import Accelerator
 
-    from lora_rm.batch import (
-        PackedCollator,
-        PreferenceCollator,
-        pair_cost,
-        plan_batches,
-        plan_grouped_batches,
-    )
-    from lora_rm.data import Row
-    from lora_rm.encode import encode_pairs
-    from lora_rm.fit import backward_window
-    from lora_rm.model import add_lora, load_base_model, load_tokenizer
-    from lora_rm.optim import resolve_precision
+    from lora_rm.data.batches import pair_cost, plan_batches, plan_length_grouped_batches
+    from lora_rm.data.encode import encode_pairs
+    from lora_rm.data.read import Row
+    from lora_rm.model.collate import PackedCollator, PreferenceCollator
+    from lora_rm.model.load import add_lora, load_base_model, load_tokenizer
+    from lora_rm.model.precision import resolve_precision
+    from lora_rm.training.loop import backward_window
 
     tokenizer = load_tokenizer(str(base))
     pairs, _ = encode_pairs([Row(f"hh:{i}", r) for i, r in enumerate(rows)], "implicit", tokenizer, 1024)
     precision = resolve_precision(args.precision, args.device, args.quant)
     accelerator = Accelerator(mixed_precision=precision, cpu=args.device == "cpu")
-    quantized = args.quant != "none"  # loaded as lora_rm.train.set_up loads it
+    quantized = args.quant != "none"  # loaded as lora_rm.training.setup.set_up loads it
     model = load_base_model(
         str(base),
         tokenizer.pad_token_id,
@@ -118,12 +113,12 @@ def run_lora_rm(name: str, base: Path, rows: list[dict], args) -> dict:
             PreferenceCollator(tokenizer.pad_token_id),
         )
     else:
-        batches = plan_grouped_batches(costs, args.batch_size, 0, 0)
+        batches = plan_length_grouped_batches(costs, args.batch_size, 0, 0)
         collator = {
             "grouped": PreferenceCollator(tokenizer.pad_token_id),
             "grouped-split": PreferenceCollator(tokenizer.pad_token_id),
             "shared": PackedCollator(tokenizer.pad_token_id, share_prefix=True),
-            # rows of up to max_length (1024 here) tokens, as `lora_rm.layout.choose_layout` builds them
+            # rows of up to max_length (1024 here) tokens, as `lora_rm.training.layout.choose_layout` builds them
             "packed": PackedCollator(tokenizer.pad_token_id, share_prefix=True, row_tokens=1024),
         }[name]
     losses, computed = [], 0
@@ -167,10 +162,10 @@ def run_lora_rm(name: str, base: Path, rows: list[dict], args) -> dict:
 
 def run_ceiling(base: Path, rows: list[dict], args) -> dict:
     """Each pair as one unpadded row of the tokens prefix sharing needs, batch of one row: the cost floor."""
-    from lora_rm.data import Row
-    from lora_rm.encode import encode_pairs
-    from lora_rm.model import load_base_model, load_tokenizer
-    from lora_rm.sequences import common_prefix_len
+    from lora_rm.data.encode import encode_pairs
+    from lora_rm.data.read import Row
+    from lora_rm.data.sequences import common_prefix_len
+    from lora_rm.model.load import load_base_model, load_tokenizer
 
     tokenizer = load_tokenizer(str(base))
     pairs, _ = encode_pairs([Row(f"hh:{i}", r) for i, r in enumerate(rows)], "implicit", tokenizer, 1024)
@@ -207,8 +202,8 @@ def _sync(device: str) -> None:
 
 def _manual_loop_setup(base_model, args):
     """(model, optimizer, precision, autocast) for the hand-written loops: LoRA r=16 on c_attn, AdamW."""
-    from lora_rm.model import add_lora
-    from lora_rm.optim import resolve_precision
+    from lora_rm.model.load import add_lora
+    from lora_rm.model.precision import resolve_precision
 
     model = add_lora(base_model, r=16, alpha=32, dropout=0.0, target_modules=args.target_modules).to(
         args.device
@@ -235,7 +230,7 @@ def run_naive(base: Path, rows: list[dict], args) -> dict:
     base is loaded by plain transformers (so GPT-2's gelu_new is not fused, as in TRL's row)."""
     from transformers import AutoModelForSequenceClassification
 
-    from lora_rm.model import load_tokenizer
+    from lora_rm.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(str(base))
     torch.manual_seed(0)
@@ -288,8 +283,8 @@ def run_trl(base: Path, rows: list[dict], args, checkpointing: bool = True) -> d
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    from lora_rm.model import load_tokenizer
-    from lora_rm.optim import resolve_precision
+    from lora_rm.model.load import load_tokenizer
+    from lora_rm.model.precision import resolve_precision
 
     tokenizer = load_tokenizer(str(base))
     torch.manual_seed(0)

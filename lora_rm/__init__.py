@@ -2,13 +2,12 @@
 
 from lora_rm.config import TrainConfig
 from lora_rm.errors import UserError
-from lora_rm.fit import TrainingStopped
+from lora_rm.evaluation.reward_model import RewardModel, reward_function
 from lora_rm.loss import pairwise_loss
-from lora_rm.rewards import compute_rewards
-from lora_rm.rlhf import reward_function
-from lora_rm.saved import load_reward_model
-from lora_rm.score import RewardModel
-from lora_rm.train import TrainResult, train
+from lora_rm.model.rewards import compute_rewards
+from lora_rm.model.saved import load_reward_model
+from lora_rm.training.loop import TrainingStopped, train
+from lora_rm.training.outputs import TrainResult
 
 __all__ = [
     "RewardModel",

@@ -14,10 +14,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from lora_rm.bounds import MAX_CONFIG_BYTES, check_file_size
 from lora_rm.config import AUTO_FIELDS, TrainConfig, config_fields
 from lora_rm.errors import UserError
 from lora_rm.trl_names import TRL_NAMES, resolve_push, translate_trl_names
+from lora_rm.util.bounds import MAX_CONFIG_BYTES, check_file_size
 
 # The names TRL, transformers' TrainingArguments and PEFT users type for a TrainConfig field (its metadata's
 # `aliases`), on the command line and in config files. Fields whose names already match (output_dir,

@@ -11,19 +11,19 @@ from pathlib import Path
 from typing import Any
 
 from lora_rm.args import Parser, config_from_args
-from lora_rm.atomic import NotReplaceable
 from lora_rm.errors import UserError
-from lora_rm.fit import TrainingStopped
-from lora_rm.inputs import RunFinished
-from lora_rm.offline import require_hub
-from lora_rm.outdir import Terminated, check_output_file, check_output_folder, terminate_on_sigterm
-from lora_rm.quiet import quiet_third_party, show_third_party
+from lora_rm.training.inputs import RunFinished
+from lora_rm.training.loop import TrainingStopped
+from lora_rm.training.outdir import Terminated, check_output_file, check_output_folder, terminate_on_sigterm
+from lora_rm.util.atomic import NotReplaceable
+from lora_rm.util.offline import require_hub
+from lora_rm.util.quiet import quiet_third_party, show_third_party
 
 
 def run_train(argv: list[str]) -> int:
     from accelerate import PartialState
 
-    from lora_rm.train import train
+    from lora_rm.training.loop import train
 
     cfg = config_from_args(argv)
     result = train(cfg)
@@ -85,8 +85,8 @@ def _stderr(message: str) -> None:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from lora_rm.folder_checks import check_adapter_config
-    from lora_rm.score import RewardModel
+    from lora_rm.evaluation.reward_model import RewardModel
+    from lora_rm.model.folder_checks import check_adapter_config
 
     if args.batch_size <= 0:
         raise UserError(f"--batch-size: must be > 0, got {args.batch_size}")
@@ -111,7 +111,7 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def run_score(argv: list[str]) -> int:
-    from lora_rm.score import read_score_rows, write_jsonl_atomic
+    from lora_rm.evaluation.reward_model import read_score_rows, write_jsonl_atomic
 
     parser = _model_parser("lora-rm score", "Add a `reward` field to every prompt/response row of a file.")
     parser.add_argument(
@@ -140,7 +140,7 @@ def run_score(argv: list[str]) -> int:
 
 
 def run_compare(argv: list[str]) -> int:
-    from lora_rm.checks import text_problem
+    from lora_rm.data.checks import text_problem
 
     parser = _model_parser("lora-rm compare", "Score two responses to one prompt and say which is preferred.")
     parser.add_argument("--prompt", required=True, help="the prompt, formatted as in training")
@@ -200,7 +200,9 @@ def run_eval(argv: list[str]) -> int:
 def run_serve(argv: list[str]) -> int:
     import os
 
-    from lora_rm.serve import Guards, Limits, listen_socket, require_serve_extra, serve
+    from lora_rm.serving.guard import Guards, listen_socket
+    from lora_rm.serving.request import Limits
+    from lora_rm.serving.server import require_serve_extra, serve
 
     parser = _model_parser(
         "lora-rm serve",
@@ -260,7 +262,7 @@ def run_serve(argv: list[str]) -> int:
 
 
 def run_plan(argv: list[str]) -> int:
-    from lora_rm.plan_report import plan_command
+    from lora_rm.training.plan_report import plan_command
 
     return plan_command(argv)
 

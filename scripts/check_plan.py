@@ -20,7 +20,7 @@ import tempfile
 import torch
 
 from lora_rm.config import QUANT_CHOICES
-from lora_rm.plan import GIB, estimate, model_shape
+from lora_rm.training.plan import GIB, estimate, model_shape
 
 DEVICE = "cuda"
 
@@ -29,8 +29,8 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     """Estimated and measured bytes, in GiB, for one configuration."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from lora_rm.model import add_lora, load_base_model
-    from lora_rm.rewards import compute_rewards
+    from lora_rm.model.load import add_lora, load_base_model
+    from lora_rm.model.rewards import compute_rewards
 
     config = AutoConfig.from_pretrained(args.base)
     config.num_labels, config.pad_token_id = 1, 0

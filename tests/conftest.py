@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_rm.checks import check_rows, detect_format
-from lora_rm.data import Row, load_rows
+from lora_rm.data.checks import check_rows, detect_format
+from lora_rm.data.read import Row, load_rows
 from lora_rm.errors import UserError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -216,7 +216,7 @@ def tiny_run_config(base: Path, data: Path, output_dir: Path, **overrides):
 def trained_run(tmp_path_factory, tiny_gpt2):
     """The one trained model the suite shares (test_train, test_score, test_evaluate, test_export, test_hub, ...):
     a short run on the tiny GPT-2 with a merged model, eval outputs and reward statistics (~3 s idle)."""
-    from lora_rm.train import train
+    from lora_rm.training.loop import train
 
     tmp = tmp_path_factory.mktemp("trained-run")
     data = write_jsonl(tmp / "prefs.jsonl", preference_rows(48))

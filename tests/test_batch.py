@@ -7,8 +7,9 @@ import pickle
 import pytest
 import torch
 
-from lora_rm.batch import PreferenceBatch, PreferenceCollator, plan_batches, shard_batches
-from lora_rm.encode import EncodedPair
+from lora_rm.data.batches import plan_batches, shard_batches
+from lora_rm.data.encode import EncodedPair
+from lora_rm.model.collate import PreferenceBatch, PreferenceCollator
 
 PAD = 9
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from lora_rm.batcher import Batcher
+from lora_rm.serving.batcher import Batcher
 
 
 class Recorder:

@@ -20,8 +20,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 def test_the_appended_eos_reading_is_read_at_the_eos(tmp_path):
     import reading
 
-    from lora_rm.model import load_tokenizer
-    from lora_rm.sequences import fit_text, tokenize_texts
+    from lora_rm.data.sequences import fit_text, tokenize_texts
+    from lora_rm.model.load import load_tokenizer
 
     base = caller_base(tmp_path / "base", "chat")  # pad == EOS == <|im_end|>, <unk> at id 0
     view, eos = reading.eos_base(base, tmp_path / "out")

@@ -1,4 +1,4 @@
-"""Small inputs that would exhaust memory or never finish are refused with one clear line (`lora_rm.bounds`):
+"""Small inputs that would exhaust memory or never finish are refused with one clear line (`lora_rm.util.bounds`):
 a YAML alias bomb, a data file that inflates to gigabytes, a huge sparse file, epoch and step counts no run
 finishes, and batch sizes that are not positive integers."""
 
@@ -14,11 +14,11 @@ import pytest
 from cli_runner import ROOT, Case
 from conftest import PROMPTS, ROW, integration, preference_rows, write_jsonl
 
-from lora_rm import bounds
 from lora_rm.args import read_config_file
 from lora_rm.config import TrainConfig
-from lora_rm.data import load_rows
+from lora_rm.data.read import load_rows
 from lora_rm.errors import UserError
+from lora_rm.util import bounds
 
 LORA_RM = Path(sys.executable).with_name("lora-rm")
 if not LORA_RM.is_file():
@@ -145,7 +145,7 @@ def test_batch_size_must_be_a_positive_integer(size):
 
 def test_library_calls_refuse_a_bad_batch_size(trained_run, tmp_path):
     import lora_rm
-    from lora_rm.score import RewardModel
+    from lora_rm.evaluation.reward_model import RewardModel
 
     rm = RewardModel.from_pretrained(trained_run.adapter_dir, device="cpu")
     calls = {

@@ -34,7 +34,7 @@ from conftest import (
 
 import lora_rm
 from lora_rm.errors import UserError
-from lora_rm.score import RewardModel
+from lora_rm.evaluation.reward_model import RewardModel
 
 ATOL = 1e-4
 
@@ -58,7 +58,7 @@ KINDS = ["gpt2", "llama_bos", "distinct_pad", "chat", "chat_bos"]
 def run(request, tmp_path_factory):
     """A base of one tokenizer kind, trained by lora_rm with a merged model; the base is given as a path
     relative to the working directory, as a user types it."""
-    from lora_rm.train import train
+    from lora_rm.training.loop import train
 
     kind = request.param
     tmp = tmp_path_factory.mktemp(f"callers-{kind}")
@@ -253,7 +253,7 @@ def test_serve_gives_the_trained_reward_to_openrlhf_and_score(run):
     # must not be added again), or prompt + response, also as a policy decodes it with its BOS in front
     from fastapi.testclient import TestClient
 
-    from lora_rm.serve import build_app
+    from lora_rm.serving.server import build_app
 
     bos = run["rm"].tokenizer.bos_token if not run["kind"].startswith("chat") else None
     with TestClient(build_app(run["rm"], batch_size=4)) as http:

@@ -1,4 +1,4 @@
-"""lora_rm.checkpoint and resume: a killed run, resumed, ends bit-identical to one never interrupted."""
+"""lora_rm.training.checkpoint and resume: a killed run, resumed, ends bit-identical to one never interrupted."""
 
 from __future__ import annotations
 
@@ -15,11 +15,10 @@ from cli_runner import ROOT, run_training, train_command, train_env
 from conftest import integration
 from safetensors.torch import load_file
 
-from lora_rm.checkpoint import complete_checkpoints, restore_rng_state, rng_state
 from lora_rm.config import TrainConfig
 from lora_rm.errors import UserError
-from lora_rm.fit import TrainingStopped
-from lora_rm.train import train
+from lora_rm.training.checkpoint import complete_checkpoints, restore_rng_state, rng_state
+from lora_rm.training.loop import TrainingStopped, train
 
 STEPS, SAVE = 24, 5
 
@@ -205,7 +204,7 @@ def test_resume_of_a_finished_run_says_so_and_exits_0(reference, tiny_gpt2, caps
 def test_resume_of_a_finished_run_without_checkpoints_says_so(tiny_gpt2, prefs_file, tmp_path):
     import dataclasses
 
-    from lora_rm.inputs import RunFinished
+    from lora_rm.training.inputs import RunFinished
 
     cfg = _cfg(tiny_gpt2, prefs_file, tmp_path / "run", max_steps=2)  # shorter than --save-steps
     train(cfg, log=lambda *_: None)
@@ -226,7 +225,7 @@ def test_rng_state_round_trips_without_pickle():
 
 @pytest.mark.integration
 def test_a_nan_step_is_skipped_and_counted(monkeypatch, tiny_gpt2, prefs_file, tmp_path):
-    import lora_rm.fit as fit_module
+    import lora_rm.training.loop as fit_module
 
     real, calls = fit_module.batch_losses, []
 
@@ -248,7 +247,7 @@ def test_a_nan_step_is_skipped_and_counted(monkeypatch, tiny_gpt2, prefs_file, t
 
 @pytest.mark.integration
 def test_repeated_nan_stops_with_a_checkpoint(monkeypatch, tiny_gpt2, prefs_file, tmp_path):
-    import lora_rm.fit as fit_module
+    import lora_rm.training.loop as fit_module
 
     monkeypatch.setattr(
         fit_module, "batch_losses", lambda _kind, r_c, r_r, *a, **k: (r_c - r_r) * float("nan")
@@ -263,7 +262,7 @@ def test_repeated_nan_stops_with_a_checkpoint(monkeypatch, tiny_gpt2, prefs_file
 def test_out_of_memory_halves_micro_batches_with_the_same_result(
     monkeypatch, tiny_gpt2, prefs_file, tmp_path
 ):
-    import lora_rm.fit as fit_module
+    import lora_rm.training.loop as fit_module
 
     reference = train(
         _cfg(tiny_gpt2, prefs_file, tmp_path / "ref", max_steps=4, lora_dropout=0.0), log=lambda *_: None
@@ -301,7 +300,7 @@ def test_no_unsafe_deserialization_in_the_package():
 def test_rename_retries_while_windows_holds_the_folder(tmp_path, monkeypatch):
     import os
 
-    from lora_rm import atomic
+    from lora_rm.util import atomic
 
     src, dst = tmp_path / "step-1.partial", tmp_path / "step-1"
     src.mkdir()

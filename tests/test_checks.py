@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import ROW, jsonl_with, load_checked, user_error, write_lines
 
-from lora_rm.checks import check_rows, detect_format, row_problems
-from lora_rm.data import Row
+from lora_rm.data.checks import check_rows, detect_format, row_problems
+from lora_rm.data.read import Row
 from lora_rm.errors import UserError
 
 # ---------------------------------------------------------------- missing columns

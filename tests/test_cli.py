@@ -214,7 +214,7 @@ def unreachable_hub(monkeypatch):
     """The hub switched on but at a closed local port: every connection is refused at once."""
     from huggingface_hub import constants
 
-    from lora_rm import offline
+    from lora_rm.util import offline
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
@@ -271,7 +271,7 @@ def test_hub_probe_is_bounded(monkeypatch):
     import socket
     import time
 
-    from lora_rm import offline
+    from lora_rm.util import offline
 
     monkeypatch.setattr(offline, "PROBE_SECONDS", 0.3)
 
@@ -288,7 +288,7 @@ def test_hub_probe_is_bounded(monkeypatch):
 def test_hub_offline_reads_the_variable_as_huggingface_hub_does(monkeypatch):
     from huggingface_hub import constants
 
-    from lora_rm.offline import hub_offline
+    from lora_rm.util.offline import hub_offline
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     for value, expected in [

@@ -13,7 +13,7 @@ from cli_runner import ROOT, TRAINING_MODULES, Case
 from conftest import PROMPTS, preference_rows, write_jsonl
 from test_ranking import ranked_rows
 
-from lora_rm.score import RewardModel
+from lora_rm.evaluation.reward_model import RewardModel
 
 LORA_RM = Path(sys.executable).with_name("lora-rm")
 if not LORA_RM.is_file():  # no console script (Windows: lora-rm.exe): the module it calls
@@ -66,7 +66,7 @@ def setup(trained_run, tmp_path_factory):
     runs = cli_runner.start(
         {name: Case(LORA_RM, argv) for name, argv in cases.items()},
         tmp,
-        preload=("lora_rm.score", *TRAINING_MODULES),
+        preload=("lora_rm.evaluation.reward_model", *TRAINING_MODULES),
     )
     yield runs, tmp, RewardModel.from_pretrained(adapter)
     runs.stop()

@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import ROW, load_checked, preference_rows, user_error, write_jsonl, write_lines
 
-from lora_rm.data import Row, load_eval_rows, load_rows, split_rows
+from lora_rm.data.read import Row, load_eval_rows, load_rows, split_rows
 from lora_rm.errors import UserError, problems_message
 
 # ---------------------------------------------------------------- reading files
@@ -486,7 +486,7 @@ def test_save_to_disk_folders(tmp_path):
     ],
 )
 def test_hub_source(source, expected):
-    from lora_rm.data import hub_source
+    from lora_rm.data.read import hub_source
 
     assert hub_source(source) == expected
 

@@ -6,17 +6,17 @@ from types import SimpleNamespace
 
 import pytest
 
-from lora_rm.data import Row
-from lora_rm.encode import (
+from lora_rm.data.encode import (
     MAX_DEFAULT_LENGTH,
     EncodedPair,
     LengthReport,
     default_max_length,
     encode_pairs,
 )
+from lora_rm.data.read import Row
+from lora_rm.data.sequences import encode_texts, special_tokens
 from lora_rm.errors import UserError
-from lora_rm.model import load_tokenizer
-from lora_rm.sequences import encode_texts, special_tokens
+from lora_rm.model.load import load_tokenizer
 
 PROMPT = "question : how do i make a cake ? answer :"
 PROMPT_TOKENS = ["question", ":", "how", "do", "i", "make", "a", "cake", "?", "answer", ":"]
@@ -465,7 +465,7 @@ def test_default_max_length_of_tiny_models(tiny_gpt2, tiny_bert, gpt2_tok, bert_
 def test_a_huge_text_is_cut_by_characters_first_and_keeps_the_exact_tail(gpt2_tok):
     # more than max_length * CHARS_PER_TOKEN_CAP characters: cut from the left before tokenizing (a 50 MB row
     # would otherwise cost gigabytes of token objects); the kept tokens are those of the whole text
-    from lora_rm.sequences import CHARS_PER_TOKEN_CAP
+    from lora_rm.data.sequences import CHARS_PER_TOKEN_CAP
 
     over = 8 * CHARS_PER_TOKEN_CAP + 4096  # characters a text of max_length 8 may have before it is cut
     long_answer = " sure first you should mix then heat" * (over // 20)  # 36 characters a repeat

@@ -1,4 +1,4 @@
-"""lora_rm.engine: every scoring path gives the plain reading (`AutoModelForSequenceClassification` on the merged
+"""lora_rm.model.engine: every scoring path gives the plain reading (`AutoModelForSequenceClassification` on the merged
 model, right-padded) within 1e-4 in fp32, for GPT-2 (pad == EOS), a tokenizer that adds BOS, a distinct pad, a
 chat template and an encoder (plain rows); and the layout's pieces against hand-worked tensors."""
 
@@ -11,8 +11,11 @@ import torch
 from conftest import WORDS, caller_base, integration
 
 import lora_rm
-from lora_rm.encode import EncodedPair
-from lora_rm.engine import (
+from lora_rm.data.encode import EncodedPair
+from lora_rm.data.sequences import encode_sequences
+from lora_rm.evaluation.evaluate import full_evaluation
+from lora_rm.evaluation.reward_model import RewardModel, scoring_dtype
+from lora_rm.model.engine import (
     build_rows,
     cut_batches,
     group_by_prefix,
@@ -20,9 +23,6 @@ from lora_rm.engine import (
     pack_rows,
     score_sequences,
 )
-from lora_rm.evaluate import full_evaluation
-from lora_rm.score import RewardModel, scoring_dtype
-from lora_rm.sequences import encode_sequences
 
 ATOL = 1e-4
 TARGETS = {"gpt2": ["c_attn"], "distinct_pad": ["c_attn"], "bert": ["query", "value"]}

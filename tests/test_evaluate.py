@@ -1,4 +1,4 @@
-"""lora_rm.evaluate: the full evaluation written at the end of training and by `lora-rm eval`."""
+"""lora_rm.evaluation.evaluate: the full evaluation written at the end of training and by `lora-rm eval`."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from lora_rm.batch import PreferenceCollator
-from lora_rm.encode import EncodedPair
-from lora_rm.evaluate import _ranked_lists, evaluate, full_evaluation, write_full_eval
-from lora_rm.model import load_base_model, load_tokenizer
+from lora_rm.data.encode import EncodedPair
+from lora_rm.evaluation.evaluate import _ranked_lists, evaluate, full_evaluation, write_full_eval
+from lora_rm.model.collate import PreferenceCollator
+from lora_rm.model.load import load_base_model, load_tokenizer
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -99,7 +99,7 @@ def test_ranked_lists_are_read_back_in_rank_order():
 def test_sequence_rewards_score_in_eval_mode_and_give_the_mode_back(tiny_gpt2):
     """A model in training mode is scored without dropout and handed back in training mode; a model already in
     eval mode (the server's, every call) is not walked module by module again."""
-    from lora_rm.evaluate import sequence_rewards
+    from lora_rm.evaluation.evaluate import sequence_rewards
 
     model = load_base_model(str(tiny_gpt2), 0, seed=0)
     for module in model.modules():
@@ -122,7 +122,7 @@ def test_sequence_rewards_score_in_eval_mode_and_give_the_mode_back(tiny_gpt2):
 )
 def test_only_equal_rewards_are_flagged_as_not_learned(loss, margin_std, flagged):
     """Near ln 2 with margins spread wide is a model that learned a hard task a little (SmolLM2 on HH)."""
-    from lora_rm.evaluate import chance_warning
+    from lora_rm.evaluation.evaluate import chance_warning
 
     assert (chance_warning(loss, margin_std) is not None) is flagged
 

@@ -1,4 +1,4 @@
-"""lora_rm.export and lora_rm.atomic: the adapter and merged folders, written atomically."""
+"""lora_rm.model.saved and lora_rm.util.atomic: the adapter and merged folders, written atomically."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import write_jsonl
 
-from lora_rm import atomic
-from lora_rm.atomic import staged
 from lora_rm.cli import main
-from lora_rm.export import CONFIG_FILE, merge_adapter, save_adapter
+from lora_rm.model.saved import CONFIG_FILE, merge_adapter, save_adapter
+from lora_rm.util import atomic
+from lora_rm.util.atomic import staged
 
 
 def test_staged_folder_replaces_the_old_one_in_one_rename(tmp_path):
@@ -47,7 +47,7 @@ def test_save_adapter_writes_weights_tokenizer_and_config(trained_run, tmp_path)
 
 
 def test_merge_matches_the_adapter_and_refuses_a_disagreement(trained_run, tmp_path, monkeypatch):
-    from lora_rm.encode import EncodedPair
+    from lora_rm.data.encode import EncodedPair
 
     pairs = [EncodedPair([5, 6, 7, 0], [5, 8, 0]), EncodedPair([9, 0], [10, 11, 0])]
     check = merge_adapter(trained_run.adapter_dir, tmp_path / "merged", pairs)
@@ -55,7 +55,7 @@ def test_merge_matches_the_adapter_and_refuses_a_disagreement(trained_run, tmp_p
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     assert (tmp_path / "merged" / CONFIG_FILE).is_file()
 
-    import lora_rm.export as export
+    import lora_rm.model.saved as export
 
     real = export.compute_rewards
     calls = []
@@ -74,7 +74,7 @@ def test_every_file_a_run_and_a_score_write_is_renamed_into_place(
     tiny_gpt2, prefs_file, tmp_path, monkeypatch
 ):
     """Every file of a training run (checkpoints, eval, charts, card, merged model) and of `score --output` comes
-    into place through lora_rm.atomic's one rename: on its own, or inside a staged folder. (metrics.jsonl is
+    into place through lora_rm.util.atomic's one rename: on its own, or inside a staged folder. (metrics.jsonl is
     started that way, then appended to a line at a time: a torn last line is dropped on --resume.)"""
     renamed: list[Path] = []
     rename = atomic.rename_with_retry

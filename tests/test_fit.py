@@ -1,4 +1,4 @@
-"""lora_rm.fit: the loop's windows, micro-batches, out-of-memory split and statistics, and whole runs in fp32
+"""lora_rm.training.loop: the loop's windows, micro-batches, out-of-memory split and statistics, and whole runs in fp32
 and bf16 (forced, so every machine exercises both whatever `--precision auto` picks on it)."""
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ import torch
 from conftest import preference_rows, write_jsonl
 
 from lora_rm.config import TrainConfig
-from lora_rm.encode import EncodedPair
+from lora_rm.data.encode import EncodedPair
 from lora_rm.errors import UserError
-from lora_rm.fit import accumulation_windows, merge_stats, micro_batches, split_micro_batches
 from lora_rm.loss import PairStats
-from lora_rm.run import LoopState, learning_check_step, stop_requested, warn_if_not_learning
-from lora_rm.train import train
+from lora_rm.training.loop import accumulation_windows, merge_stats, micro_batches, split_micro_batches, train
+from lora_rm.training.run import LoopState, learning_check_step, stop_requested, warn_if_not_learning
 
 
 @dataclass
@@ -190,7 +189,7 @@ def test_not_learning_is_said_with_the_change_to_make(loss, abs_margin_sum, lr, 
 def test_a_run_with_a_tiny_learning_rate_is_told_early(tmp_path, tiny_gpt2, monkeypatch):
     import sys
 
-    train_module = sys.modules["lora_rm.train"]  # `lora_rm.train` is also the function
+    train_module = sys.modules["lora_rm.training.train"]  # `lora_rm.training.train` is also the function
 
     def tiny_head(model):  # a head that starts near 0 (as on a real base's wide hidden states): loss ~ln 2
         with torch.no_grad():

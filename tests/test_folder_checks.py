@@ -1,5 +1,5 @@
 """Damaged or inconsistent model folders are refused on load with one line naming the file and the field
-(`lora_rm.folder_checks`, `lora_rm.folder_fit`): in the library, and through `lora-rm score`, `compare` and
+(`lora_rm.model.folder_checks`, `lora_rm.model.folder_fit`): in the library, and through `lora-rm score`, `compare` and
 `eval` as real processes (exit 2, no traceback, the folder left as it was)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from cli_runner import ROOT, TRAINING_MODULES, Case
 from conftest import PROMPTS, _save_tiny_model, preference_rows, write_jsonl
 
 from lora_rm.errors import UserError
-from lora_rm.score import RewardModel
+from lora_rm.evaluation.reward_model import RewardModel
 
 LORA_RM = Path(sys.executable).with_name("lora-rm")
 if not LORA_RM.is_file():
@@ -199,7 +199,7 @@ def runs(trained_run, tiny_gpt2, wide_gpt2, tmp_path_factory):
     runs = cli_runner.start(
         {n: Case(LORA_RM, argv) for n, argv in cases.items()},
         tmp,
-        preload=("lora_rm.score", *TRAINING_MODULES),
+        preload=("lora_rm.evaluation.reward_model", *TRAINING_MODULES),
     )
     yield runs, tmp, folders, before
     runs.stop()

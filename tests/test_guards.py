@@ -1,4 +1,4 @@
-"""lora_rm.guards: no non-finite loss, gradient or weight ever reaches the weights or a checkpoint."""
+"""lora_rm.training.loop: no non-finite loss, gradient or weight ever reaches the weights or a checkpoint."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from cli_runner import run_training, train_command
 from conftest import preference_rows, write_jsonl
 from safetensors.torch import load_file
 
-from lora_rm.guards import guarded_step
+from lora_rm.training.loop import guarded_step
 
 
 class _OneProcess:
@@ -56,13 +56,13 @@ def test_a_finite_step_is_taken():
 # what an overflowing margin did before margins were checked.
 INFINITE_LOSS = r"""
 import runpy, sys
-import lora_rm.fit
-real, start, calls = lora_rm.fit.batch_losses, int(sys.argv.pop(1)), [0]
+import lora_rm.training.loop
+real, start, calls = lora_rm.training.loop.batch_losses, int(sys.argv.pop(1)), [0]
 def batch_losses(*a, **k):
     calls[0] += 1
     losses = real(*a, **k)
     return losses + float("inf") if calls[0] > start else losses
-lora_rm.fit.batch_losses = batch_losses
+lora_rm.training.loop.batch_losses = batch_losses
 sys.argv[0] = sys.argv[1]; del sys.argv[1]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

@@ -1,4 +1,4 @@
-"""lora_rm.hub: the model card, the upload (against a fake HfApi: no network), and failed pushes."""
+"""lora_rm.training.hub: the model card, the upload (against a fake HfApi: no network), and failed pushes."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from conftest import GOOD, PROMPTS
 
 from lora_rm.cli import main
 from lora_rm.errors import UserError
-from lora_rm.hub import push_to_hub, render_model_card
+from lora_rm.training.hub import push_to_hub, render_model_card
 
 RUN_CONFIG = {
     "base": "gpt2",
@@ -93,7 +93,7 @@ def test_training_writes_the_card_and_its_snippets_run(trained_run, tmp_path, mo
     snippet = plain_usage.replace('"Question: Hi?\\nAnswer:" + " Hello!"', repr(prompt + response))
     assert snippet != plain_usage
     exec(snippet, namespace)
-    from lora_rm.score import RewardModel
+    from lora_rm.evaluation.reward_model import RewardModel
 
     expected = RewardModel.from_pretrained(repo, device="cpu").score([prompt], [response])[0]
     assert namespace["rewards"][0] == pytest.approx(expected, abs=1e-4)
@@ -210,13 +210,15 @@ def test_bad_repo_id_is_refused_before_training(tiny_gpt2, prefs_file, tmp_path,
 
 
 def test_the_card_template_is_package_data():
-    """The card is rendered from lora_rm/model_card.md, which a wheel carries only when pyproject names it, and
+    """The card is rendered from lora_rm/training/model_card.md, which a wheel carries only when pyproject names it, and
     huggingface_hub reads its front matter back."""
     from importlib.resources import files
 
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
-    assert (files("lora_rm") / "model_card.md").is_file()
-    assert re.search(r'\[tool\.setuptools\.package-data\]\s*\nlora_rm = \["model_card\.md"\]', pyproject)
+    assert (files("lora_rm.training") / "model_card.md").is_file()
+    assert re.search(
+        r'\[tool\.setuptools\.package-data\]\s*\n"lora_rm\.training" = \["model_card\.md"\]', pyproject
+    )
     data = huggingface_hub.ModelCard(render_model_card(RUN_CONFIG, METRICS, "me/rm", merged=False)).data
     assert (data.library_name, data.base_model, data.pipeline_tag) == ("peft", "gpt2", "text-classification")
     assert data.tags == ["reward-model", "lora", "rlhf", "lora_rm"]

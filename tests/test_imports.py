@@ -1,5 +1,6 @@
-"""The package's layers point one way: no import cycle (lazy imports inside functions included), config at
-the bottom, no private name imported from another module, and every module importable on its own."""
+"""The package's layers point one way: the step folders import only the steps before them (data -> model ->
+evaluation -> training, and serving beside training), no import cycle (lazy imports inside functions included),
+config at the bottom, no private name imported from another module, and every module importable on its own."""
 
 from __future__ import annotations
 
@@ -12,17 +13,36 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lora_rm"
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+# every module by its dotted name under lora_rm ("data.read", "cli"); a folder's __init__ holds no code
+MODULES = sorted(
+    ".".join(p.relative_to(PACKAGE).with_suffix("").parts)
+    for p in PACKAGE.rglob("*.py")
+    if p.stem != "__init__"
+)
+FOLDERS = {"util", "data", "model", "evaluation", "training", "serving"}
+# what each step folder may import besides itself and the base modules at the top (errors, config, args, loss,
+# trl_names): the steps before it
+STEPS_BEFORE = {
+    "util": set(),
+    "data": {"util"},
+    "model": {"util", "data"},
+    "evaluation": {"util", "data", "model"},
+    "training": {"util", "data", "model", "evaluation"},
+    "serving": {"util", "data", "model", "evaluation"},
+}
+BASE = {"errors", "config", "args", "loss", "trl_names"}
 
 
 def _imports(module: str) -> list[tuple[str, list[str]]]:
     """(imported lora_rm module, names taken from it) for every import statement in `module`, at any depth."""
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
+    tree = ast.parse(PACKAGE.joinpath(*module.split(".")).with_suffix(".py").read_text(encoding="utf-8"))
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "lora_rm":
-            if node.module == "lora_rm":  # from lora_rm import metrics, plots
-                found += [(f"lora_rm.{a.name}", []) for a in node.names if a.name in MODULES]
+            here = node.module.removeprefix("lora_rm").lstrip(".")
+            subs = [f"{here}.{a.name}".lstrip(".") for a in node.names]
+            if any(s in MODULES for s in subs):  # from lora_rm.evaluation import metrics, plots
+                found += [(f"lora_rm.{s}", []) for s in subs if s in MODULES]
             else:
                 found.append((node.module, [a.name for a in node.names]))
         elif isinstance(node, ast.Import):
@@ -32,6 +52,43 @@ def _imports(module: str) -> list[tuple[str, list[str]]]:
 
 def _graph() -> dict[str, set[str]]:
     return {m: {target.removeprefix("lora_rm.") for target, _ in _imports(m)} - {m} for m in MODULES}
+
+
+def _folder(module: str) -> str:
+    return module.split(".")[0] if "." in module else "top"
+
+
+def test_the_package_is_folders_of_steps():
+    assert {_folder(m) for m in MODULES} == FOLDERS | {"top"}
+    assert {m for m in MODULES if "." not in m} == BASE | {"cli"}
+    for folder in FOLDERS:
+        assert (PACKAGE / folder / "__init__.py").read_text(encoding="utf-8").startswith('"""'), folder
+
+
+def test_each_step_imports_only_the_steps_before_it():
+    graph = _graph()
+    crossing = [
+        f"{m} imports {target}"
+        for m in MODULES
+        for target in graph[m]
+        if _folder(m) != _folder(target)
+        and target not in BASE
+        and not (_folder(m) in FOLDERS and _folder(target) in STEPS_BEFORE[_folder(m)])
+        and not (m in BASE and _folder(target) == "util")
+        and m != "cli"
+    ]
+    assert crossing == []
+    # the base modules at the top import nothing of the steps but util
+    assert [f"{m} -> {t}" for m in BASE for t in graph[m] if _folder(t) not in ("top", "util")] == []
+    assert "cli" not in set().union(*graph.values())
+
+
+def test_the_rule_above_sees_a_step_that_reaches_forward(monkeypatch):
+    graph = _graph()
+    graph["data.read"] = graph["data.read"] | {"training.train"}
+    monkeypatch.setattr(sys.modules[__name__], "_graph", lambda: graph)
+    with pytest.raises(AssertionError):
+        test_each_step_imports_only_the_steps_before_it()
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str]:
@@ -70,7 +127,7 @@ def test_config_is_the_bottom_layer():
     """config (and the leaf modules it may use) import nothing else of the package."""
     graph = _graph()
     assert graph["config"] <= {"errors"}, graph["config"]
-    assert graph["errors"] == set() and graph["atomic"] == set()
+    assert graph["errors"] == set() and graph["util.atomic"] == set()
 
 
 def test_no_private_name_crosses_a_module():
@@ -128,7 +185,7 @@ def test_the_package_imports_without_the_serve_extra():
         "import contextlib, io, sys\n"
         f"for name in {extra!r}:\n"
         "    sys.modules[name] = None  # `import name` now raises ImportError\n"
-        "import lora_rm, lora_rm.serve, lora_rm.serve_request, lora_rm.serve_guard, lora_rm.batcher\n"
+        "import lora_rm, lora_rm.serving.server, lora_rm.serving.request, lora_rm.serving.guard, lora_rm.serving.batcher\n"
         "from lora_rm.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    main(['--help'])\n"

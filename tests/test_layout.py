@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_rm import rewards
-from lora_rm.batch import PackedBatch, PackedCollator, PreferenceCollator, pair_cost, plan_grouped_batches
-from lora_rm.encode import EncodedPair
+from lora_rm.data.batches import pair_cost, plan_length_grouped_batches
+from lora_rm.data.encode import EncodedPair
 from lora_rm.loss import pairwise_loss
-from lora_rm.model import add_lora, load_base_model, load_tokenizer
-from lora_rm.rewards import packed_layout_works, pair_rewards, probe_packed_layout, within_noise
+from lora_rm.model import probe as probe_module
+from lora_rm.model.collate import PackedBatch, PackedCollator, PreferenceCollator
+from lora_rm.model.load import add_lora, load_base_model, load_tokenizer
+from lora_rm.model.probe import packed_layout_works, probe_packed_layout, within_noise
+from lora_rm.model.rewards import pair_rewards
 
 EOS = 0
 MAX_LEN = 64  # the tiny model's n_positions
@@ -112,7 +114,7 @@ def test_probe_measures_batch_to_batch_noise(monkeypatch, model, packed_noise, a
     """A model whose rewards move by up to 0.05 in every batch (as LLM.int8's do): packed rows that move
     like plain ones pass, packed rows that move far more do not."""
     generator = torch.Generator().manual_seed(0)
-    exact_rewards = rewards.pair_rewards
+    exact_rewards = probe_module.pair_rewards
 
     def noisy(model, batch):
         amplitude = packed_noise if isinstance(batch, PackedBatch) else 0.05
@@ -121,10 +123,10 @@ def test_probe_measures_batch_to_batch_noise(monkeypatch, model, packed_noise, a
             for r in exact_rewards(model, batch)
         )
 
-    monkeypatch.setattr(rewards, "pair_rewards", noisy)
+    monkeypatch.setattr(probe_module, "pair_rewards", noisy)
     probe = probe_packed_layout(model, PAIRS[:4], EOS)
     assert probe.noise_floor > 0.01  # measured, not assumed
-    assert probe.packed_diff > rewards.SCALE_EPSILON * probe.scale  # a fixed tolerance would refuse both
+    assert probe.packed_diff > probe_module.SCALE_EPSILON * probe.scale  # a fixed tolerance would refuse both
     assert probe.exact is accepted
 
 
@@ -135,17 +137,17 @@ def test_pair_cost():
 
 def test_grouped_batches_cover_every_pair_once_and_are_deterministic():
     costs = [(i * 37) % 101 + 1 for i in range(500)]
-    a = plan_grouped_batches(costs, 8, seed=1, epoch=0)
+    a = plan_length_grouped_batches(costs, 8, seed=1, epoch=0)
     assert sorted(i for b in a for i in b) == list(range(500))
-    assert a == plan_grouped_batches(costs, 8, seed=1, epoch=0)
-    assert a != plan_grouped_batches(costs, 8, seed=1, epoch=1)
+    assert a == plan_length_grouped_batches(costs, 8, seed=1, epoch=0)
+    assert a != plan_length_grouped_batches(costs, 8, seed=1, epoch=1)
     assert all(len(b) <= 8 for b in a)
 
 
 def test_grouping_cuts_padding():
     costs = [(i * 37) % 101 + 1 for i in range(800)]
     padded = lambda batches: sum(len(b) * max(costs[i] for i in b) for b in batches)  # noqa: E731
-    grouped = plan_grouped_batches(costs, 8, seed=0, epoch=0)
+    grouped = plan_length_grouped_batches(costs, 8, seed=0, epoch=0)
     random = [list(range(i, i + 8)) for i in range(0, 800, 8)]
     assert padded(grouped) < 0.6 * padded(random)
 
@@ -153,7 +155,7 @@ def test_grouping_cuts_padding():
 @pytest.mark.parametrize("packed", [False, True])
 def test_token_budget_is_respected(packed):
     costs = [(i * 37) % 101 + 1 for i in range(300)]
-    batches = plan_grouped_batches(costs, 8, seed=0, epoch=0, max_tokens=400, packed=packed)
+    batches = plan_length_grouped_batches(costs, 8, seed=0, epoch=0, max_tokens=400, packed=packed)
     for b in batches:
         used = sum(costs[i] for i in b) if packed else len(b) * max(costs[i] for i in b)
         assert used <= 400 or len(b) == 1
@@ -161,9 +163,9 @@ def test_token_budget_is_respected(packed):
 
 
 def _layout(base, quant="none", **options):
-    from lora_rm.encode import EncodedPair
-    from lora_rm.layout import choose_layout
-    from lora_rm.model import add_lora, load_base_model, load_tokenizer
+    from lora_rm.data.encode import EncodedPair
+    from lora_rm.model.load import add_lora, load_base_model, load_tokenizer
+    from lora_rm.training.layout import choose_layout
 
     tokenizer = load_tokenizer(str(base))
     model = add_lora(load_base_model(str(base), tokenizer.pad_token_id, quant=quant, seed=0), dropout=0.0)
@@ -179,7 +181,7 @@ def _layout(base, quant="none", **options):
 
 @pytest.mark.parametrize("quant", ["none", "8bit"])
 def test_causal_decoders_default_to_packed_prefix_shared_rows(tiny_gpt2, quant):
-    from lora_rm.batch import PackedCollator
+    from lora_rm.model.collate import PackedCollator
 
     collator, plan_epoch, lines = _layout(tiny_gpt2, quant)
     assert isinstance(collator, PackedCollator)
@@ -201,7 +203,7 @@ def test_causal_decoders_default_to_packed_prefix_shared_rows(tiny_gpt2, quant):
     ],
 )
 def test_layout_modes_can_be_switched_off_and_on(tiny_gpt2, options, layout):
-    from lora_rm.batch import PreferenceCollator
+    from lora_rm.model.collate import PreferenceCollator
 
     collator, _, _ = _layout(tiny_gpt2, **options)
     if layout == "plain":
@@ -211,8 +213,8 @@ def test_layout_modes_can_be_switched_off_and_on(tiny_gpt2, options, layout):
 
 
 def test_encoders_fall_back_to_plain_rows_and_refuse_forced_packing(tiny_bert):
-    from lora_rm.batch import PreferenceCollator
     from lora_rm.errors import UserError
+    from lora_rm.model.collate import PreferenceCollator
 
     collator, _, lines = _layout(tiny_bert)
     assert isinstance(collator, PreferenceCollator)

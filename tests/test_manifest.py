@@ -11,7 +11,7 @@ import pytest
 from cli_runner import run_training, train_command
 from conftest import preference_rows, write_jsonl
 
-from lora_rm.checkpoint import MARKER, damage, write_manifest
+from lora_rm.training.checkpoint import MARKER, damage, write_manifest
 
 
 def _checkpoint(folder: Path, weights: bytes) -> Path:

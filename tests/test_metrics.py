@@ -1,4 +1,4 @@
-"""lora_rm.metrics against small hand-worked examples."""
+"""lora_rm.evaluation.metrics against small hand-worked examples."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from lora_rm.loss import pairwise_loss
-from lora_rm.metrics import (
+from lora_rm.evaluation.metrics import (
     average_ranks,
     calibration,
     length_bias,
@@ -16,6 +15,7 @@ from lora_rm.metrics import (
     spearman,
     top1_accuracy,
 )
+from lora_rm.loss import pairwise_loss
 
 LN3, LN4, LN9 = math.log(3.0), math.log(4.0), math.log(9.0)
 # -log(sigmoid(x)) = log(1 + exp(-x)):

@@ -1,4 +1,4 @@
-"""lora_rm.model: loading, trainable parameters, quantized bases, heads, the fused GELU."""
+"""lora_rm.model.load: loading, trainable parameters, quantized bases, heads, the fused GELU."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lora_rm.errors import UserError
-from lora_rm.model import add_lora, head_name, init_head, load_base_model, load_tokenizer, unwrap_model
-from lora_rm.rewards import compute_rewards
+from lora_rm.model.load import add_lora, head_name, init_head, load_base_model, load_tokenizer, unwrap_model
+from lora_rm.model.rewards import compute_rewards
 
 
 def _model(path, quant="none", **lora):
@@ -119,7 +119,7 @@ def test_training_starts_from_the_small_head_and_seeds_it(trained_run, tiny_gpt2
     [("8bit", (7, 0), "--quant 4bit"), ("8bit", (5, 2), "--quant none"), ("4bit", (5, 2), "--quant none")],
 )
 def test_old_gpus_get_a_clear_quantization_fallback(monkeypatch, quant, capability, fallback):
-    from lora_rm.model import check_quantization
+    from lora_rm.model.load import check_quantization
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Old GPU")
@@ -133,7 +133,7 @@ def test_old_gpus_get_a_clear_quantization_fallback(monkeypatch, quant, capabili
 def test_missing_bitsandbytes_suggests_quant_none(monkeypatch):
     import builtins
 
-    from lora_rm.model import check_quantization
+    from lora_rm.model.load import check_quantization
 
     real_import = builtins.__import__
 
@@ -193,7 +193,7 @@ def test_gpt2_gelu_runs_fused_with_the_same_rewards_and_less_saved_memory(tiny_g
 def test_the_reward_head_computes_in_fp32_under_bf16(fixture, request):
     """bf16 keeps 8 significant bits: rewards near 3 that differ by < 0.016 would tie. The head works in fp32
     on the (bf16) hidden states, in training (LoRA's trained copy of the head) and in a plain model."""
-    from lora_rm.model import Fp32Linear
+    from lora_rm.model.load import Fp32Linear
 
     model, tokenizer = _model(request.getfixturevalue(fixture))
     base = model.get_base_model()

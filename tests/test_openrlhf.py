@@ -24,7 +24,7 @@ import pytest
 import torch
 from conftest import BAD, GOOD, PROMPTS, WORDS, integration, tiny_run_config, write_jsonl
 
-from lora_rm.score import RewardModel
+from lora_rm.evaluation.reward_model import RewardModel
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -94,7 +94,7 @@ def trained(tmp_path_factory):
     """A tiny Llama with the tokenizer above, trained by lora_rm on chat preferences (~10 s)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lora_rm.train import train
+    from lora_rm.training.loop import train
 
     tmp = tmp_path_factory.mktemp("openrlhf")
     tok = _tokenizer()

@@ -1,4 +1,4 @@
-"""lora_rm.optim: the mixed precision `--precision` resolves to on each device, and the optimizer and schedule."""
+"""lora_rm.training.optim: the mixed precision `--precision` resolves to on each device, and the optimizer and schedule."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 
 from lora_rm.config import TrainConfig
 from lora_rm.errors import UserError
-from lora_rm.optim import build_optimizer, choose_precision, resolve_precision
+from lora_rm.model.precision import choose_precision, resolve_precision
+from lora_rm.training.optim import build_optimizer
 
 
 @pytest.mark.parametrize("precision, expected", [("fp32", "no"), ("bf16", "bf16"), ("fp16", "fp16")])
@@ -92,7 +93,7 @@ def test_paged_8bit_adamw_needs_cuda():
 
 
 def test_a_run_logs_the_precision_auto_chose(monkeypatch, tmp_path, tiny_gpt2, prefs_file):
-    from lora_rm.inputs import check_inputs
+    from lora_rm.training.inputs import check_inputs
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     lines: list[str] = []
@@ -155,7 +156,7 @@ def test_the_reward_head_can_have_its_own_learning_rate():
 def test_auto_learning_rate_by_the_kind_and_width_of_the_base(model_type, width, expected):
     from types import SimpleNamespace
 
-    from lora_rm.optim import auto_learning_rate
+    from lora_rm.training.optim import auto_learning_rate
 
     lr, why = auto_learning_rate(SimpleNamespace(model_type=model_type, hidden_size=width))
     decoder = model_type in ("llama", "gpt2", "mistral")
@@ -166,7 +167,7 @@ def test_auto_learning_rate_by_the_kind_and_width_of_the_base(model_type, width,
 def test_causal_decoders_are_told_from_encoders_by_their_model_type():
     from transformers import AutoConfig
 
-    from lora_rm.optim import reads_last_token
+    from lora_rm.model.precision import reads_last_token
 
     decoders = ["gpt2", "llama", "qwen2", "mistral", "gemma", "phi3", "gpt_neox", "opt", "falcon"]
     others = ["bert", "roberta", "xlm-roberta", "electra", "distilbert", "deberta-v2", "modernbert", "bart"]

@@ -20,10 +20,10 @@ import pytest
 from cli_runner import ROOT, SCRIPT, Case, run_training, train_command, train_env
 from conftest import preference_rows, write_jsonl
 
-from lora_rm.atomic import NotReplaceable, staged, write_text_atomic
-from lora_rm.checkpoint import complete_checkpoints, damage
 from lora_rm.errors import UserError
-from lora_rm.outdir import LOCK, MARKER, acquire_lock
+from lora_rm.training.checkpoint import complete_checkpoints, damage
+from lora_rm.training.outdir import LOCK, MARKER, acquire_lock
+from lora_rm.util.atomic import NotReplaceable, staged, write_text_atomic
 
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0  # root writes into a read-only folder anyway
 
@@ -290,7 +290,7 @@ TAKE_LOCK = r"""
 import sys, time
 from pathlib import Path
 from lora_rm.errors import UserError
-from lora_rm.outdir import acquire_lock
+from lora_rm.training.outdir import acquire_lock
 time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # start together
 try:
     acquire_lock(Path(sys.argv[1]))

@@ -1,4 +1,4 @@
-"""lora_rm.plan: the memory arithmetic against hand-worked figures, size parsing, fit_to_vram, `lora-rm plan`."""
+"""lora_rm.training.plan: the memory arithmetic against hand-worked figures, size parsing, fit_to_vram, `lora-rm plan`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from transformers import GPT2Config, LlamaConfig
 from lora_rm.cli import main
 from lora_rm.config import TrainConfig, parse_size
 from lora_rm.errors import UserError
-from lora_rm.plan import (
+from lora_rm.training.plan import (
     GIB,
     activation_bytes,
     estimate,
@@ -72,7 +72,7 @@ def test_lora_and_trainable_state():
 
 
 def test_lora_count_matches_peft_on_a_real_model(tiny_gpt2):
-    from lora_rm.model import add_lora, load_base_model
+    from lora_rm.model.load import add_lora, load_base_model
 
     config = GPT2Config.from_pretrained(tiny_gpt2)
     shape = model_shape(config)
@@ -105,7 +105,7 @@ def test_bf16_activation_formula_matches_saved_tensors_on_cpu():
     CUDA in its SDPA kernel, so the two agree within a few percent, not exactly."""
     from transformers import AutoModelForSequenceClassification
 
-    from lora_rm.model import add_lora
+    from lora_rm.model.load import add_lora
 
     config = LlamaConfig(
         hidden_size=64,
@@ -202,7 +202,7 @@ def test_fit_to_vram_keeps_the_effective_batch():
 
 @pytest.mark.integration
 def test_train_with_vram_uses_the_fitted_batch(tmp_path, tiny_gpt2):
-    from lora_rm.train import train
+    from lora_rm.training.loop import train
 
     config = GPT2Config.from_pretrained(tiny_gpt2)
     shape, logged = model_shape(config), []
@@ -277,7 +277,7 @@ def test_estimate_against_a_gpu(tmp_path, quant, checkpointing):
 
 def test_plan_flags_are_train_configs_own(tmp_path, capsys):
     from lora_rm.config import config_fields
-    from lora_rm.plan_report import PLAN_OPTIONS, plan_parser
+    from lora_rm.training.plan_report import PLAN_OPTIONS, plan_parser
 
     fields = {f.name: f for f in config_fields()}
     actions: dict = {}

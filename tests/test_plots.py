@@ -1,4 +1,4 @@
-"""lora_rm.plots: real PNG files that matplotlib reads back, with the expected sizes and colours."""
+"""lora_rm.evaluation.plots: real PNG files that matplotlib reads back, with the expected sizes and colours."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 
-from lora_rm import plots
-from lora_rm.metrics import calibration
+from lora_rm.evaluation import plots
+from lora_rm.evaluation.metrics import calibration
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -1,4 +1,4 @@
-"""lora_rm.quiet: the expected third-party noise is dropped, anything else still gets through."""
+"""lora_rm.util.quiet: the expected third-party noise is dropped, anything else still gets through."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from lora_rm.quiet import expected_load_report, quiet_third_party
+from lora_rm.util.quiet import expected_load_report, quiet_third_party
 
 HEAD_ONLY = """GPT2ForSequenceClassification LOAD REPORT from: gpt2
 Key          | Status  |
@@ -81,7 +81,7 @@ def test_a_coloured_load_report_is_expected_too():
 
 
 def test_the_python_api_is_quiet_by_default_and_can_be_turned_off(monkeypatch):
-    import lora_rm.quiet as quiet
+    import lora_rm.util.quiet as quiet
 
     logger = logging.getLogger("transformers.modeling_utils")
     monkeypatch.setattr(quiet, "_shown", False)
@@ -102,8 +102,8 @@ def test_the_python_api_is_quiet_by_default_and_can_be_turned_off(monkeypatch):
 def test_the_api_entry_points_apply_the_quiet_default():
     import inspect
 
-    from lora_rm.score import RewardModel
-    from lora_rm.train import train
+    from lora_rm.evaluation.reward_model import RewardModel
+    from lora_rm.training.loop import train
 
     for entry in (train, RewardModel.from_pretrained):
         assert "quiet_by_default()" in inspect.getsource(entry), entry

@@ -10,16 +10,16 @@ import torch
 from accelerate import Accelerator
 from conftest import BAD, GOOD, PROMPTS, tiny_run_config, write_jsonl
 
-from lora_rm.batch import PreferenceCollator, plan_group_batches
-from lora_rm.checks import check_rows, detect_format
-from lora_rm.data import Row, load_rows
-from lora_rm.encode import EncodedPair, encode_rankings
+from lora_rm.data.batches import plan_ranked_list_batches
+from lora_rm.data.checks import check_rows, detect_format
+from lora_rm.data.encode import EncodedPair, encode_rankings
+from lora_rm.data.read import Row, load_rows
 from lora_rm.errors import UserError
-from lora_rm.fit import backward_window
 from lora_rm.loss import all_pairs_loss, pairwise_loss, plackett_luce_loss
-from lora_rm.model import add_lora, load_base_model, load_tokenizer
-from lora_rm.rewards import compute_rewards
-from lora_rm.train import train
+from lora_rm.model.collate import PreferenceCollator
+from lora_rm.model.load import add_lora, load_base_model, load_tokenizer
+from lora_rm.model.rewards import compute_rewards
+from lora_rm.training.loop import backward_window, train
 
 
 def ranked_rows(n: int) -> list[dict]:
@@ -95,14 +95,14 @@ def test_responses_identical_after_truncation_are_dropped(tiny_gpt2):
 
 def test_group_batches_keep_each_list_together_in_order():
     groups = [0, 0, 0, None, 1, 1, None, 2, 2, 2, 2]
-    batches = plan_group_batches(groups, batch_size=4, seed=3, epoch=0)
+    batches = plan_ranked_list_batches(groups, batch_size=4, seed=3, epoch=0)
     assert sorted(i for b in batches for i in b) == list(range(len(groups)))
     for units in ([0, 1, 2], [4, 5], [7, 8, 9, 10]):
         assert any(
             b[b.index(units[0]) : b.index(units[0]) + len(units)] == units for b in batches if units[0] in b
         )
     assert all(len(b) <= 4 for b in batches)
-    assert batches == plan_group_batches(groups, batch_size=4, seed=3, epoch=0)
+    assert batches == plan_ranked_list_batches(groups, batch_size=4, seed=3, epoch=0)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""lora_rm.rewards: one reward per row, read at the token transformers' sequence classification reads."""
+"""lora_rm.model.rewards: one reward per row, read at the token transformers' sequence classification reads."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from test_model import _model
 
-from lora_rm.batch import PreferenceCollator
-from lora_rm.encode import EncodedPair
-from lora_rm.rewards import compute_rewards
+from lora_rm.data.encode import EncodedPair
+from lora_rm.model.collate import PreferenceCollator
+from lora_rm.model.rewards import compute_rewards
 
 
 def test_reward_is_read_where_transformers_reads_it(tiny_gpt2):

@@ -1,4 +1,4 @@
-"""lora_rm.score: RewardModel scores as training computes rewards; compare, normalisation, merged vs adapter."""
+"""lora_rm.evaluation.reward_model: RewardModel scores as training computes rewards; compare, normalisation, merged vs adapter."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import pytest
 import torch
 from conftest import PROMPTS, preference_rows
 
-from lora_rm.batch import PreferenceCollator
-from lora_rm.data import Row
-from lora_rm.encode import encode_pairs
+from lora_rm.data.encode import encode_pairs
+from lora_rm.data.read import Row
+from lora_rm.data.sequences import encode_sequences
 from lora_rm.errors import UserError
-from lora_rm.rewards import compute_rewards
-from lora_rm.score import RewardModel
-from lora_rm.sequences import encode_sequences
+from lora_rm.evaluation.reward_model import RewardModel
+from lora_rm.model.collate import PreferenceCollator
+from lora_rm.model.rewards import compute_rewards
 
 LONG_PROMPT = " ".join(["question : how do i make a cake ?"] * 12) + " answer :"  # > 64 tokens
 
@@ -147,7 +147,7 @@ def hub_copy(trained_run, monkeypatch, tmp_path):
     import huggingface_hub
     from huggingface_hub import constants
 
-    from lora_rm import offline
+    from lora_rm.util import offline
 
     folder = shutil.copytree(trained_run.adapter_dir, tmp_path / "snapshot")
     calls = []

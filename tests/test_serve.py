@@ -17,8 +17,8 @@ from conftest import GOOD, PROMPTS
 
 from lora_rm import cli
 from lora_rm.errors import UserError
-from lora_rm.score import RewardModel
-from lora_rm.serve_request import Limits, RequestError, request_models, validate_body
+from lora_rm.evaluation.reward_model import RewardModel
+from lora_rm.serving.request import Limits, RequestError, request_models, validate_body
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -223,7 +223,7 @@ def test_missing_extra_names_the_install_command(monkeypatch, capsys):
 
 
 def test_a_taken_port_is_a_user_error():
-    from lora_rm.serve import listen_socket
+    from lora_rm.serving.guard import listen_socket
 
     with listen_socket("127.0.0.1", 0) as taken:
         taken.listen()
@@ -247,7 +247,7 @@ class ChatStub:
 def test_chat_prompts_go_to_the_model_as_message_lists():
     from fastapi.testclient import TestClient
 
-    from lora_rm.serve import build_app
+    from lora_rm.serving.server import build_app
 
     stub = ChatStub()
     one = [{"role": "user", "content": "hi"}]

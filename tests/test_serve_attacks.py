@@ -14,7 +14,7 @@ import pytest
 from test_serve import TEXTS, Server, _close
 
 from lora_rm import cli
-from lora_rm.score import RewardModel
+from lora_rm.evaluation.reward_model import RewardModel
 
 httpx = pytest.importorskip("httpx")
 
@@ -254,7 +254,7 @@ def test_sigterm_with_a_half_sent_body_exits_0_and_says_what_it_cut(trained_run,
 
 def test_guards_refuse_what_cannot_work():
     from lora_rm.errors import UserError
-    from lora_rm.serve_guard import Guards, fd_limit
+    from lora_rm.serving.guard import Guards, fd_limit
 
     with pytest.raises(UserError, match="--header-timeout: must be > 0"):
         Guards(header_timeout=0)
@@ -267,7 +267,7 @@ def test_guards_refuse_what_cannot_work():
 def test_throttled_log_keeps_five_lines_a_window_then_counts(caplog):
     import logging
 
-    from lora_rm.serve_guard import ThrottledLog
+    from lora_rm.serving.guard import ThrottledLog
 
     throttle = ThrottledLog(logging.getLogger("test-throttle"), burst=5, window=60)
     with caplog.at_level(logging.WARNING, logger="test-throttle"):

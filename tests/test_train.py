@@ -1,4 +1,4 @@
-"""lora_rm.train: gradient accumulation, the training loop end to end, what it changes and writes."""
+"""lora_rm.training.train: gradient accumulation, the training loop end to end, what it changes and writes."""
 
 from __future__ import annotations
 
@@ -15,16 +15,16 @@ from accelerate import Accelerator
 from conftest import tiny_run_config
 from safetensors.torch import load_file
 
-from lora_rm.batch import PreferenceCollator
 from lora_rm.config import TrainConfig
-from lora_rm.encode import EncodedPair
+from lora_rm.data.encode import EncodedPair
 from lora_rm.errors import UserError
-from lora_rm.fit import backward_window
-from lora_rm.model import add_lora, load_base_model, load_tokenizer
-from lora_rm.optim import resolve_precision
-from lora_rm.rewards import compute_rewards
-from lora_rm.saved import load_reward_model
-from lora_rm.train import collector_paused, train
+from lora_rm.model.collate import PreferenceCollator
+from lora_rm.model.load import add_lora, load_base_model, load_tokenizer
+from lora_rm.model.precision import resolve_precision
+from lora_rm.model.rewards import compute_rewards
+from lora_rm.model.saved import load_reward_model
+from lora_rm.training.loop import backward_window, train
+from lora_rm.training.setup import collector_paused
 
 ROOT = Path(__file__).parents[1]
 
@@ -218,7 +218,7 @@ def test_quickstart_from_the_readme_learns(tmp_path):
 def test_report_to_sends_every_metrics_record_to_the_tracker(monkeypatch, tmp_path, tiny_gpt2, prefs_file):
     from accelerate.tracking import GeneralTracker
 
-    inputs_module = importlib.import_module("lora_rm.inputs")
+    inputs_module = importlib.import_module("lora_rm.training.inputs")
 
     class Recorder(GeneralTracker):
         name, requires_logging_directory = "recorder", False
@@ -264,7 +264,7 @@ def test_backends_the_loop_cannot_drive_are_refused(name):
     from accelerate.utils import DistributedType
 
     from lora_rm.errors import UserError
-    from lora_rm.inputs import check_distributed
+    from lora_rm.training.inputs import check_distributed
 
     with pytest.raises(UserError, match=f"set up for {name}.*does not support"):
         check_distributed(DistributedType[name])
@@ -274,7 +274,7 @@ def test_backends_the_loop_cannot_drive_are_refused(name):
 def test_ddp_and_fsdp_pass_the_backend_check(name):
     from accelerate.utils import DistributedType
 
-    from lora_rm.inputs import check_distributed
+    from lora_rm.training.inputs import check_distributed
 
     check_distributed(DistributedType[name])
 
@@ -310,7 +310,7 @@ def test_the_auto_learning_rate_is_logged_and_saved_with_the_model(tmp_path, tin
 def test_the_published_evaluation_reads_the_saved_model_as_users_load_it(tiny_gpt2, tmp_path, monkeypatch):
     from conftest import preference_rows, write_jsonl
 
-    from lora_rm.score import RewardModel
+    from lora_rm.evaluation.reward_model import RewardModel
 
     # users' default dtype made bf16 here (it is on a GPU): the saved model then scores unlike the fp32 trainer
     monkeypatch.setenv("LORA_RM_SCORE_DTYPE", "bf16")
@@ -340,7 +340,7 @@ def test_the_published_evaluation_reads_the_saved_model_as_users_load_it(tiny_gp
 def test_the_training_model_is_evaluated_when_the_saved_one_does_not_fit(tiny_gpt2, tmp_path, monkeypatch):
     from conftest import preference_rows, write_jsonl
 
-    from lora_rm.score import RewardModel
+    from lora_rm.evaluation.reward_model import RewardModel
 
     def no_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")

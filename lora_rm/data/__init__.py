@@ -1,0 +1,1 @@
+"""Step 1, data: read preference files, check rows, tokenize them into pairs, and plan batches."""

@@ -1,0 +1,300 @@
+"""The scoring engine: rewards of many token-id sequences, read in the row layout training proves exact.
+
+Sequences that share a prompt are read in one row, [shared prefix | suffix 1 | suffix 2 | ...], with the 4D mask
+and position ids of training (`lora_rm.model.collate.shared_prefix_mask`), so the prompt of a GRPO group or of a pair
+is read once; short units are packed several to a row, and a batch holds as many rows as a token budget allows.
+Each distinct sequence is read once and rewards come back in the caller's order.
+
+Models the layout probe does not pass (`lora_rm.model.probe.probe_packed_layout`: encoders, models that ignore a 4D
+mask, int8 noise beyond its floor) read plain right-padded rows, longest first, under the same token budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import weakref
+from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lora_rm.data.encode import EncodedPair
+from lora_rm.data.sequences import common_prefix_len
+from lora_rm.model.collate import pad_sequences, shared_prefix_mask
+from lora_rm.model.precision import reads_last_token
+from lora_rm.model.probe import probe_packed_layout
+from lora_rm.model.rewards import compute_rewards
+
+DEFAULT_MAX_TOKENS = 16384  # tokens per forward (rows x width), padding included
+DEFAULT_ROW_TOKENS = 1024  # tokens per packed row; a longer unit sits alone in its row
+
+_packed_ok: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> probe verdict
+
+
+@dataclass
+class Unit:
+    """Distinct sequences read in one stretch of a row: their shared prefix once, then each one's suffix."""
+
+    prefix: int  # tokens every member starts with
+    members: list[int]  # indices into the distinct sequences
+
+
+def group_by_key(keys: Sequence[Hashable]) -> list[list[int]]:
+    """Indices grouped by equal key (a prompt), groups in order of first appearance."""
+    groups: dict[Hashable, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    return list(groups.values())
+
+
+def group_by_prefix(seqs: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Groups of sequences that start alike, found without prompts (full texts): sequences in token order, a
+    neighbour joining the group when the tokens it saves (the shared prefix) outweigh what the shorter shared
+    prefix costs the other members (k members with prefix p, joined at p' < p: it saves p', costs
+    (k - 1)(p - p'); the first member's own tokens are read either way)."""
+    order = sorted(range(len(seqs)), key=lambda i: list(seqs[i]))
+    groups: list[list[int]] = []
+    prefix = 0
+    for i in order:
+        if groups:
+            shared = min(prefix, common_prefix_len(seqs[groups[-1][-1]], seqs[i]))
+            if shared > (len(groups[-1]) - 1) * (prefix - shared):
+                groups[-1].append(i)
+                prefix = shared
+                continue
+        groups.append([i])
+        prefix = len(seqs[i])
+    return groups
+
+
+def make_units(seqs: Sequence[Sequence[int]], groups: list[list[int]], row_tokens: int) -> list[Unit]:
+    """Each group as one unit, or several when its members do not fit `row_tokens` together."""
+    units = []
+    for group in groups:
+        current: list[int] = []
+        for i in group:
+            if current and _unit_cost(seqs, current + [i]) > row_tokens:
+                units.append(Unit(_shared(seqs, current), current))
+                current = []
+            current.append(i)
+        units.append(Unit(_shared(seqs, current), current))
+    return units
+
+
+def _shared(seqs: Sequence[Sequence[int]], members: list[int]) -> int:
+    first = seqs[members[0]]
+    return min([len(first)] + [common_prefix_len(first, seqs[i]) for i in members[1:]])
+
+
+def _unit_cost(seqs: Sequence[Sequence[int]], members: list[int]) -> int:
+    p = _shared(seqs, members)
+    return p + sum(len(seqs[i]) - p for i in members)
+
+
+def pack_rows(seqs: Sequence[Sequence[int]], units: list[Unit], row_tokens: int) -> list[list[Unit]]:
+    """Units packed into rows of at most `row_tokens` tokens (first fit, longest first)."""
+    rows: list[list[Unit]] = []
+    room: list[int] = []
+    for unit in sorted(units, key=lambda u: -_unit_cost(seqs, u.members)):
+        cost = _unit_cost(seqs, unit.members)
+        row = next((r for r, left in enumerate(room) if left >= cost), None)
+        if row is None:
+            rows.append([])
+            room.append(row_tokens)
+            row = len(rows) - 1
+        rows[row].append(unit)
+        room[row] -= cost
+    return rows
+
+
+def build_rows(
+    seqs: Sequence[Sequence[int]], rows: list[list[Unit]], pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """(input_ids, 4D mask, position_ids, flat read index, member ids) of packed rows: the reward of member
+    `members[k]` is the head's output at flat position `index[k]` (its last token)."""
+    width = max(sum(_unit_cost(seqs, u.members) for u in row) for row in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    position_ids, part = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
+    segment = torch.full(shape, -1, dtype=torch.long)
+    index, members = [], []
+    for r, row in enumerate(rows):
+        offset = 0
+        for s, unit in enumerate(row):
+            p = unit.prefix
+            ids, parts, pos = list(seqs[unit.members[0]][:p]), [0] * p, list(range(p))
+            for k, i in enumerate(unit.members, start=1):
+                suffix = list(seqs[i][p:])
+                ids, parts, pos = (
+                    ids + suffix,
+                    parts + [k] * len(suffix),
+                    pos + list(range(p, p + len(suffix))),
+                )
+                index.append(r * width + offset + len(ids) - 1 if suffix else r * width + offset + p - 1)
+                members.append(i)
+            span = slice(offset, offset + len(ids))
+            input_ids[r, span], position_ids[r, span] = torch.tensor(ids), torch.tensor(pos)
+            part[r, span], segment[r, span] = torch.tensor(parts), s
+            offset += len(ids)
+    mask = shared_prefix_mask(segment, part)
+    return input_ids, mask, position_ids, torch.tensor(index), members
+
+
+def cut_batches(widths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Rows (by index), longest first, cut into batches of at most `max_tokens` padded tokens (rows x the
+    widest row); a row over the budget forms a batch alone."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(widths)), key=lambda i: -widths[i]):
+        if batches and (len(batches[-1]) + 1) * widths[batches[-1][0]] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def shared_rows_exact(
+    model: Any, seqs: Sequence[Sequence[int]], groups: list[list[int]], pad_token_id: int, log: Callable
+) -> bool:
+    """Whether `model` reads the shared-prefix layout exactly: the training probe on pairs of these
+    sequences, run once per model (decoders only) and logged when it says no."""
+    if model in _packed_ok:
+        return _packed_ok[model]
+    if not reads_last_token(model.config):
+        log("scoring: plain rows (an encoder reads the whole row; prefix-shared rows need a causal decoder)")
+        _packed_ok[model] = False
+        return False
+    pairs = [EncodedPair(list(seqs[g[0]]), list(seqs[g[1]])) for g in groups if len(g) > 1]
+    pairs += [EncodedPair(list(seqs[a[0]]), list(seqs[b[0]])) for a, b in zip(groups[::2], groups[1::2])]
+    pairs = sorted(
+        pairs, key=lambda p: (common_prefix_len(p.chosen, p.rejected) == 0, len(p.chosen) + len(p.rejected))
+    )
+    with _in_fp32(model):
+        probe = probe_packed_layout(model, pairs[:4], pad_token_id)
+    if not probe.exact:
+        log(
+            f"scoring: plain rows ({type(model).__name__} does not give plain rows' rewards from prefix-shared "
+            f"rows: max |diff| {probe.packed_diff:.1e}, noise floor {probe.noise_floor:.1e})"
+        )
+    _packed_ok[model] = probe.exact
+    return probe.exact
+
+
+@contextlib.contextmanager
+def _in_fp32(model: Any):
+    """The model's bf16/fp16 weights and buffers in fp32 for the duration, then back, bit for bit.
+
+    Whether a model takes the 4D mask is a property of its architecture; probed in half precision, the
+    rounding of two kernels (about one bf16 step of the reward, with no batch-to-batch noise to measure it
+    against) reads as a layout that is not exact. Quantized weights are left as they are (their noise floor is
+    the probe's own)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    quantized = any(t.dtype in (torch.int8, torch.uint8) for t in model.parameters())
+    half = [] if quantized else [t for t in tensors if t.dtype in (torch.bfloat16, torch.float16)]
+    dtypes = [t.dtype for t in half]
+    for t in half:
+        t.data = t.data.float()
+    try:
+        yield
+    finally:
+        for t, dtype in zip(half, dtypes):
+            t.data = t.data.to(dtype)
+
+
+@torch.no_grad()
+def score_sequences(
+    model: Any,
+    seqs: Sequence[Sequence[int]],
+    pad_token_id: int,
+    keys: Sequence[Hashable] | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    row_tokens: int = DEFAULT_ROW_TOKENS,
+    packed: bool | None = None,
+    progress: Callable[[int], Any] | None = None,
+    log: Callable[[str], Any] = print,
+) -> torch.Tensor:
+    """Raw rewards [N] (float32, CPU) of token-id sequences, in their order, each read as
+    `AutoModelForSequenceClassification` reads it alone (right-padded, at its last non-pad token).
+
+    `keys` (e.g. the prompt of each sequence) groups sequences whose shared prefix is read once; without keys,
+    sequences that start alike are found by their tokens. `packed` None asks the layout probe (once per model),
+    False forces plain rows. `max_tokens` bounds rows x width of every forward, `row_tokens` a packed row.
+    `progress` is called with the count of sequences done after each batch. Raises ValueError for an empty
+    sequence. The model is put back in training mode if it was.
+    """
+    if any(len(s) == 0 for s in seqs):
+        raise ValueError("an empty sequence has no reward")
+    distinct: dict[tuple[int, ...], int] = {}
+    where = [distinct.setdefault(tuple(s), len(distinct)) for s in seqs]
+    decoder = reads_last_token(model.config)
+    uniq = [_strip_pads(s, pad_token_id) if decoder else list(s) for s in distinct]
+    out = torch.empty(len(uniq), dtype=torch.float32)
+    if not uniq:
+        return out
+    was_training = model.training
+    if was_training:
+        model.eval()
+    try:
+        groups = group_by_prefix(uniq) if keys is None else _key_groups(keys, where)
+        if packed is None:
+            packed = len(uniq) > 1 and shared_rows_exact(model, uniq, groups, pad_token_id, log)
+        counts = Counter(where)
+        read = _read_packed if packed else _read_plain
+        for members, rewards in read(model, uniq, groups, pad_token_id, max_tokens, row_tokens):
+            out[members] = rewards
+            if progress is not None:
+                progress(sum(counts[i] for i in set(members)))
+    finally:
+        if was_training:
+            model.train()
+    return out[where]
+
+
+def _strip_pads(seq: tuple[int, ...], pad_token_id: int) -> list[int]:
+    """Without trailing pad ids (transformers never reads them; a causal model's earlier tokens do not see
+    them), keeping one token."""
+    n = len(seq)
+    while n > 1 and seq[n - 1] == pad_token_id:
+        n -= 1
+    return list(seq[:n])
+
+
+def _key_groups(keys: Sequence[Hashable], where: list[int]) -> list[list[int]]:
+    first: dict[int, Hashable] = {}
+    for k, i in zip(keys, where):
+        first.setdefault(i, k)
+    return group_by_key([first[i] for i in range(len(first))])
+
+
+def _read_packed(model, seqs, groups, pad_token_id, max_tokens, row_tokens):
+    row_tokens = max(row_tokens, max(len(s) for s in seqs))
+    rows = pack_rows(seqs, make_units(seqs, groups, row_tokens), row_tokens)
+    widths = [sum(_unit_cost(seqs, u.members) for u in row) for row in rows]
+    device = next(model.parameters()).device
+    for batch in cut_batches(widths, max_tokens):
+        ids, mask, pos, index, members = build_rows(seqs, [rows[r] for r in batch], pad_token_id)
+        rewards = compute_rewards(model, ids.to(device), mask.to(device), pos.to(device), index.to(device))
+        yield members, rewards.float().cpu()
+
+
+def _read_plain(model, seqs, groups, pad_token_id, max_tokens, row_tokens):
+    device = next(model.parameters()).device
+    for batch in cut_batches([len(s) for s in seqs], max_tokens):
+        ids, mask = pad_sequences([seqs[i] for i in batch], pad_token_id)
+        yield batch, compute_rewards(model, ids.to(device), mask.to(device)).float().cpu()
+
+
+class Throughput:
+    """Sequences and tokens read and the seconds it took, for the log line of a scoring command."""
+
+    def __init__(self, seqs: Sequence[Sequence[int]]):
+        self.n, self.tokens, self.started = len(seqs), sum(len(s) for s in seqs), time.perf_counter()
+
+    def line(self, what: str = "scored") -> str:
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        return (
+            f"{what} {self.n} sequences ({self.tokens} tokens) in {seconds:.1f}s: "
+            f"{self.n / seconds:.1f} sequences/s, {self.tokens / seconds:.0f} tokens/s"
+        )
