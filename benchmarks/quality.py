@@ -67,8 +67,7 @@ def encode_file(path: Path, tokenizer, max_length: int) -> list:
 
 
 def train_lora_rm(args, seed: int, base: Path, train_file: Path, heldout_file: Path, out: Path):
-    from lora_rm import TrainConfig
-    from lora_rm.training import train
+    from lora_rm import TrainConfig, train
 
     cfg = TrainConfig(
         base=str(base),

@@ -138,7 +138,7 @@ class Runs:
 
 # What a run that trains imports beyond a run rejected during validation: ~5 s of CPU per process
 TRAINING_MODULES = (
-    "lora_rm.training.train",
+    "lora_rm.training.loop",
     "peft",
     "transformers.models.auto.modeling_auto",
     "transformers.models.gpt2.modeling_gpt2",

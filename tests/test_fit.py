@@ -189,13 +189,13 @@ def test_not_learning_is_said_with_the_change_to_make(loss, abs_margin_sum, lr, 
 def test_a_run_with_a_tiny_learning_rate_is_told_early(tmp_path, tiny_gpt2, monkeypatch):
     import sys
 
-    train_module = sys.modules["lora_rm.training.train"]  # `lora_rm.training.train` is also the function
+    setup_module = sys.modules["lora_rm.training.setup"]  # where set_up looks init_head up
 
     def tiny_head(model):  # a head that starts near 0 (as on a real base's wide hidden states): loss ~ln 2
         with torch.no_grad():
             model.score.weight.mul_(1e-3)
 
-    monkeypatch.setattr(train_module, "init_head", tiny_head)
+    monkeypatch.setattr(setup_module, "init_head", tiny_head)
     lines: list[str] = []
     train(
         _cfg(tmp_path, tiny_gpt2, "fp32", max_steps=20, learning_rate=1e-9, logging_steps=100),

@@ -1,4 +1,4 @@
-"""lora_rm.training.train: gradient accumulation, the training loop end to end, what it changes and writes."""
+"""lora_rm.train (lora_rm.training.loop): gradient accumulation, the training loop end to end, what it changes and writes."""
 
 from __future__ import annotations
 
