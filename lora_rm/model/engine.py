@@ -29,7 +29,10 @@ from lora_rm.model.probe import probe_packed_layout
 from lora_rm.model.rewards import compute_rewards
 
 DEFAULT_MAX_TOKENS = 16384  # tokens per forward (rows x width), padding included
-DEFAULT_ROW_TOKENS = 1024  # tokens per packed row; a longer unit sits alone in its row
+# Tokens per packed row; a longer unit sits alone in its row. Measured on SmolLM2-135M, bf16, 2 CPU cores
+# (docs/scoring.md): rows of 256-512 tokens were slower on GRPO groups (a group split over rows reads its prompt
+# again, which costs more than the attention it saves), 768 and 1024 were level within the machine's noise.
+DEFAULT_ROW_TOKENS = 1024
 
 _packed_ok: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> probe verdict
 
