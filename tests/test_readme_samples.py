@@ -17,7 +17,7 @@ QUICKSTART_OUTPUT = """data: explicit format; train: 800 pairs
 step 140/150: loss 0.0200, accuracy 0.990, lr 1e-05
 step 150/150: loss 0.0191, accuracy 0.994, lr 0
 saved adapter (LoRA + reward head) to {out}/adapter
-eval: accuracy 0.990 (0 ties), loss 0.0463, ECE 0.024, reward-length spearman 0.184, 200 pairs; written to {out}/eval in 0.6s
+eval: accuracy 0.990 (0 ties), loss 0.0463, ECE 0.024, reward-length spearman 0.184, 200 pairs; written to {out}/eval in 0.6s (scored 381 sequences (15546 tokens) in 0.2s: 2038.3 sequences/s, 83169 tokens/s)
 saved merged model to {out}/merged in 0.7s (max reward difference vs adapter 7.15e-07)
 final eval: accuracy 0.990 (0 ties), loss 0.0463, 200 pairs
 done in 5.3s: adapter in {out}/adapter, merged model in {out}/merged
