@@ -242,7 +242,7 @@ def plain_server(model: str, port: int, dtype: str) -> int:
     from fastapi import FastAPI, Request
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from lora_rm.evaluation.reward_model import scoring_dtype
+    from lora_rm.model.precision import scoring_dtype
     from lora_rm.serving.guard import listen_socket
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -273,8 +273,8 @@ def serve_rows(name: str, folder: Path, dialogues: list[dict], args, tmp: Path) 
     from serve import Process, measure
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from lora_rm.evaluation.reward_model import DTYPE_ENV, scoring_dtype
     from lora_rm.model.engine import group_by_prefix
+    from lora_rm.model.precision import DTYPE_ENV, scoring_dtype
 
     n_requests = 8 * args.rounds
     answers = [split_prompt(d[side])[1] for d in dialogues for side in ("chosen", "rejected")]

@@ -14,7 +14,7 @@ import lora_rm
 from lora_rm.data.encode import EncodedPair
 from lora_rm.data.sequences import encode_sequences
 from lora_rm.evaluation.evaluate import full_evaluation
-from lora_rm.evaluation.reward_model import RewardModel, scoring_dtype
+from lora_rm.evaluation.reward_model import RewardModel
 from lora_rm.model.engine import (
     build_rows,
     cut_batches,
@@ -23,6 +23,7 @@ from lora_rm.model.engine import (
     pack_rows,
     score_sequences,
 )
+from lora_rm.model.precision import scoring_dtype
 
 ATOL = 1e-4
 TARGETS = {"gpt2": ["c_attn"], "distinct_pad": ["c_attn"], "bert": ["query", "value"]}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from lora_rm.model.engine import Throughput, score_sequences
 from lora_rm.model.folder_checks import check_reward_stats, check_run_config
 from lora_rm.model.folder_fit import check_merged_folder, check_rewards_finite, loading
 from lora_rm.model.load import check_quantization, load_base_model, load_tokenizer
-from lora_rm.model.precision import choose_precision
+from lora_rm.model.precision import scoring_dtype
 from lora_rm.model.saved import check_sequence_format, load_reward_model
 from lora_rm.util.atomic import staged
 from lora_rm.util.bounds import check_batch_size
@@ -42,34 +41,6 @@ from lora_rm.util.quiet import quiet_by_default
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-DTYPE_ENV = "LORA_RM_SCORE_DTYPE"  # the default of every scoring caller: auto, fp32, bf16 or fp16
-
-
-def scoring_dtype(
-    device: torch.device, dtype: torch.dtype | str | None = None, quant: str = "none"
-) -> tuple[torch.dtype, str]:
-    """(dtype, why) to score in: `dtype` when given (a torch dtype or auto/fp32/bf16/fp16), else $LORA_RM_SCORE_DTYPE,
-    else auto: bf16 on GPUs that have it (fp16 on others) and on CPUs with AVX512-BF16/AMX, fp32 elsewhere and
-    for a quantized base on the CPU (`lora_rm.model.precision.choose_precision`). Raises UserError for an unknown name."""
-    if isinstance(dtype, torch.dtype):
-        return dtype, "asked for"
-    name = dtype or os.environ.get(DTYPE_ENV) or "auto"
-    if name != "auto" and name not in DTYPES:
-        raise UserError(f"dtype: one of auto, {', '.join(DTYPES)}; got {name!r}")
-    if name != "auto":
-        return DTYPES[name], "asked for" if dtype else f"${DTYPE_ENV}"
-    precision, why = choose_precision("auto", device.type, quant)
-    return DTYPES.get(precision, torch.float32), why
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """The dtype `scoring_dtype` picks on `device` for an unquantized model."""
-    return scoring_dtype(device)[0]
 
 
 class RewardModel:

@@ -1,8 +1,9 @@
-"""Which precision a device runs a model in, and how a model reads its reward (at the last token or
-the first)."""
+"""Which precision a device trains and scores a model in, and how a model reads its reward (at the last token
+or the first)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -62,3 +63,26 @@ def reads_last_token(model_config: Any) -> bool:
 
     kind = getattr(model_config, "model_type", None)
     return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+DTYPE_ENV = "LORA_RM_SCORE_DTYPE"  # the default of every scoring caller: auto, fp32, bf16 or fp16
+
+
+def scoring_dtype(
+    device: torch.device, dtype: torch.dtype | str | None = None, quant: str = "none"
+) -> tuple[torch.dtype, str]:
+    """(dtype, why) to score in: `dtype` when given (a torch dtype or auto/fp32/bf16/fp16), else $LORA_RM_SCORE_DTYPE,
+    else auto: bf16 on GPUs that have it (fp16 on others) and on CPUs with AVX512-BF16/AMX, fp32 elsewhere and
+    for a quantized base on the CPU (`lora_rm.model.precision.choose_precision`). Raises UserError for an unknown name."""
+    if isinstance(dtype, torch.dtype):
+        return dtype, "asked for"
+    name = dtype or os.environ.get(DTYPE_ENV) or "auto"
+    if name != "auto" and name not in DTYPES:
+        raise UserError(f"dtype: one of auto, {', '.join(DTYPES)}; got {name!r}")
+    if name != "auto":
+        return DTYPES[name], "asked for" if dtype else f"${DTYPE_ENV}"
+    precision, why = choose_precision("auto", device.type, quant)
+    return DTYPES.get(precision, torch.float32), why

@@ -79,6 +79,12 @@ def check_not_protected(out: Path, cfg: Any) -> None:
     the data) or another run's folder, contains the current folder (or is it, holding other files), or is or
     contains lora_rm's own source tree: a run writes, and with --overwrite-output-dir deletes, in its output
     folder."""
+    # the source tree first: when it and an input share a parent folder, this is the refusal to name
+    source = Path(__file__).resolve().parents[2]
+    if (source / "pyproject.toml").is_file() and is_within(source, out):
+        raise UserError(
+            f"--output-dir {out}: is or contains lora_rm's source tree ({source}); choose another"
+        )
     read = [("--base", cfg.base), ("--dataset", cfg.dataset), ("--eval-dataset", cfg.eval_dataset)]
     for option, value in read:
         if not value or not Path(value).exists():
@@ -88,11 +94,6 @@ def check_not_protected(out: Path, cfg: Any) -> None:
                 f"--output-dir {out}: overlaps the folder of {option} {value}; a run must not write where "
                 "its inputs are. Choose another --output-dir"
             )
-    source = Path(__file__).resolve().parents[2]
-    if (source / "pyproject.toml").is_file() and is_within(source, out):
-        raise UserError(
-            f"--output-dir {out}: is or contains lora_rm's source tree ({source}); choose another"
-        )
     cwd, here = Path.cwd().resolve(), Path(out).resolve()
     if here in cwd.parents or (here == cwd and foreign_entries(cwd)):  # a run may start in an empty folder
         where = (
