@@ -135,7 +135,7 @@ def run_score(argv: list[str]) -> int:
         progress=True,
     )
     write_jsonl_atomic(args.output, [{**r.fields, "reward": x} for r, x in zip(rows, rewards)])
-    print(f"scored {len(rows)} rows into {args.output}")
+    print(f"scored {len(rows)} row{'s' * (len(rows) != 1)} into {args.output}")
     return 0
 
 

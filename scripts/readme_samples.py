@@ -27,7 +27,7 @@ QUICKSTART_LINES = [
     r"step (\d+)/\1: loss \d\.\d{4}, accuracy \d\.\d{3}, lr \S+",
     r"saved adapter \(LoRA \+ reward head\) to runs/quickstart/adapter",
     r"eval: accuracy \d\.\d{3} \(\d+ ties\), loss \d\.\d{4}, ECE \d\.\d{3}, reward-length spearman -?\d\.\d{3}, "
-    r"\d+ pairs; written to runs/quickstart/eval in \d+\.\ds \(scored \d+ sequences \(\d+ tokens\) in \d+\.\ds: "
+    r"\d+ pairs; written to runs/quickstart/eval in \d+\.\ds \(scored \d+ sequences? \(\d+ tokens\) in \d+\.\ds: "
     r"\d+\.\d sequences/s, \d+ tokens/s\)",
     r"saved merged model to runs/quickstart/merged in \d+\.\ds \(max reward difference vs adapter \S+\)",
     r"final eval: accuracy \d\.\d{3} \(\d+ ties\), loss \d\.\d{4}, \d+ pairs",

@@ -16,6 +16,7 @@ from lora_rm.data.sequences import encode_sequences
 from lora_rm.evaluation.evaluate import full_evaluation
 from lora_rm.evaluation.reward_model import RewardModel
 from lora_rm.model.engine import (
+    Throughput,
     build_rows,
     cut_batches,
     group_by_prefix,
@@ -279,3 +280,9 @@ def test_a_model_that_ignores_the_4d_mask_reads_plain_rows(tiny_gpt2):
     _close(got, score_sequences(model, seqs, 0, packed=False), "plain rows")
     score_sequences(model, seqs, 0, log=logs.append)
     assert len(logs) == 1  # probed once per model
+
+
+def test_the_throughput_line_counts_in_words_that_agree():
+    assert Throughput([[1, 2]]).line().startswith("scored 1 sequence (2 tokens) in ")
+    line = Throughput([[1, 2], [3]]).line("read")
+    assert line.startswith("read 2 sequences (3 tokens) in ") and " sequences/s, " in line

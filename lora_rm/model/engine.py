@@ -298,6 +298,6 @@ class Throughput:
     def line(self, what: str = "scored") -> str:
         seconds = max(time.perf_counter() - self.started, 1e-9)
         return (
-            f"{what} {self.n} sequences ({self.tokens} tokens) in {seconds:.1f}s: "
+            f"{what} {self.n} sequence{'s' * (self.n != 1)} ({self.tokens} tokens) in {seconds:.1f}s: "
             f"{self.n / seconds:.1f} sequences/s, {self.tokens / seconds:.0f} tokens/s"
         )
