@@ -141,6 +141,15 @@ def test_no_private_name_crosses_a_module():
     assert crossing == []
 
 
+def _python(script: str) -> subprocess.CompletedProcess:
+    """`script` run by a fresh interpreter in the repository; its output, once it has exited 0."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.integration
 def test_every_module_imports_on_its_own():
     """Each module imported first, in a package where nothing else is loaded yet (one interpreter: torch
@@ -152,10 +161,7 @@ def test_every_module_imports_on_its_own():
         "        del sys.modules[loaded]\n"
         "    importlib.import_module('lora_rm.' + name)\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=240
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _python(script)
 
 
 @pytest.mark.integration
@@ -170,13 +176,11 @@ def test_the_cli_leaves_heavy_libraries_to_the_commands_that_use_them():
         "    main(['--help'])\n"
         f"print([m for m in {heavy!r} if m in sys.modules])\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=240
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _python(script)
     assert proc.stdout.strip() == "[]"
 
 
+@pytest.mark.integration
 def test_the_package_imports_without_the_serve_extra():
     """FastAPI, uvicorn and pydantic (the `serve` extra) are imported by `lora-rm serve` only: with them
     missing, the package, the server's modules and `lora-rm --help` still import and run."""
@@ -185,12 +189,9 @@ def test_the_package_imports_without_the_serve_extra():
         "import contextlib, io, sys\n"
         f"for name in {extra!r}:\n"
         "    sys.modules[name] = None  # `import name` now raises ImportError\n"
-        "import lora_rm, lora_rm.serving.server, lora_rm.serving.request, lora_rm.serving.guard, lora_rm.serving.batcher\n"
+        f"import lora_rm, {', '.join('lora_rm.' + m for m in MODULES if m.startswith('serving.'))}\n"
         "from lora_rm.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    main(['--help'])\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=240
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _python(script)
