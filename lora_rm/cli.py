@@ -111,7 +111,8 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def run_score(argv: list[str]) -> int:
-    from lora_rm.evaluation.reward_model import read_score_rows, write_jsonl_atomic
+    from lora_rm.data.checks import read_score_rows
+    from lora_rm.util.atomic import write_jsonl_atomic
 
     parser = _model_parser("lora-rm score", "Add a `reward` field to every prompt/response row of a file.")
     parser.add_argument(

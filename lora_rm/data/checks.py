@@ -3,7 +3,7 @@ conversational or ranking; see `detect_format`) from its columns, then find ever
 non-text, empty or control-character text, malformed chat messages, a chosen identical to its rejected, a bad
 margin, duplicate keys met while reading) as `where: field: reason`, and either raise them all as one UserError
 or, with --skip-invalid, drop those rows and count them. Scoring applies the same text and message checks to
-its prompts and responses.
+its prompts and responses (`read_score_rows`: the rows of `lora-rm score`).
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
-from lora_rm.data.read import Row
+from lora_rm.data.read import Row, load_rows
 from lora_rm.errors import UserError, problems_message
 
 ROLES = {"system", "user", "assistant", "tool"}
@@ -210,3 +211,25 @@ def check_rows(
     if not kept:
         raise UserError(f"{source}: every row is invalid [{counts}]")
     return kept
+
+
+def read_score_rows(path: str | Path) -> list[Row]:
+    """Rows with a `prompt` (text, or a message list) and a `response` (text) from a local file.
+
+    Raises UserError listing every bad row as `file:line: field: reason` (first 20 shown).
+    """
+    rows = load_rows(str(path))[0]
+    problems = []
+    for row in rows:
+        prompt = row.fields.get("prompt")
+        checks = [
+            ("prompt", messages_problem(prompt) if isinstance(prompt, list) else text_problem(prompt)),
+            ("response", text_problem(row.fields.get("response"))),
+        ]
+        problems += [f"{row.where}: {p}" for p in row.problems]
+        problems += [f"{row.where}: {name}: {problem}" for name, problem in checks if problem]
+    if problems:
+        raise UserError(
+            problems_message(f"{path}: {len(problems)} problem(s); nothing was scored:", problems)
+        )
+    return rows

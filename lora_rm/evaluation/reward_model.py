@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
-from lora_rm.data.checks import check_rows, detect_format, messages_problem, text_problem
+from lora_rm.data.checks import check_rows, detect_format
 from lora_rm.data.encode import default_max_length, encode_rows
-from lora_rm.data.read import Row, load_eval_rows, load_rows
+from lora_rm.data.read import load_eval_rows
 from lora_rm.data.sequences import encode_sequences, encode_texts
-from lora_rm.errors import UserError, problems_message
+from lora_rm.errors import UserError
 from lora_rm.evaluation.evaluate import STATS_FILE, write_full_eval
 from lora_rm.model.engine import Throughput, score_sequences
 from lora_rm.model.folder_checks import check_reward_stats, check_run_config
@@ -32,7 +32,6 @@ from lora_rm.model.folder_fit import check_merged_folder, check_rewards_finite, 
 from lora_rm.model.load import check_quantization, load_base_model, load_tokenizer
 from lora_rm.model.precision import scoring_dtype
 from lora_rm.model.saved import check_sequence_format, load_reward_model
-from lora_rm.util.atomic import staged
 from lora_rm.util.bounds import check_batch_size
 from lora_rm.util.offline import model_folder
 from lora_rm.util.paths import is_within
@@ -273,37 +272,6 @@ def _load_adapter(
     if quant == "none":
         model = model.merge_and_unload().eval()
     return model, tokenizer
-
-
-def read_score_rows(path: str | Path) -> list[Row]:
-    """Rows with a `prompt` (text, or a message list) and a `response` (text) from a local file.
-
-    Raises UserError listing every bad row as `file:line: field: reason` (first 20 shown).
-    """
-    rows = load_rows(str(path))[0]
-    problems = []
-    for row in rows:
-        prompt = row.fields.get("prompt")
-        checks = [
-            ("prompt", messages_problem(prompt) if isinstance(prompt, list) else text_problem(prompt)),
-            ("response", text_problem(row.fields.get("response"))),
-        ]
-        problems += [f"{row.where}: {p}" for p in row.problems]
-        problems += [f"{row.where}: {name}: {problem}" for name, problem in checks if problem]
-    if problems:
-        raise UserError(
-            problems_message(f"{path}: {len(problems)} problem(s); nothing was scored:", problems)
-        )
-    return rows
-
-
-def write_jsonl_atomic(path: str | Path, records: list[dict[str, Any]]) -> Path:
-    """Write JSON Lines to a temporary file beside `path`, then rename it: no half-written output."""
-    path = Path(path)
-    with staged(path, folder=False) as staging, staging.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
-    return path
 
 
 def reward_function(

@@ -4,11 +4,13 @@ crash or kill never leaves a half-written output that a later read (or a resume)
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def rename_with_retry(src: Path, dst: Path, attempts: int = 10) -> None:
@@ -89,3 +91,12 @@ def respect_umask(root: Path) -> None:
         with contextlib.suppress(OSError):
             if p.is_file() and p.stat().st_mode & 0o777 == 0o600:  # another user's file: chmod fails
                 p.chmod(mode)
+
+
+def write_jsonl_atomic(path: str | Path, records: list[dict[str, Any]]) -> Path:
+    """Write JSON Lines to a temporary file beside `path`, then rename it: no half-written output."""
+    path = Path(path)
+    with staged(path, folder=False) as staging, staging.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+    return path
