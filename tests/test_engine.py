@@ -230,7 +230,8 @@ def test_units_rows_and_the_mask_by_hand():
     assert [(u.prefix, u.members) for u in units] == [(2, [0, 1, 2]), (1, [3])]
     rows = pack_rows(seqs, units, row_tokens=16)
     assert len(rows) == 1
-    ids, mask, pos, index, members = build_rows(seqs, rows, pad_token_id=0)
+    built = build_rows(seqs, rows, pad_token_id=0)
+    ids, mask, pos, index, members = built.input_ids, built.mask, built.position_ids, built.index, built.members
     assert ids.tolist() == [[5, 6, 7, 8, 9, 3]]
     assert pos.tolist() == [[0, 1, 2, 2, 3, 0]]
     assert members == [0, 1, 2, 3] and index.tolist() == [2, 4, 1, 5]  # seq 2 is the prefix: read at its end

@@ -23,9 +23,10 @@ import torch
 
 from lora_rm.data.encode import EncodedPair
 from lora_rm.data.sequences import common_prefix_len
+from lora_rm.model.attention import plan_attention, planned_attention
 from lora_rm.model.collate import pad_sequences, shared_prefix_mask
 from lora_rm.model.precision import reads_last_token
-from lora_rm.model.probe import probe_packed_layout
+from lora_rm.model.probe import probe_packed_layout, within_noise
 from lora_rm.model.rewards import compute_rewards
 
 DEFAULT_MAX_TOKENS = 16384  # tokens per forward (rows x width), padding included
@@ -33,8 +34,12 @@ DEFAULT_MAX_TOKENS = 16384  # tokens per forward (rows x width), padding include
 # (docs/scoring.md): rows of 256-512 tokens were slower on GRPO groups (a group split over rows reads its prompt
 # again, which costs more than the attention it saves), 768 and 1024 were level within the machine's noise.
 DEFAULT_ROW_TOKENS = 1024
+# Tokens per planned forward (one row; `lora_rm.model.attention`), at most the token budget. Measured on the same
+# model and machine (docs/scoring.md): 2,048-4,096 were fastest, 8,192 and 16,384 slower by 30-70% (activations
+# that no longer fit the CPU's caches); the attention cost does not grow with the row, so nothing is lost.
+PLANNED_ROW_TOKENS = 4096
 
-_packed_ok: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> probe verdict
+_layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> row_layout's verdict
 
 
 @dataclass
@@ -113,11 +118,26 @@ def pack_rows(seqs: Sequence[Sequence[int]], units: list[Unit], row_tokens: int)
     return rows
 
 
-def build_rows(
-    seqs: Sequence[Sequence[int]], rows: list[list[Unit]], pad_token_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
-    """(input_ids, 4D mask, position_ids, flat read index, member ids) of packed rows: the reward of member
-    `members[k]` is the head's output at flat position `index[k]` (its last token)."""
+@dataclass
+class Rows:
+    """Packed rows for one forward: the reward of member `members[k]` is the head's output at flat position
+    `index[k]` (its last token); `segment` and `part` lay out the units (`shared_prefix_mask`)."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    index: torch.Tensor
+    members: list[int]
+    segment: torch.Tensor
+    part: torch.Tensor
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The 4D mask [R, 1, W, W] of the layout (W x W per row: planned attention does without it)."""
+        return shared_prefix_mask(self.segment, self.part)
+
+
+def build_rows(seqs: Sequence[Sequence[int]], rows: list[list[Unit]], pad_token_id: int) -> Rows:
+    """The tensors of packed rows (`Rows`)."""
     width = max(sum(_unit_cost(seqs, u.members) for u in row) for row in rows)
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
@@ -142,8 +162,7 @@ def build_rows(
             input_ids[r, span], position_ids[r, span] = torch.tensor(ids), torch.tensor(pos)
             part[r, span], segment[r, span] = torch.tensor(parts), s
             offset += len(ids)
-    mask = shared_prefix_mask(segment, part)
-    return input_ids, mask, position_ids, torch.tensor(index), members
+    return Rows(input_ids, position_ids, torch.tensor(index), members, segment, part)
 
 
 def cut_batches(widths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -158,17 +177,21 @@ def cut_batches(widths: Sequence[int], max_tokens: int) -> list[list[int]]:
     return batches
 
 
-def shared_rows_exact(
+def row_layout(
     model: Any, seqs: Sequence[Sequence[int]], groups: list[list[int]], pad_token_id: int, log: Callable
-) -> bool:
-    """Whether `model` reads the shared-prefix layout exactly: the training probe on pairs of these
-    sequences, run once per model (decoders only) and logged when it says no."""
-    if model in _packed_ok:
-        return _packed_ok[model]
+) -> str:
+    """How `model` reads these sequences exactly, decided once per model (decoders only) and logged when it is
+    not the fastest: "planned" (prefix-shared rows, only the visible attention blocks computed:
+    `lora_rm.model.attention`), "masked" (the same rows through the 4D mask) or "plain" (one padded row each).
+
+    The rows must pass training's layout probe on pairs of these sequences; the planned attention must then
+    give the masked rows' rewards, within the same noise bar, on a few of the groups."""
+    if model in _layouts:
+        return _layouts[model]
     if not reads_last_token(model.config):
         log("scoring: plain rows (an encoder reads the whole row; prefix-shared rows need a causal decoder)")
-        _packed_ok[model] = False
-        return False
+        _layouts[model] = "plain"
+        return "plain"
     pairs = [EncodedPair(list(seqs[g[0]]), list(seqs[g[1]])) for g in groups if len(g) > 1]
     pairs += [EncodedPair(list(seqs[a[0]]), list(seqs[b[0]])) for a, b in zip(groups[::2], groups[1::2])]
     pairs = sorted(
@@ -176,13 +199,49 @@ def shared_rows_exact(
     )
     with _in_fp32(model):
         probe = probe_packed_layout(model, pairs[:4], pad_token_id)
+        planned_diff = _planned_diff(model, seqs, groups, pad_token_id) if probe.exact else None
     if not probe.exact:
         log(
             f"scoring: plain rows ({type(model).__name__} does not give plain rows' rewards from prefix-shared "
             f"rows: max |diff| {probe.packed_diff:.1e}, noise floor {probe.noise_floor:.1e})"
         )
-    _packed_ok[model] = probe.exact
-    return probe.exact
+        layout = "plain"
+    elif planned_diff is None:
+        log(f"scoring: masked rows ({type(model).__name__} does not run transformers' SDPA attention)")
+        layout = "masked"
+    elif not within_noise(planned_diff, probe.noise_floor, probe.scale):
+        log(
+            f"scoring: masked rows ({type(model).__name__} does not give the masked rows' rewards with planned "
+            f"attention: max |diff| {planned_diff:.1e}, noise floor {probe.noise_floor:.1e})"
+        )
+        layout = "masked"
+    else:
+        layout = "planned"
+    _layouts[model] = layout
+    return layout
+
+
+def _planned_diff(
+    model: Any, seqs: Sequence[Sequence[int]], groups: list[list[int]], pad_token_id: int
+) -> float | None:
+    """max |planned - masked| of the rewards of a few groups (up to 4 shared ones of up to 4 members, and 2
+    alone) packed into rows together; None when the model's attention cannot be planned."""
+    shared = [g[:4] for g in groups if len(g) > 1][:4]
+    alone = [g[:1] for g in groups if len(g) == 1][:2]
+    picked = [i for g in shared + alone for i in g]
+    sub = [seqs[i] for i in picked]
+    at = iter(range(len(picked)))
+    sub_groups = [[next(at) for _ in g] for g in shared + alone]
+    row_tokens = 2 * max(len(s) for s in sub)
+    rows = build_rows(sub, pack_rows(sub, make_units(sub, sub_groups, row_tokens), row_tokens), pad_token_id)
+    device = next(model.parameters()).device
+    ids, pos, index = (t.to(device) for t in (rows.input_ids, rows.position_ids, rows.index))
+    masked = compute_rewards(model, ids, rows.mask.to(device), pos, index)
+    with planned_attention(model, plan_attention(rows.segment, rows.part).to(device)) as planned:
+        if not planned:
+            return None
+        got = compute_rewards(model, ids, _stand_in_mask(ids), pos, index)  # as scoring runs it
+    return float((got.float() - masked.float()).abs().max())
 
 
 @contextlib.contextmanager
@@ -242,10 +301,15 @@ def score_sequences(
     try:
         groups = group_by_prefix(uniq) if keys is None else _key_groups(keys, where)
         if packed is None:
-            packed = len(uniq) > 1 and shared_rows_exact(model, uniq, groups, pad_token_id, log)
+            layout = row_layout(model, uniq, groups, pad_token_id, log) if len(uniq) > 1 else "plain"
+        else:
+            layout = "planned" if packed else "plain"
         counts = Counter(where)
-        read = _read_packed if packed else _read_plain
-        for members, rewards in read(model, uniq, groups, pad_token_id, max_tokens, row_tokens):
+        if layout == "plain":
+            batches = _read_plain(model, uniq, pad_token_id, max_tokens)
+        else:
+            batches = _read_packed(model, uniq, groups, pad_token_id, max_tokens, row_tokens, layout == "planned")
+        for members, rewards in batches:
             out[members] = rewards
             if progress is not None:
                 progress(sum(counts[i] for i in set(members)))
@@ -271,18 +335,37 @@ def _key_groups(keys: Sequence[Hashable], where: list[int]) -> list[list[int]]:
     return group_by_key([first[i] for i in range(len(first))])
 
 
-def _read_packed(model, seqs, groups, pad_token_id, max_tokens, row_tokens):
+def _read_packed(model, seqs, groups, pad_token_id, max_tokens, row_tokens, planned):
+    """Masked rows of up to `row_tokens`, several a forward; planned, one row a forward of up to
+    `PLANNED_ROW_TOKENS` within `max_tokens` (its attention costs what each segment sees, not the row's width,
+    and a single row has no padding)."""
+    if planned:
+        row_tokens = min(max_tokens, PLANNED_ROW_TOKENS)
     row_tokens = max(row_tokens, max(len(s) for s in seqs))
     rows = pack_rows(seqs, make_units(seqs, groups, row_tokens), row_tokens)
     widths = [sum(_unit_cost(seqs, u.members) for u in row) for row in rows]
     device = next(model.parameters()).device
-    for batch in cut_batches(widths, max_tokens):
-        ids, mask, pos, index, members = build_rows(seqs, [rows[r] for r in batch], pad_token_id)
-        rewards = compute_rewards(model, ids.to(device), mask.to(device), pos.to(device), index.to(device))
-        yield members, rewards.float().cpu()
+    for batch in cut_batches(widths, row_tokens if planned else max_tokens):
+        built = build_rows(seqs, [rows[r] for r in batch], pad_token_id)
+        ids, pos, index = (t.to(device) for t in (built.input_ids, built.position_ids, built.index))
+        if planned:
+            with planned_attention(model, plan_attention(built.segment, built.part).to(device)) as ok:
+                mask = _stand_in_mask(ids) if ok else built.mask.to(device)
+                rewards = compute_rewards(model, ids, mask, pos, index)
+        else:
+            rewards = compute_rewards(model, ids, built.mask.to(device), pos, index)
+        yield built.members, rewards.float().cpu()
 
 
-def _read_plain(model, seqs, groups, pad_token_id, max_tokens, row_tokens):
+def _stand_in_mask(ids: torch.Tensor) -> torch.Tensor:
+    """The 4D mask a planned forward passes: all-True [R, 1, 1, 1], which transformers hands to the attention
+    as it is. The plan decides what each token sees; without one, transformers would build a mask of its own
+    from the position ids (W x W, wrong for suffixes that do not restart their positions). A model whose
+    attention skips the plan would read whole rows with it, so `_planned_diff` tests the forward in this form."""
+    return torch.ones(ids.shape[0], 1, 1, 1, dtype=torch.bool, device=ids.device)
+
+
+def _read_plain(model, seqs, pad_token_id, max_tokens):
     device = next(model.parameters()).device
     for batch in cut_batches([len(s) for s in seqs], max_tokens):
         ids, mask = pad_sequences([seqs[i] for i in batch], pad_token_id)

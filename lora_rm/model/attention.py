@@ -1,0 +1,235 @@
+"""Attention over prefix-shared rows that computes only the blocks the layout lets a token see.
+
+A packed row [prefix | suffix 1 | suffix 2 | ... | next unit ...] read through a 4D mask makes SDPA compute every
+W x W block of the row and throw most of them away: on a CPU the kernel skips no masked block. Here each
+stretch of a row is one query segment that attends only to what it may see:
+- a unit's shared prefix (or a lone sequence): itself, causally;
+- a suffix: its unit's prefix, all of it, then itself, causally.
+Segments of like length are gathered into small padded batches (one SDPA call each, the prefixes with the
+kernel's own causal skipping), and the outputs scattered back to their places in the rows. Every layer of a
+forward reuses one plan, built once from the row layout (`segment`, `part`: `lora_rm.model.collate`).
+
+`planned_attention(model, plan)` routes the model's attention here for the forwards inside it. A call without
+a plan for its rows (another thread, another shape) runs transformers' SDPA with the 4D mask as before, so the
+rows stay exact either way; the engine checks the planned forward against the masked one on each model first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from lora_rm.model.load import unwrap_model
+
+NAME = "lora_rm_prefix_shared"
+# What one SDPA call costs beyond its arithmetic, in (query, key) pairs of attention work: segments share a
+# call (padded to the widest) while the padding costs less than another call. Measured on SmolLM2-135M, bf16,
+# 2 CPU cores (docs/scoring.md).
+CALL_PAIRS = 16384
+
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA's enable_gqa
+
+_plan: contextvars.ContextVar[AttentionPlan | None] = contextvars.ContextVar("lora_rm_attention_plan", default=None)
+_switch_lock = threading.Lock()
+_switched: dict[int, list] = {}  # id(config) -> [implementation before, planned forwards running]
+
+
+@dataclass
+class SegmentBatch:
+    """Query segments of like length, read by one SDPA call: `count` segments of `queries` query slots and
+    `keys` key slots each (padded), at `q_start`/`k_start` of the plan's gathered queries and keys."""
+
+    count: int
+    queries: int
+    keys: int
+    q_start: int
+    k_start: int
+    mask: torch.Tensor | None  # [count, 1, queries, keys] True = may attend; None: causal (queries == keys)
+
+
+@dataclass
+class AttentionPlan:
+    """One forward's attention: gather `q_index` and `k_index` (flat positions, rows x width), run the
+    batches, keep the outputs at `keep` and put them at `out_index`."""
+
+    shape: tuple[int, int]  # (rows, width) of the forward the plan is for
+    batches: list[SegmentBatch]
+    q_index: torch.Tensor
+    k_index: torch.Tensor
+    keep: torch.Tensor
+    out_index: torch.Tensor
+
+    def to(self, device: torch.device) -> AttentionPlan:
+        batches = [
+            SegmentBatch(b.count, b.queries, b.keys, b.q_start, b.k_start, None if b.mask is None else b.mask.to(device))
+            for b in self.batches
+        ]
+        tensors = (t.to(device) for t in (self.q_index, self.k_index, self.keep, self.out_index))
+        return AttentionPlan(self.shape, batches, *tensors)
+
+
+def layout_spans(segment: torch.Tensor, part: torch.Tensor) -> list[tuple[int, int, int, int, int]]:
+    """(row, unit, part, flat start, length) of each run of equal (unit, part) in the rows, pads left out."""
+    rows, width = segment.shape
+    spans = []
+    for r in range(rows):
+        seg, prt = segment[r].tolist(), part[r].tolist()
+        start = 0
+        for t in range(1, width + 1):
+            if t == width or seg[t] != seg[start] or prt[t] != prt[start]:
+                if seg[start] >= 0:
+                    spans.append((r, seg[start], prt[start], r * width + start, t - start))
+                start = t
+    return spans
+
+
+def plan_attention(segment: torch.Tensor, part: torch.Tensor) -> AttentionPlan:
+    """The plan of rows laid out as `shared_prefix_mask(segment, part)` describes: the same visibility, with
+    only the visible blocks computed (up to the padding of segments batched together)."""
+    spans = layout_spans(segment, part)
+    prefixes = {(r, u): (start, n) for r, u, p, start, n in spans if p == 0}
+    causal, suffixes = [], []
+    for r, u, p, start, n in spans:
+        if p == 0:
+            causal.append((list(range(start, start + n)), []))
+        else:
+            pstart, pn = prefixes.get((r, u), (0, 0))
+            suffixes.append((list(range(start, start + n)), list(range(pstart, pstart + pn))))
+    groups = [(g, True) for g in _partition(causal, causal=True)]
+    groups += [(g, False) for g in _partition(suffixes, causal=False)]
+    batches, q_index, k_index, keep, out_index = [], [], [], [], []
+    q_at = k_at = 0
+    for group, is_causal in groups:
+        lq = max(len(own) for own, _ in group)
+        lk = max(len(seen) + len(own) for own, seen in group)
+        mask = None if is_causal else torch.zeros(len(group), 1, lq, lk, dtype=torch.bool)
+        i, j = torch.arange(lq)[:, None], torch.arange(lk)[None, :]
+        for s, (own, seen) in enumerate(group):
+            n, p = len(own), len(seen)
+            q_index += own + [own[0]] * (lq - n)  # pad slots repeat a real query; their outputs are dropped
+            k_index += seen + own + [own[0]] * (lk - p - n)
+            keep += range(q_at + s * lq, q_at + s * lq + n)
+            out_index += own
+            if mask is not None:
+                # the prefix whole, then the suffix causally; pad query slots see what the last real one sees
+                mask[s, 0] = (j < p) | ((j - p <= torch.clamp(i, max=n - 1)) & (j < p + n))
+        batches.append(SegmentBatch(len(group), lq, lk, q_at, k_at, mask))
+        q_at, k_at = q_at + len(group) * lq, k_at + len(group) * lk
+    tensors = (torch.tensor(x, dtype=torch.long) for x in (q_index, k_index, keep, out_index))
+    return AttentionPlan(tuple(segment.shape), batches, *tensors)
+
+
+def _partition(segments: list[tuple[list[int], list[int]]], causal: bool) -> list[list]:
+    """Segments cut into SDPA calls: sorted by key length, the contiguous cut that minimises padded attention
+    work plus `CALL_PAIRS` per call (dynamic programming over the sorted segments)."""
+    order = sorted(segments, key=lambda s: (len(s[0]) + len(s[1]), len(s[0])), reverse=True)
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j segments
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        widest_q = 0
+        for i in range(j - 1, -1, -1):  # the last call holds order[i:j]; order[i] has the longest keys
+            widest_q = max(widest_q, len(order[i][0]))
+            keys = len(order[i][0]) + len(order[i][1])
+            work = (j - i) * widest_q * keys / (2 if causal else 1)
+            cost = best[i] + CALL_PAIRS + work
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def prefix_shared_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface: [B, H, T, D] query, [B, Hkv, T, D] key/value in, [B, T, H, D] out.
+    Runs SDPA with the 4D mask when no plan fits the call (see the module doc)."""
+    plan = _plan.get()
+    unplanned = (
+        plan is None
+        or plan.shape != (query.shape[0], query.shape[2])
+        or key.shape[2] != query.shape[2]
+        or value.shape[-1] != query.shape[-1]
+        or dropout
+        or kwargs.get("sliding_window") is not None
+        or kwargs.get("softcap") is not None
+        or kwargs.get("position_bias") is not None
+    )
+    if unplanned:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    rows, heads, width, dim = query.shape
+    kv_heads = key.shape[1]
+    # the model's [B, T, H, D] projections, seen flat; one gather of every batch's queries and keys + values
+    flat_q = query.transpose(1, 2).reshape(rows * width, heads, dim)
+    flat_kv = torch.cat([key, value], dim=1).transpose(1, 2).reshape(rows * width, 2 * kv_heads, dim)
+    q_all, kv_all = flat_q[plan.q_index], flat_kv[plan.k_index]
+    # grouped-query heads: the kernel's own broadcast on CPU and without a mask; CUDA's masked kernels want them
+    # repeated (the math kernel is the one that takes both)
+    native_gqa = kv_heads != heads and query.device.type == "cpu" and _SDPA_GQA
+    outs = []
+    for b in plan.batches:
+        q = q_all[b.q_start : b.q_start + b.count * b.queries].view(b.count, b.queries, heads, dim).transpose(1, 2)
+        kv = kv_all[b.k_start : b.k_start + b.count * b.keys].view(b.count, b.keys, 2 * kv_heads, dim)
+        k, v = kv[:, :, :kv_heads].transpose(1, 2), kv[:, :, kv_heads:].transpose(1, 2)
+        gqa = kv_heads != heads and (native_gqa or (b.mask is None and _SDPA_GQA))
+        if kv_heads != heads and not gqa:
+            k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
+        extra = {"enable_gqa": True} if gqa else {}
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=b.mask, scale=scaling, is_causal=b.mask is None, **extra)
+        outs.append(o.transpose(1, 2).reshape(b.count * b.queries, heads, dim))
+    out = flat_q.new_zeros(rows * width, heads, dim)
+    out[plan.out_index] = torch.cat(outs)[plan.keep]
+    return out.view(rows, width, heads, dim), None
+
+
+AttentionInterface.register(NAME, prefix_shared_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # unplanned forwards build SDPA's masks, as before
+
+
+@contextlib.contextmanager
+def planned_attention(model: Any, plan: AttentionPlan):
+    """Forwards of `model` inside read their rows by `plan` (yields True), when the model runs transformers'
+    SDPA attention; other models keep their attention and the 4D mask (yields False)."""
+    config = unwrap_model(model).config
+    with _switch_lock:
+        entry = _switched.get(id(config))
+        if entry is None and getattr(config, "_attn_implementation", None) != "sdpa":
+            usable = False
+        else:
+            usable = True
+            if entry is None:
+                entry = _switched[id(config)] = ["sdpa", 0]
+                config._attn_implementation = NAME
+            entry[1] += 1
+    if not usable:
+        yield False
+        return
+    token = _plan.set(plan)
+    try:
+        yield True
+    finally:
+        _plan.reset(token)
+        with _switch_lock:
+            entry[1] -= 1
+            if entry[1] == 0:
+                config._attn_implementation = entry[0]
+                del _switched[id(config)]
