@@ -109,19 +109,24 @@ def _qkv(rows: int, width: int, heads: int, kv_heads: int, dtype=torch.float32, 
     return q, k, v
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (6, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_planned_attention_gives_masked_sdpa(heads, kv_heads, dtype):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_planned_attention_gives_masked_sdpa(heads, kv_heads, dtype, device):
+    """On CUDA the masked batches repeat grouped-query heads for the masked kernels: the same output."""
     segment, part = _random_layout(random.Random(7), rows=3)
     rows, width = segment.shape
-    q, k, v = _qkv(rows, width, heads, kv_heads, dtype)
+    q, k, v = (t.to(device) for t in _qkv(rows, width, heads, kv_heads, dtype))
     module = _Module(heads // kv_heads)
-    mask = shared_prefix_mask(segment, part)
+    mask = shared_prefix_mask(segment, part).to(device)
     want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
-    with planned_attention(_FakeModel(), plan_attention(segment, part)):
+    with planned_attention(_FakeModel(), plan_attention(segment, part).to(device)):
         got, _ = prefix_shared_attention(module, q, k, v, None, scaling=0.25)
-    real = segment >= 0
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    real = (segment >= 0).to(device)
+    tol = (1e-5 if device == "cpu" else 1e-4) if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got[real].float(), want[real].float(), atol=tol, rtol=tol)
 
 
@@ -226,7 +231,9 @@ def test_attention_that_skips_the_plan_reads_masked_rows(tiny_gpt2, monkeypatch)
     stand-in mask: the check catches it and the engine keeps the 4D mask."""
     model, (seqs, keys) = _model(tiny_gpt2), _seqs()
     monkeypatch.setattr(
-        engine, "plan_attention", lambda s, p: AttentionPlan((0, 0), [], *[torch.zeros(0, dtype=torch.long)] * 4)
+        engine,
+        "plan_attention",
+        lambda s, p: AttentionPlan((0, 0), [], *[torch.zeros(0, dtype=torch.long)] * 4),
     )
     logs: list[str] = []
     got = engine.score_sequences(model, seqs, 0, keys=keys, log=logs.append)
@@ -247,5 +254,7 @@ def test_other_attention_that_takes_the_mask_reads_masked_rows(tiny_gpt2):
     model.config._attn_implementation = "test_sdpa_copy"
     logs: list[str] = []
     got = engine.score_sequences(model, seqs, 0, keys=keys, log=logs.append)
-    assert engine._layouts[model] == "masked" and len(logs) == 1 and "does not run transformers' SDPA" in logs[0]
+    assert (
+        engine._layouts[model] == "masked" and len(logs) == 1 and "does not run transformers' SDPA" in logs[0]
+    )
     torch.testing.assert_close(got, engine.score_sequences(model, seqs, 0, packed=False), atol=1e-5, rtol=0)

@@ -34,11 +34,13 @@ NAME = "lora_rm_prefix_shared"
 # What one SDPA call costs beyond its arithmetic, in (query, key) pairs of attention work: segments share a
 # call (padded to the widest) while the padding costs less than another call. Measured on SmolLM2-135M, bf16,
 # 2 CPU cores (docs/scoring.md).
-CALL_PAIRS = 16384
+CALL_PAIRS = 4096
 
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA's enable_gqa
 
-_plan: contextvars.ContextVar[AttentionPlan | None] = contextvars.ContextVar("lora_rm_attention_plan", default=None)
+_plan: contextvars.ContextVar[AttentionPlan | None] = contextvars.ContextVar(
+    "lora_rm_attention_plan", default=None
+)
 _switch_lock = threading.Lock()
 _switched: dict[int, list] = {}  # id(config) -> [implementation before, planned forwards running]
 
@@ -70,7 +72,14 @@ class AttentionPlan:
 
     def to(self, device: torch.device) -> AttentionPlan:
         batches = [
-            SegmentBatch(b.count, b.queries, b.keys, b.q_start, b.k_start, None if b.mask is None else b.mask.to(device))
+            SegmentBatch(
+                b.count,
+                b.queries,
+                b.keys,
+                b.q_start,
+                b.k_start,
+                None if b.mask is None else b.mask.to(device),
+            )
             for b in self.batches
         ]
         tensors = (t.to(device) for t in (self.q_index, self.k_index, self.keep, self.out_index))
@@ -187,14 +196,20 @@ def prefix_shared_attention(
     native_gqa = kv_heads != heads and query.device.type == "cpu" and _SDPA_GQA
     outs = []
     for b in plan.batches:
-        q = q_all[b.q_start : b.q_start + b.count * b.queries].view(b.count, b.queries, heads, dim).transpose(1, 2)
+        q = (
+            q_all[b.q_start : b.q_start + b.count * b.queries]
+            .view(b.count, b.queries, heads, dim)
+            .transpose(1, 2)
+        )
         kv = kv_all[b.k_start : b.k_start + b.count * b.keys].view(b.count, b.keys, 2 * kv_heads, dim)
         k, v = kv[:, :, :kv_heads].transpose(1, 2), kv[:, :, kv_heads:].transpose(1, 2)
         gqa = kv_heads != heads and (native_gqa or (b.mask is None and _SDPA_GQA))
         if kv_heads != heads and not gqa:
             k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
         extra = {"enable_gqa": True} if gqa else {}
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=b.mask, scale=scaling, is_causal=b.mask is None, **extra)
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=b.mask, scale=scaling, is_causal=b.mask is None, **extra
+        )
         outs.append(o.transpose(1, 2).reshape(b.count * b.queries, heads, dim))
     out = flat_q.new_zeros(rows * width, heads, dim)
     out[plan.out_index] = torch.cat(outs)[plan.keep]

@@ -308,7 +308,9 @@ def score_sequences(
         if layout == "plain":
             batches = _read_plain(model, uniq, pad_token_id, max_tokens)
         else:
-            batches = _read_packed(model, uniq, groups, pad_token_id, max_tokens, row_tokens, layout == "planned")
+            batches = _read_packed(
+                model, uniq, groups, pad_token_id, max_tokens, row_tokens, layout == "planned"
+            )
         for members, rewards in batches:
             out[members] = rewards
             if progress is not None:
