@@ -24,9 +24,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from lora_rm.model.load import unwrap_model
 
@@ -184,6 +181,8 @@ def prefix_shared_attention(
         or kwargs.get("position_bias") is not None
     )
     if unplanned:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     rows, heads, width, dim = query.shape
     kv_heads = key.shape[1]
@@ -216,8 +215,13 @@ def prefix_shared_attention(
     return out.view(rows, width, heads, dim), None
 
 
-AttentionInterface.register(NAME, prefix_shared_attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # unplanned forwards build SDPA's masks, as before
+def _register() -> None:
+    """Make `NAME` a transformers attention implementation (on first use: the CLI starts without transformers)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, prefix_shared_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # unplanned forwards build SDPA's masks, as before
 
 
 @contextlib.contextmanager
@@ -232,6 +236,7 @@ def planned_attention(model: Any, plan: AttentionPlan):
         else:
             usable = True
             if entry is None:
+                _register()
                 entry = _switched[id(config)] = ["sdpa", 0]
                 config._attn_implementation = NAME
             entry[1] += 1
