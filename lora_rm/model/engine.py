@@ -3,7 +3,9 @@
 Sequences that share a prompt are read in one row, [shared prefix | suffix 1 | suffix 2 | ...], with the 4D mask
 and position ids of training (`lora_rm.model.collate.shared_prefix_mask`), so the prompt of a GRPO group or of a pair
 is read once; short units are packed several to a row, and a batch holds as many rows as a token budget allows.
-Each distinct sequence is read once and rewards come back in the caller's order.
+Each distinct sequence is read once and rewards come back in the caller's order. On models that run transformers'
+SDPA, the rows' attention is planned (`lora_rm.model.attention`): the same visibility as the mask, computing only
+what each token sees, one unpadded row a forward; `row_layout` checks it against the mask once per model.
 
 Models the layout probe does not pass (`lora_rm.model.probe.probe_packed_layout`: encoders, models that ignore a 4D
 mask, int8 noise beyond its floor) read plain right-padded rows, longest first, under the same token budget.
@@ -237,11 +239,8 @@ def _planned_diff(
     device = next(model.parameters()).device
     ids, pos, index = (t.to(device) for t in (rows.input_ids, rows.position_ids, rows.index))
     masked = compute_rewards(model, ids, rows.mask.to(device), pos, index)
-    with planned_attention(model, plan_attention(rows.segment, rows.part).to(device)) as planned:
-        if not planned:
-            return None
-        got = compute_rewards(model, ids, _stand_in_mask(ids), pos, index)  # as scoring runs it
-    return float((got.float() - masked.float()).abs().max())
+    got = _planned_rewards(model, rows, ids, pos, index)  # as scoring runs it
+    return None if got is None else float((got.float() - masked.float()).abs().max())
 
 
 @contextlib.contextmanager
@@ -350,13 +349,17 @@ def _read_packed(model, seqs, groups, pad_token_id, max_tokens, row_tokens, plan
     for batch in cut_batches(widths, row_tokens if planned else max_tokens):
         built = build_rows(seqs, [rows[r] for r in batch], pad_token_id)
         ids, pos, index = (t.to(device) for t in (built.input_ids, built.position_ids, built.index))
-        if planned:
-            with planned_attention(model, plan_attention(built.segment, built.part).to(device)) as ok:
-                mask = _stand_in_mask(ids) if ok else built.mask.to(device)
-                rewards = compute_rewards(model, ids, mask, pos, index)
-        else:
+        rewards = _planned_rewards(model, built, ids, pos, index) if planned else None
+        if rewards is None:
             rewards = compute_rewards(model, ids, built.mask.to(device), pos, index)
         yield built.members, rewards.float().cpu()
+
+
+def _planned_rewards(model, rows: Rows, ids, pos, index) -> torch.Tensor | None:
+    """The rewards of `rows` read with planned attention and the stand-in mask; None when the model's
+    attention cannot be planned (the caller reads the 4D mask instead)."""
+    with planned_attention(model, plan_attention(rows.segment, rows.part).to(ids.device)) as planned:
+        return compute_rewards(model, ids, _stand_in_mask(ids), pos, index) if planned else None
 
 
 def _stand_in_mask(ids: torch.Tensor) -> torch.Tensor:
