@@ -231,7 +231,13 @@ def test_units_rows_and_the_mask_by_hand():
     rows = pack_rows(seqs, units, row_tokens=16)
     assert len(rows) == 1
     built = build_rows(seqs, rows, pad_token_id=0)
-    ids, mask, pos, index, members = built.input_ids, built.mask, built.position_ids, built.index, built.members
+    ids, mask, pos, index, members = (
+        built.input_ids,
+        built.mask,
+        built.position_ids,
+        built.index,
+        built.members,
+    )
     assert ids.tolist() == [[5, 6, 7, 8, 9, 3]]
     assert pos.tolist() == [[0, 1, 2, 2, 3, 0]]
     assert members == [0, 1, 2, 3] and index.tolist() == [2, 4, 1, 5]  # seq 2 is the prefix: read at its end

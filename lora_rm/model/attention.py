@@ -3,9 +3,10 @@
 A packed row [prefix | suffix 1 | suffix 2 | ... | next unit ...] read through a 4D mask makes SDPA compute every
 W x W block of the row and throw most of them away: on a CPU the kernel skips no masked block. Here each
 stretch of a row is one query segment that attends only to what it may see:
-- a unit's shared prefix (or a lone sequence): itself, causally;
-- a suffix: its unit's prefix, all of it, then itself, causally.
-Segments of like length are gathered into small padded batches (one SDPA call each, the prefixes with the
+- a unit's shared prefix and its longest suffix (or a lone sequence): [prefix | suffix], causally, which is
+  exactly what the mask lets those tokens see;
+- each other suffix: its unit's prefix, all of it, then itself, causally (a mask).
+Segments of like length are gathered into small padded batches (one SDPA call each, the causal ones with the
 kernel's own causal skipping), and the outputs scattered back to their places in the rows. Every layer of a
 forward reuses one plan, built once from the row layout (`segment`, `part`: `lora_rm.model.collate`).
 
@@ -58,14 +59,13 @@ class SegmentBatch:
 @dataclass
 class AttentionPlan:
     """One forward's attention: gather `q_index` and `k_index` (flat positions, rows x width), run the
-    batches, keep the outputs at `keep` and put them at `out_index`."""
+    batches and put each query slot's output at `slot_out` (rows x width for a pad slot: dropped)."""
 
     shape: tuple[int, int]  # (rows, width) of the forward the plan is for
     batches: list[SegmentBatch]
     q_index: torch.Tensor
     k_index: torch.Tensor
-    keep: torch.Tensor
-    out_index: torch.Tensor
+    slot_out: torch.Tensor
 
     def to(self, device: torch.device) -> AttentionPlan:
         batches = [
@@ -79,7 +79,7 @@ class AttentionPlan:
             )
             for b in self.batches
         ]
-        tensors = (t.to(device) for t in (self.q_index, self.k_index, self.keep, self.out_index))
+        tensors = (t.to(device) for t in (self.q_index, self.k_index, self.slot_out))
         return AttentionPlan(self.shape, batches, *tensors)
 
 
@@ -100,19 +100,30 @@ def layout_spans(segment: torch.Tensor, part: torch.Tensor) -> list[tuple[int, i
 
 def plan_attention(segment: torch.Tensor, part: torch.Tensor) -> AttentionPlan:
     """The plan of rows laid out as `shared_prefix_mask(segment, part)` describes: the same visibility, with
-    only the visible blocks computed (up to the padding of segments batched together)."""
-    spans = layout_spans(segment, part)
-    prefixes = {(r, u): (start, n) for r, u, p, start, n in spans if p == 0}
-    causal, suffixes = [], []
-    for r, u, p, start, n in spans:
+    only the visible blocks computed (up to the padding of segments batched together).
+
+    A unit's prefix and its longest suffix are read as one causal segment, [prefix | suffix]: causally, each of
+    the suffix's tokens sees the whole prefix and its own earlier tokens, exactly what the mask allows, and the
+    kernel's causal skipping computes nothing else. The unit's other suffixes see the prefix through a mask."""
+    units: dict[tuple[int, int], tuple[list[int], list[list[int]]]] = {}
+    for r, u, p, start, n in layout_spans(segment, part):
+        prefix, suffixes = units.setdefault((r, u), ([], []))
         if p == 0:
-            causal.append((list(range(start, start + n)), []))
+            prefix.extend(range(start, start + n))
         else:
-            pstart, pn = prefixes.get((r, u), (0, 0))
-            suffixes.append((list(range(start, start + n)), list(range(pstart, pstart + pn))))
+            suffixes.append(list(range(start, start + n)))
+    causal, masked = [], []
+    for prefix, suffixes in units.values():
+        suffixes = sorted(suffixes, key=len, reverse=True)
+        if prefix or not suffixes:
+            causal.append((prefix + (suffixes[0] if suffixes else []), []))
+            masked += [(own, prefix) for own in suffixes[1:]]
+        else:  # no shared prefix: each suffix alone
+            causal += [(own, []) for own in suffixes]
     groups = [(g, True) for g in _partition(causal, causal=True)]
-    groups += [(g, False) for g in _partition(suffixes, causal=False)]
-    batches, q_index, k_index, keep, out_index = [], [], [], [], []
+    groups += [(g, False) for g in _partition(masked, causal=False)]
+    batches, q_index, k_index, slot_out = [], [], [], []
+    trash = segment.numel()  # where pad query slots put their outputs
     q_at = k_at = 0
     for group, is_causal in groups:
         lq = max(len(own) for own, _ in group)
@@ -123,14 +134,13 @@ def plan_attention(segment: torch.Tensor, part: torch.Tensor) -> AttentionPlan:
             n, p = len(own), len(seen)
             q_index += own + [own[0]] * (lq - n)  # pad slots repeat a real query; their outputs are dropped
             k_index += seen + own + [own[0]] * (lk - p - n)
-            keep += range(q_at + s * lq, q_at + s * lq + n)
-            out_index += own
+            slot_out += own + [trash] * (lq - n)
             if mask is not None:
                 # the prefix whole, then the suffix causally; pad query slots see what the last real one sees
                 mask[s, 0] = (j < p) | ((j - p <= torch.clamp(i, max=n - 1)) & (j < p + n))
         batches.append(SegmentBatch(len(group), lq, lk, q_at, k_at, mask))
         q_at, k_at = q_at + len(group) * lq, k_at + len(group) * lk
-    tensors = (torch.tensor(x, dtype=torch.long) for x in (q_index, k_index, keep, out_index))
+    tensors = (torch.tensor(x, dtype=torch.long) for x in (q_index, k_index, slot_out))
     return AttentionPlan(tuple(segment.shape), batches, *tensors)
 
 
@@ -186,22 +196,24 @@ def prefix_shared_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     rows, heads, width, dim = query.shape
     kv_heads = key.shape[1]
-    # the model's [B, T, H, D] projections, seen flat; one gather of every batch's queries and keys + values
-    flat_q = query.transpose(1, 2).reshape(rows * width, heads, dim)
-    flat_kv = torch.cat([key, value], dim=1).transpose(1, 2).reshape(rows * width, 2 * kv_heads, dim)
-    q_all, kv_all = flat_q[plan.q_index], flat_kv[plan.k_index]
+    # [heads, rows x width, dim] views of the model's projections (a copy only for several rows), gathered once
+    q_all, k_all, v_all = (
+        t.transpose(0, 1).reshape(t.shape[1], rows * width, dim).index_select(1, i)
+        for t, i in ((query, plan.q_index), (key, plan.k_index), (value, plan.k_index))
+    )
     # grouped-query heads: the kernel's own broadcast on CPU and without a mask; CUDA's masked kernels want them
     # repeated (the math kernel is the one that takes both)
     native_gqa = kv_heads != heads and query.device.type == "cpu" and _SDPA_GQA
     outs = []
     for b in plan.batches:
-        q = (
-            q_all[b.q_start : b.q_start + b.count * b.queries]
-            .view(b.count, b.queries, heads, dim)
-            .transpose(1, 2)
+        q, k, v = (
+            t[:, start : start + b.count * n].view(t.shape[0], b.count, n, dim).transpose(0, 1)
+            for t, start, n in (
+                (q_all, b.q_start, b.queries),
+                (k_all, b.k_start, b.keys),
+                (v_all, b.k_start, b.keys),
+            )
         )
-        kv = kv_all[b.k_start : b.k_start + b.count * b.keys].view(b.count, b.keys, 2 * kv_heads, dim)
-        k, v = kv[:, :, :kv_heads].transpose(1, 2), kv[:, :, kv_heads:].transpose(1, 2)
         gqa = kv_heads != heads and (native_gqa or (b.mask is None and _SDPA_GQA))
         if kv_heads != heads and not gqa:
             k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
@@ -210,9 +222,9 @@ def prefix_shared_attention(
             q, k, v, attn_mask=b.mask, scale=scaling, is_causal=b.mask is None, **extra
         )
         outs.append(o.transpose(1, 2).reshape(b.count * b.queries, heads, dim))
-    out = flat_q.new_zeros(rows * width, heads, dim)
-    out[plan.out_index] = torch.cat(outs)[plan.keep]
-    return out.view(rows, width, heads, dim), None
+    out = query.new_zeros(rows * width + 1, heads, dim)  # the last slot takes the pad slots' outputs
+    out[plan.slot_out] = torch.cat(outs)
+    return out[:-1].view(rows, width, heads, dim), None
 
 
 def _register() -> None:
