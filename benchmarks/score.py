@@ -136,7 +136,7 @@ def ceiling_seconds(
     pair, measured as the difference between rows of 2,048 (GPT-2: 1,024) and of 256 tokens (same tokens a forward). The
     second figure is the 256-token rows alone: a reading that cuts long prompts' context, so no exact
     layout reaches it on long prompts."""
-    from lora_rm.model.engine import make_units
+    from lora_rm.model.rows import make_units
 
     units = make_units(seqs, groups, row_tokens=10**9)
     flat = [
@@ -180,7 +180,7 @@ def grpo_rows(name: str, folder: Path, dialogues: list[dict], args) -> list[dict
 
     import lora_rm
     from lora_rm.data.sequences import encode_sequences
-    from lora_rm.model.engine import group_by_key
+    from lora_rm.model.rows import group_by_key
 
     rm = lora_rm.RewardModel.from_pretrained(
         folder, device=args.device, dtype=args.dtype, log=lambda *_: None
@@ -230,7 +230,7 @@ def eval_rows(name: str, folder: Path, dialogues: list[dict], args, tmp: Path) -
     import lora_rm
     from lora_rm.data.encode import encode_pairs
     from lora_rm.data.read import Row
-    from lora_rm.model.engine import group_by_prefix
+    from lora_rm.model.rows import group_by_prefix
 
     rm = lora_rm.RewardModel.from_pretrained(
         folder, device=args.device, dtype=args.dtype, log=lambda *_: None
@@ -325,7 +325,7 @@ def serve_rows(name: str, folder: Path, dialogues: list[dict], args, tmp: Path) 
     from serve import Process, measure
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from lora_rm.model.engine import group_by_prefix
+    from lora_rm.model.rows import group_by_prefix
     from lora_rm.model.precision import DTYPE_ENV, scoring_dtype
 
     n_requests = 8 * args.rounds

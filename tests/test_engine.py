@@ -15,16 +15,9 @@ from lora_rm.data.encode import EncodedPair
 from lora_rm.data.sequences import encode_sequences
 from lora_rm.evaluation.evaluate import full_evaluation
 from lora_rm.evaluation.reward_model import RewardModel
-from lora_rm.model.engine import (
-    Throughput,
-    build_rows,
-    cut_batches,
-    group_by_prefix,
-    make_units,
-    pack_rows,
-    score_sequences,
-)
+from lora_rm.model.engine import Throughput, score_sequences
 from lora_rm.model.precision import scoring_dtype
+from lora_rm.model.rows import build_rows, cut_batches, group_by_prefix, make_units, pack_rows
 
 ATOL = 1e-4
 TARGETS = {"gpt2": ["c_attn"], "distinct_pad": ["c_attn"], "bert": ["query", "value"]}

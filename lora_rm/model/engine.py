@@ -2,7 +2,8 @@
 
 Sequences that share a prompt are read in one row, [shared prefix | suffix 1 | suffix 2 | ...], with the 4D mask
 and position ids of training (`lora_rm.model.collate.shared_prefix_mask`), so the prompt of a GRPO group or of a pair
-is read once; short units are packed several to a row, and a batch holds as many rows as a token budget allows.
+is read once; short units are packed several to a row, and a batch holds as many rows as a token budget allows
+(the rows: `lora_rm.model.rows`).
 Each distinct sequence is read once and rewards come back in the caller's order. On models that run transformers'
 SDPA, the rows' attention is planned (`lora_rm.model.attention`): the same visibility as the mask, computing only
 what each token sees, one unpadded row a forward; `row_layout` checks it against the mask once per model.
@@ -18,7 +19,6 @@ import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,10 +26,20 @@ import torch
 from lora_rm.data.encode import EncodedPair
 from lora_rm.data.sequences import common_prefix_len
 from lora_rm.model.attention import plan_attention, planned_attention
-from lora_rm.model.collate import pad_sequences, shared_prefix_mask
+from lora_rm.model.collate import pad_sequences
 from lora_rm.model.precision import reads_last_token
 from lora_rm.model.probe import probe_packed_layout, within_noise
 from lora_rm.model.rewards import compute_rewards
+from lora_rm.model.rows import (
+    Rows,
+    build_rows,
+    cut_batches,
+    group_by_key,
+    group_by_prefix,
+    make_units,
+    pack_rows,
+    unit_tokens,
+)
 
 DEFAULT_MAX_TOKENS = 16384  # tokens per forward (rows x width), padding included
 # Tokens per packed row; a longer unit sits alone in its row. Measured on SmolLM2-135M, bf16, 2 CPU cores
@@ -42,141 +52,6 @@ DEFAULT_ROW_TOKENS = 1024
 PLANNED_ROW_TOKENS = 4096
 
 _layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> row_layout's verdict
-
-
-@dataclass
-class Unit:
-    """Distinct sequences read in one stretch of a row: their shared prefix once, then each one's suffix."""
-
-    prefix: int  # tokens every member starts with
-    members: list[int]  # indices into the distinct sequences
-
-
-def group_by_key(keys: Sequence[Hashable]) -> list[list[int]]:
-    """Indices grouped by equal key (a prompt), groups in order of first appearance."""
-    groups: dict[Hashable, list[int]] = {}
-    for i, k in enumerate(keys):
-        groups.setdefault(k, []).append(i)
-    return list(groups.values())
-
-
-def group_by_prefix(seqs: Sequence[Sequence[int]]) -> list[list[int]]:
-    """Groups of sequences that start alike, found without prompts (full texts): sequences in token order, a
-    neighbour joining the group when the tokens it saves (the shared prefix) outweigh what the shorter shared
-    prefix costs the other members (k members with prefix p, joined at p' < p: it saves p', costs
-    (k - 1)(p - p'); the first member's own tokens are read either way)."""
-    order = sorted(range(len(seqs)), key=lambda i: list(seqs[i]))
-    groups: list[list[int]] = []
-    prefix = 0
-    for i in order:
-        if groups:
-            shared = min(prefix, common_prefix_len(seqs[groups[-1][-1]], seqs[i]))
-            if shared > (len(groups[-1]) - 1) * (prefix - shared):
-                groups[-1].append(i)
-                prefix = shared
-                continue
-        groups.append([i])
-        prefix = len(seqs[i])
-    return groups
-
-
-def make_units(seqs: Sequence[Sequence[int]], groups: list[list[int]], row_tokens: int) -> list[Unit]:
-    """Each group as one unit, or several when its members do not fit `row_tokens` together."""
-    units = []
-    for group in groups:
-        current: list[int] = []
-        for i in group:
-            if current and _unit_cost(seqs, current + [i]) > row_tokens:
-                units.append(Unit(_shared(seqs, current), current))
-                current = []
-            current.append(i)
-        units.append(Unit(_shared(seqs, current), current))
-    return units
-
-
-def _shared(seqs: Sequence[Sequence[int]], members: list[int]) -> int:
-    first = seqs[members[0]]
-    return min([len(first)] + [common_prefix_len(first, seqs[i]) for i in members[1:]])
-
-
-def _unit_cost(seqs: Sequence[Sequence[int]], members: list[int]) -> int:
-    p = _shared(seqs, members)
-    return p + sum(len(seqs[i]) - p for i in members)
-
-
-def pack_rows(seqs: Sequence[Sequence[int]], units: list[Unit], row_tokens: int) -> list[list[Unit]]:
-    """Units packed into rows of at most `row_tokens` tokens (first fit, longest first)."""
-    rows: list[list[Unit]] = []
-    room: list[int] = []
-    for unit in sorted(units, key=lambda u: -_unit_cost(seqs, u.members)):
-        cost = _unit_cost(seqs, unit.members)
-        row = next((r for r, left in enumerate(room) if left >= cost), None)
-        if row is None:
-            rows.append([])
-            room.append(row_tokens)
-            row = len(rows) - 1
-        rows[row].append(unit)
-        room[row] -= cost
-    return rows
-
-
-@dataclass
-class Rows:
-    """Packed rows for one forward: the reward of member `members[k]` is the head's output at flat position
-    `index[k]` (its last token); `segment` and `part` lay out the units (`shared_prefix_mask`)."""
-
-    input_ids: torch.Tensor
-    position_ids: torch.Tensor
-    index: torch.Tensor
-    members: list[int]
-    segment: torch.Tensor
-    part: torch.Tensor
-
-    @property
-    def mask(self) -> torch.Tensor:
-        """The 4D mask [R, 1, W, W] of the layout (W x W per row: planned attention does without it)."""
-        return shared_prefix_mask(self.segment, self.part)
-
-
-def build_rows(seqs: Sequence[Sequence[int]], rows: list[list[Unit]], pad_token_id: int) -> Rows:
-    """The tensors of packed rows (`Rows`)."""
-    width = max(sum(_unit_cost(seqs, u.members) for u in row) for row in rows)
-    shape = (len(rows), width)
-    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
-    position_ids, part = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
-    segment = torch.full(shape, -1, dtype=torch.long)
-    index, members = [], []
-    for r, row in enumerate(rows):
-        offset = 0
-        for s, unit in enumerate(row):
-            p = unit.prefix
-            ids, parts, pos = list(seqs[unit.members[0]][:p]), [0] * p, list(range(p))
-            for k, i in enumerate(unit.members, start=1):
-                suffix = list(seqs[i][p:])
-                ids, parts, pos = (
-                    ids + suffix,
-                    parts + [k] * len(suffix),
-                    pos + list(range(p, p + len(suffix))),
-                )
-                index.append(r * width + offset + len(ids) - 1 if suffix else r * width + offset + p - 1)
-                members.append(i)
-            span = slice(offset, offset + len(ids))
-            input_ids[r, span], position_ids[r, span] = torch.tensor(ids), torch.tensor(pos)
-            part[r, span], segment[r, span] = torch.tensor(parts), s
-            offset += len(ids)
-    return Rows(input_ids, position_ids, torch.tensor(index), members, segment, part)
-
-
-def cut_batches(widths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Rows (by index), longest first, cut into batches of at most `max_tokens` padded tokens (rows x the
-    widest row); a row over the budget forms a batch alone."""
-    batches: list[list[int]] = []
-    for i in sorted(range(len(widths)), key=lambda i: -widths[i]):
-        if batches and (len(batches[-1]) + 1) * widths[batches[-1][0]] <= max_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
 
 
 def row_layout(
@@ -350,7 +225,7 @@ def _read_packed(model, seqs, groups, pad_token_id, max_tokens, row_tokens, plan
         row_tokens = min(max_tokens, PLANNED_ROW_TOKENS)
     row_tokens = max(row_tokens, max(len(s) for s in seqs))
     rows = pack_rows(seqs, make_units(seqs, groups, row_tokens), row_tokens)
-    widths = [sum(_unit_cost(seqs, u.members) for u in row) for row in rows]
+    widths = [sum(unit_tokens(seqs, u.members) for u in row) for row in rows]
     device = next(model.parameters()).device
     for batch in cut_batches(widths, row_tokens if planned else max_tokens):
         built = build_rows(seqs, [rows[r] for r in batch], pad_token_id)
