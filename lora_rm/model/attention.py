@@ -196,9 +196,10 @@ def prefix_shared_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     rows, heads, width, dim = query.shape
     kv_heads = key.shape[1]
-    # [heads, rows x width, dim] views of the model's projections (a copy only for several rows), gathered once
+    # token-major [rows x width, heads, dim]: a view of the model's projections, which are [B, T, H, D] in memory
+    # (a copy otherwise); each batch's queries and keys gathered as whole rows of heads x dim, once a layer
     q_all, k_all, v_all = (
-        t.transpose(0, 1).reshape(t.shape[1], rows * width, dim).index_select(1, i)
+        t.transpose(1, 2).reshape(rows * width, t.shape[1], dim).index_select(0, i)
         for t, i in ((query, plan.q_index), (key, plan.k_index), (value, plan.k_index))
     )
     # grouped-query heads: the kernel's own broadcast on CPU and without a mask; CUDA's masked kernels want them
@@ -207,7 +208,7 @@ def prefix_shared_attention(
     outs = []
     for b in plan.batches:
         q, k, v = (
-            t[:, start : start + b.count * n].view(t.shape[0], b.count, n, dim).transpose(0, 1)
+            t[start : start + b.count * n].view(b.count, n, t.shape[1], dim).transpose(1, 2)
             for t, start, n in (
                 (q_all, b.q_start, b.queries),
                 (k_all, b.k_start, b.keys),
