@@ -46,6 +46,7 @@ def _visible(plan: AttentionPlan, positions: int) -> dict[int, set[int]]:
                 assert int(q[s, i]) not in seen, "a query is read twice"
                 seen[int(q[s, i])] = set(k[s][ok].tolist())
     assert all(0 <= p < positions for p in seen)
+    assert set(plan.unread.tolist()) == set(range(positions)) - set(seen)  # the padding, zeroed
     return seen
 
 
@@ -234,7 +235,7 @@ def test_attention_that_skips_the_plan_reads_masked_rows(tiny_gpt2, monkeypatch)
     monkeypatch.setattr(
         engine,
         "plan_attention",
-        lambda s, p: AttentionPlan((0, 0), [], *[torch.zeros(0, dtype=torch.long)] * 3),
+        lambda s, p: AttentionPlan((0, 0), [], *[torch.zeros(0, dtype=torch.long)] * 4),
     )
     logs: list[str] = []
     got = engine.score_sequences(model, seqs, 0, keys=keys, log=logs.append)

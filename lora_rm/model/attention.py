@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -54,18 +54,31 @@ class SegmentBatch:
     q_start: int
     k_start: int
     mask: torch.Tensor | None  # [count, 1, queries, keys] True = may attend; None: causal (queries == keys)
+    _bias: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The mask as SDPA's additive mask in `dtype` (0 where a query may attend, -inf elsewhere), made once
+        a forward rather than by SDPA in every layer."""
+        if self.mask is None:
+            return None
+        if dtype not in self._bias:
+            zeros = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
+            self._bias[dtype] = zeros.masked_fill_(~self.mask, float("-inf"))
+        return self._bias[dtype]
 
 
 @dataclass
 class AttentionPlan:
     """One forward's attention: gather `q_index` and `k_index` (flat positions, rows x width), run the
-    batches and put each query slot's output at `slot_out` (rows x width for a pad slot: dropped)."""
+    batches and put each query slot's output at `slot_out` (rows x width for a pad slot: dropped); the
+    positions no query slot writes (the rows' padding) are `unread`, zeros in the output."""
 
     shape: tuple[int, int]  # (rows, width) of the forward the plan is for
     batches: list[SegmentBatch]
     q_index: torch.Tensor
     k_index: torch.Tensor
     slot_out: torch.Tensor
+    unread: torch.Tensor
 
     def to(self, device: torch.device) -> AttentionPlan:
         batches = [
@@ -79,7 +92,7 @@ class AttentionPlan:
             )
             for b in self.batches
         ]
-        tensors = (t.to(device) for t in (self.q_index, self.k_index, self.slot_out))
+        tensors = (t.to(device) for t in (self.q_index, self.k_index, self.slot_out, self.unread))
         return AttentionPlan(self.shape, batches, *tensors)
 
 
@@ -140,7 +153,8 @@ def plan_attention(segment: torch.Tensor, part: torch.Tensor) -> AttentionPlan:
                 mask[s, 0] = (j < p) | ((j - p <= torch.clamp(i, max=n - 1)) & (j < p + n))
         batches.append(SegmentBatch(len(group), lq, lk, q_at, k_at, mask))
         q_at, k_at = q_at + len(group) * lq, k_at + len(group) * lk
-    tensors = (torch.tensor(x, dtype=torch.long) for x in (q_index, k_index, slot_out))
+    unread = sorted(set(range(trash)) - set(slot_out))
+    tensors = (torch.tensor(x, dtype=torch.long) for x in (q_index, k_index, slot_out, unread))
     return AttentionPlan(tuple(segment.shape), batches, *tensors)
 
 
@@ -205,7 +219,8 @@ def prefix_shared_attention(
     # grouped-query heads: the kernel's own broadcast on CPU and without a mask; CUDA's masked kernels want them
     # repeated (the math kernel is the one that takes both)
     native_gqa = kv_heads != heads and query.device.type == "cpu" and _SDPA_GQA
-    outs = []
+    out = query.new_empty(rows * width + 1, heads, dim)  # the last slot takes the pad slots' outputs
+    out[plan.unread] = 0
     for b in plan.batches:
         q, k, v = (
             t[start : start + b.count * n].view(b.count, n, t.shape[1], dim).transpose(1, 2)
@@ -220,11 +235,10 @@ def prefix_shared_attention(
             k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
         extra = {"enable_gqa": True} if gqa else {}
         o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=b.mask, scale=scaling, is_causal=b.mask is None, **extra
+            q, k, v, attn_mask=b.bias(q.dtype), scale=scaling, is_causal=b.mask is None, **extra
         )
-        outs.append(o.transpose(1, 2).reshape(b.count * b.queries, heads, dim))
-    out = query.new_zeros(rows * width + 1, heads, dim)  # the last slot takes the pad slots' outputs
-    out[plan.slot_out] = torch.cat(outs)
+        slots = plan.slot_out[b.q_start : b.q_start + b.count * b.queries]
+        out.index_copy_(0, slots, o.transpose(1, 2).reshape(b.count * b.queries, heads, dim))
     return out[:-1].view(rows, width, heads, dim), None
 
 
