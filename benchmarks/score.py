@@ -325,8 +325,8 @@ def serve_rows(name: str, folder: Path, dialogues: list[dict], args, tmp: Path) 
     from serve import Process, measure
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from lora_rm.model.rows import group_by_prefix
     from lora_rm.model.precision import DTYPE_ENV, scoring_dtype
+    from lora_rm.model.rows import group_by_prefix
 
     n_requests = 8 * args.rounds
     answers = [split_prompt(d[side])[1] for d in dialogues for side in ("chosen", "rejected")]
