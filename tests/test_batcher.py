@@ -40,6 +40,28 @@ def test_a_small_request_behind_a_huge_one_is_in_the_first_batch():
     assert all(len(items) == 8 for _, items in record.batches[:-1])
 
 
+def test_requests_that_need_more_than_their_share_stay_whole_oldest_first():
+    """Eight requests of 8 (a prompt's completions each) and room for 32: equal shares would split every request
+    over two batches (its prompt read twice); pooled, the 4 oldest are read whole, then the next 4."""
+    record = Recorder()
+    requests = [("texts", list(range(10 * r, 10 * r + 8))) for r in range(8)]
+    got = asyncio.run(_run(Batcher(record, 32), *requests))
+    assert got == [[float(x) for x in items] for _, items in requests]
+    assert [items for _, items in record.batches] == [
+        [x for _, items in requests[:4] for x in items],
+        [x for _, items in requests[4:] for x in items],
+    ]
+
+
+def test_a_request_over_the_room_takes_what_the_small_ones_leave():
+    record = Recorder()
+    asyncio.run(
+        _run(Batcher(record, 8), ("texts", list(range(20))), ("texts", [100, 101, 102]), ("texts", [200]))
+    )
+    assert record.batches[0] == ("texts", [0, 1, 2, 3, 100, 101, 102, 200])  # the small ones whole
+    assert [len(items) for _, items in record.batches] == [8, 8, 8]
+
+
 def test_kinds_take_turns():
     record = Recorder()
     asyncio.run(_run(Batcher(record, 4), ("texts", list(range(12))), ("rows", [7])))

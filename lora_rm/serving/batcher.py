@@ -3,7 +3,9 @@
 
 Batches are shared fairly: each one gives every waiting request of its kind an equal share of the room (a request
 that needs less takes less, the rest goes to the others), and kinds take turns, so one huge request cannot stall
-small ones behind it. A request whose caller stopped waiting (its future cancelled: the client disconnected) has
+small ones behind it. The requests that need more than their share pool theirs and take it oldest first, whole
+where they fit: a request's sequences (a prompt's completions) stay in one batch, where the engine reads their
+prompt once, rather than each request's prompt being read in every batch it is split over. A request whose caller stopped waiting (its future cancelled: the client disconnected) has
 its unscored sequences dropped before they reach the model.
 
 The scoring function, `score_batch(kind, items) -> rewards`, is all the batcher knows of the model:
@@ -105,9 +107,9 @@ class Batcher:
         return kind
 
     def _take(self, kind: str) -> list[tuple[_Job, int, int]]:
-        """Unscored items of `kind`, at most batch_size, shared equally among the waiting requests (water
-        filling: the smallest take all they need, the rest split what is left), as (job, start, stop) slices
-        in queue order."""
+        """Unscored items of `kind`, at most batch_size, as (job, start, stop) slices in queue order: shared
+        equally among the waiting requests (water filling: the smallest take all they need, the rest split what
+        is left), then the shares of the requests that need more pooled and given oldest first."""
         jobs = [j for j in self._jobs if j.kind == kind]
         room, share = self.batch_size, {}
         for i, job in enumerate(sorted(jobs, key=lambda j: j.left)):  # stable: equal needs, oldest first
@@ -116,6 +118,11 @@ class Batcher:
             room -= n
             if not room:
                 break
+        short = [j for j in jobs if share.get(j, 0) < j.left]  # queue order: oldest first
+        pool = sum(share.get(j, 0) for j in short)
+        for job in short:
+            share[job] = min(job.left, pool)
+            pool -= share[job]
         slices = []
         for job in jobs:
             if share.get(job):
