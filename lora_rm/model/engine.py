@@ -38,7 +38,7 @@ from lora_rm.model.rows import (
     group_by_prefix,
     make_units,
     pack_rows,
-    unit_tokens,
+    row_width,
 )
 
 DEFAULT_MAX_TOKENS = 16384  # tokens per forward (rows x width), padding included
@@ -225,7 +225,7 @@ def _read_packed(model, seqs, groups, pad_token_id, max_tokens, row_tokens, plan
         row_tokens = min(max_tokens, PLANNED_ROW_TOKENS)
     row_tokens = max(row_tokens, max(len(s) for s in seqs))
     rows = pack_rows(seqs, make_units(seqs, groups, row_tokens), row_tokens)
-    widths = [sum(unit_tokens(seqs, u.members) for u in row) for row in rows]
+    widths = [row_width(seqs, row) for row in rows]
     device = next(model.parameters()).device
     for batch in cut_batches(widths, row_tokens if planned else max_tokens):
         built = build_rows(seqs, [rows[r] for r in batch], pad_token_id)

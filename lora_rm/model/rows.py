@@ -24,6 +24,10 @@ class Unit:
     prefix: int  # tokens every member starts with
     members: list[int]  # indices into the distinct sequences
 
+    def tokens(self, seqs: Sequence[Sequence[int]]) -> int:
+        """The unit's length in a row: the prefix once, then each member's suffix."""
+        return self.prefix + sum(len(seqs[i]) - self.prefix for i in self.members)
+
 
 def group_by_key(keys: Sequence[Hashable]) -> list[list[int]]:
     """Indices grouped by equal key (a prompt), groups in order of first appearance."""
@@ -73,16 +77,21 @@ def shared_prefix(seqs: Sequence[Sequence[int]], members: list[int]) -> int:
 
 
 def unit_tokens(seqs: Sequence[Sequence[int]], members: list[int]) -> int:
-    p = shared_prefix(seqs, members)
-    return p + sum(len(seqs[i]) - p for i in members)
+    """The length a unit of `members` would have (`Unit.tokens`, before the unit is made)."""
+    return Unit(shared_prefix(seqs, members), members).tokens(seqs)
+
+
+def row_width(seqs: Sequence[Sequence[int]], row: list[Unit]) -> int:
+    """Tokens of a packed row, its padding left out."""
+    return sum(u.tokens(seqs) for u in row)
 
 
 def pack_rows(seqs: Sequence[Sequence[int]], units: list[Unit], row_tokens: int) -> list[list[Unit]]:
     """Units packed into rows of at most `row_tokens` tokens (first fit, longest first)."""
     rows: list[list[Unit]] = []
     room: list[int] = []
-    for unit in sorted(units, key=lambda u: -unit_tokens(seqs, u.members)):
-        cost = unit_tokens(seqs, unit.members)
+    for unit in sorted(units, key=lambda u: -u.tokens(seqs)):
+        cost = unit.tokens(seqs)
         row = next((r for r, left in enumerate(room) if left >= cost), None)
         if row is None:
             rows.append([])
@@ -113,7 +122,7 @@ class Rows:
 
 def build_rows(seqs: Sequence[Sequence[int]], rows: list[list[Unit]], pad_token_id: int) -> Rows:
     """The tensors of packed rows (`Rows`)."""
-    width = max(sum(unit_tokens(seqs, u.members) for u in row) for row in rows)
+    width = max(row_width(seqs, row) for row in rows)
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
     position_ids, part = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
