@@ -24,7 +24,7 @@ with exactly the attention it needs, at the model's dense rate (`ceiling_seconds
 over the path's. The same tokens in 256-token rows, the ceiling of earlier tables, is shown too: it cuts long
 prompts' context, so an exact reading cannot reach it where prompts are long.
 Timing: lora_rm's paths and the ceiling's dense rate are the best of `--repeats` timings (default 3), so "% of
-ceiling" compares two undisturbed runs on a machine shared with other jobs; the plain paths, 10-20x slower, are
+ceiling" compares two undisturbed runs on a machine shared with other jobs; the plain paths, 4-23x slower, are
 timed once, so a load spike during them flatters "x plain" (their seconds and the load are in the output).
 Models: GPT-2 small's architecture
 (GPT2Config(), random weights, with SmolLM2's tokenizer, as no GPT-2 BPE files are offline here) and
@@ -133,9 +133,9 @@ def ceiling_seconds(
 
     The ceiling gives each needed token exactly the attention it needs (a suffix sees its whole prefix): the
     dense rate of 256-token rows plus, for the attention pairs beyond those rows' own, the model's cost per
-    pair, measured as the difference between rows of 2,048 (GPT-2: 1,024) and of 256 tokens (same tokens a forward). The
-    second figure is the 256-token rows alone: a reading that cuts long prompts' context, so no exact
-    layout reaches it on long prompts."""
+    pair, measured as the difference between rows of 2,048 (GPT-2: 1,024) and of 256 tokens (the same tokens a
+    forward). The second figure is the 256-token rows alone: a reading that cuts long prompts' context, so no
+    exact layout reaches it on long prompts."""
     from lora_rm.model.rows import make_units
 
     units = make_units(seqs, groups, row_tokens=10**9)

@@ -5,8 +5,9 @@ Batches are shared fairly: each one gives every waiting request of its kind an e
 that needs less takes less, the rest goes to the others), and kinds take turns, so one huge request cannot stall
 small ones behind it. The requests that need more than their share pool theirs and take it oldest first, whole
 where they fit: a request's sequences (a prompt's completions) stay in one batch, where the engine reads their
-prompt once, rather than each request's prompt being read in every batch it is split over. A request whose caller stopped waiting (its future cancelled: the client disconnected) has
-its unscored sequences dropped before they reach the model.
+prompt once, rather than each request's prompt being read in every batch it is split over. A request whose
+caller stopped waiting (its future cancelled: the client disconnected) has its unscored sequences dropped
+before they reach the model.
 
 The scoring function, `score_batch(kind, items) -> rewards`, is all the batcher knows of the model:
 `model_scorer` builds it for a RewardModel; any other engine with that signature can take its place.
